@@ -1,0 +1,205 @@
+"""Model bundles: a folder with ``encoder.safetensors``, ``heads/*.safetensors`` and ``model.json``.
+
+``model.json`` is the model card: architecture, preprocessing spec, heads, training data and
+command, metrics, licence, intended use, and the sha256 of every file. Loading verifies every
+hash and reads tensors with safetensors only; nothing in a bundle is ever unpickled.
+
+Bundles are found by name in the shipped catalogue (``models/catalog.json`` next to this file),
+in the user's model folder (``~/.braindino/models`` unless ``--models-dir`` says otherwise), or
+by path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .encoder import BrainEncoder, EncoderConfig, encoder_config
+from .errors import BrainDINOError
+from .preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+CARD_FILE = "model.json"
+ENCODER_FILE = "encoder.safetensors"
+CATALOG_DIR = Path(__file__).parent / "models"
+DEFAULT_MODELS_DIR = Path.home() / ".braindino" / "models"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a bundle is, how it was made and what it may be used for (``model.json``)."""
+
+    name: str
+    description: str
+    encoder: EncoderConfig
+    preprocessing: PreprocessSpec
+    random_init: bool
+    intended_use: str
+    license: str = "Apache-2.0"
+    heads: tuple[dict, ...] = ()
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["heads"] = list(self.heads)
+        return {"format": BUNDLE_FORMAT, **values}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> ModelCard:
+        values = dict(values)
+        if values.pop("format", None) != BUNDLE_FORMAT:
+            raise BrainDINOError(f"{source}: not a BrainDINO model card of format {BUNDLE_FORMAT}")
+        try:
+            values["encoder"] = EncoderConfig.from_dict(values["encoder"])
+            values["preprocessing"] = PreprocessSpec.from_dict(values["preprocessing"])
+            values["heads"] = tuple(values.get("heads", ()))
+            return cls(**values)
+        except (KeyError, TypeError) as error:
+            raise BrainDINOError(f"{source}: incomplete or invalid model card ({error})") from error
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    card: ModelCard
+
+    def load_encoder(self) -> BrainEncoder:
+        """Build the encoder and load its weights (CPU, eval mode)."""
+        encoder = BrainEncoder(self.card.encoder, self.card.preprocessing.image_size, self.card.preprocessing.in_chans)
+        state = load_file(self.path / ENCODER_FILE)
+        try:
+            encoder.model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise BrainDINOError(f"{self.path / ENCODER_FILE}: weights do not fit {self.card.encoder.name} ({error})") from error
+        return encoder.eval()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_card(directory: str | Path) -> ModelCard:
+    """Parse ``model.json`` of a bundle folder."""
+    card_path = Path(directory) / CARD_FILE
+    if not card_path.is_file():
+        raise BrainDINOError(f"{directory}: not a model bundle (no {CARD_FILE})")
+    try:
+        values = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BrainDINOError(f"{card_path}: not valid JSON ({error})") from error
+    return ModelCard.from_dict(values, str(card_path))
+
+
+def verify_bundle(directory: str | Path) -> list[str]:
+    """Problems found in a bundle (missing files, wrong hashes, unlisted weights); empty if sound."""
+    directory = Path(directory)
+    card = read_card(directory)
+    problems = []
+    if ENCODER_FILE not in card.files:
+        problems.append(f"{directory}: {ENCODER_FILE} is not listed in {CARD_FILE}")
+    for name, expected in card.files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in {CARD_FILE} but missing")
+        elif sha256(path) != expected:
+            problems.append(f"{path}: sha256 differs from {CARD_FILE} (file changed or corrupt)")
+    for path in directory.rglob("*.safetensors"):
+        if path.relative_to(directory).as_posix() not in card.files:
+            problems.append(f"{path}: weights not listed in {CARD_FILE}")
+    return problems
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read and verify a bundle.
+
+    Raises:
+        BrainDINOError: if it is not a bundle or any file fails verification.
+    """
+    directory = Path(directory)
+    problems = verify_bundle(directory)
+    if problems:
+        raise BrainDINOError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return Bundle(directory, read_card(directory))
+
+
+def save_bundle(directory: str | Path, encoder: BrainEncoder, card: ModelCard, *, overwrite: bool = False) -> Bundle:
+    """Write encoder weights and the card (with hashes) atomically: the folder appears complete or not at all."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise BrainDINOError(f"{directory}: already exists (choose another name or remove it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.model.state_dict().items()}
+        save_file(state, staging / ENCODER_FILE, metadata={"encoder": card.encoder.name})
+        card = dataclasses.replace(card, files={ENCODER_FILE: sha256(staging / ENCODER_FILE)})
+        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Bundle(directory, card)
+
+
+def create_random_bundle(directory: str | Path, encoder_name: str, *, seed: int = 0,
+                         preprocessing: PreprocessSpec = PreprocessSpec(), overwrite: bool = False) -> Bundle:
+    """A bundle with a randomly initialised encoder, labelled as such: for testing pipelines only."""
+    config = encoder_config(encoder_name)
+    torch.manual_seed(seed)
+    encoder = BrainEncoder(config, preprocessing.image_size, preprocessing.in_chans)
+    card = ModelCard(
+        name=Path(directory).name,
+        description=f"randomly initialised {config.name} (seed {seed}); no training, features carry no learned meaning",
+        encoder=config,
+        preprocessing=preprocessing,
+        random_init=True,
+        intended_use="testing and demonstrating the software only; not a trained model, not for any clinical or research conclusion",
+        training={"data": "none", "seed": seed},
+    )
+    return save_bundle(directory, encoder, card, overwrite=overwrite)
+
+
+def catalog() -> dict:
+    """The shipped model catalogue (``models/catalog.json``)."""
+    return json.loads((CATALOG_DIR / "catalog.json").read_text())
+
+
+def list_bundles(models_dir: Path = DEFAULT_MODELS_DIR) -> list[tuple[str, str, Path]]:
+    """(name, source, path) of every shipped and user-imported bundle."""
+    found = [(entry["name"], "shipped", CATALOG_DIR / entry["path"]) for entry in catalog()["models"]]
+    if models_dir.is_dir():
+        found += [(p.name, "user", p) for p in sorted(models_dir.iterdir()) if (p / CARD_FILE).is_file()]
+    return found
+
+
+def find_bundle(reference: str | None = None, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
+    """Resolve a bundle path, a shipped or user bundle name, or None (the catalogue default)."""
+    reference = reference or catalog()["default"]
+    if (Path(reference) / CARD_FILE).is_file():
+        return Path(reference)
+    for name, _, path in list_bundles(models_dir):
+        if name == reference:
+            return path
+    known = ", ".join(name for name, _, _ in list_bundles(models_dir))
+    raise BrainDINOError(f"no model bundle '{reference}' (a bundle folder, or one of: {known})")

@@ -1,0 +1,195 @@
+"""Command line for inference and models: ``braindino infer | demo | models``.
+
+Other packages (the training library) add their commands through ``main(extra_commands=...)``,
+so the dependency direction stays training -> inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import BrainDINOError
+
+CommandAdder = Callable[[argparse._SubParsersAction], None]
+
+# The MNI template voxel used as the demo's similarity query: right putamen.
+DEMO_QUERY = (123, 130, 75)
+
+
+def _voxel(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three integers i,j,k, got '{text}'")
+    return values
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", help="model bundle folder or name (default: the catalogue default; "
+                                         "see 'braindino models list')")
+    parser.add_argument("--models-dir", type=Path, help="folder of user bundles (default: ~/.braindino/models)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
+    parser.add_argument("--query", type=_voxel, metavar="I,J,K",
+                        help="voxel (file's own i,j,k indices) whose patch feature is compared with every patch: "
+                             "writes <name>_similarity.nii.gz")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default 32 on CPU, 128 on GPU)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.png")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``infer``, ``demo`` and ``models`` on a subparser set."""
+    infer = subparsers.add_parser(
+        "infer", help="run the encoder on a scan and write attention/PCA/similarity maps",
+        description="Encode every brain slice of SCAN and write, in SCAN's own geometry: <name>_attention.nii.gz, "
+                    "<name>_pca.nii.gz (RGB), <name>_similarity.nii.gz (with --query), embeddings.safetensors, "
+                    "result.json and report.png. SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.")
+    infer.add_argument("scan", type=Path, metavar="SCAN")
+    infer.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder (created if missing)")
+    infer.add_argument("--volume", type=int, help="volume index of a 4D scan")
+    infer.add_argument("--dicom-series", help="SeriesInstanceUID when a DICOM folder holds several series")
+    _add_run_options(infer)
+    infer.set_defaults(func=_infer)
+
+    demo = subparsers.add_parser(
+        "demo", help="run 'infer' on the bundled MNI T1 template",
+        description="Run the full inference pipeline on the real MNI ICBM152 2009a T1 template (shipped in the "
+                    f"nilearn package) with a similarity query at voxel {DEMO_QUERY}, and print where the outputs are.")
+    demo.add_argument("-o", "--out-dir", type=Path, default=Path("braindino-demo"), help="output folder (default: %(default)s)")
+    _add_run_options(demo)
+    demo.set_defaults(func=_demo)
+
+    models = subparsers.add_parser("models", help="list, import and verify model bundles",
+                                   description="Manage model bundles (encoder.safetensors + model.json).")
+    actions = models.add_subparsers(dest="action", required=True, metavar="{list,import,verify}")
+    listing = actions.add_parser("list", help="shipped and user bundles")
+    listing.add_argument("--models-dir", type=Path)
+    listing.set_defaults(func=_models_list)
+    imports = actions.add_parser(
+        "import", help="turn a DINOv2/DINOv3/BrainDINO checkpoint into a bundle",
+        description="Convert CHECKPOINT (.pth/.pt/.ckpt read with weights_only=True, or .safetensors) into a bundle. "
+                    "Accepts Meta's and timm's DINOv2/DINOv3 key layouts and training checkpoints with a 'teacher' "
+                    "entry (backbone kept, DINO/iBOT heads dropped). The architecture is detected from tensor shapes.")
+    imports.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    imports.add_argument("--name", help="bundle name (default: the checkpoint's file name)")
+    imports.add_argument("--encoder", help="architecture when it cannot be detected (see 'braindino models list')")
+    imports.add_argument("-o", "--out-dir", type=Path, help="bundle folder (default: <models-dir>/<name>)")
+    imports.add_argument("--models-dir", type=Path)
+    imports.add_argument("--force", action="store_true", help="replace an existing bundle of that name")
+    imports.set_defaults(func=_models_import)
+    verify = actions.add_parser("verify", help="check every file of a bundle against its sha256")
+    verify.add_argument("bundle", metavar="BUNDLE", help="bundle folder or name")
+    verify.add_argument("--models-dir", type=Path)
+    verify.set_defaults(func=_models_verify)
+
+
+def _models_dir(args) -> Path:
+    from .bundle import DEFAULT_MODELS_DIR
+
+    return args.models_dir or DEFAULT_MODELS_DIR
+
+
+def _run(args, scan: Path) -> dict:
+    from tqdm import tqdm
+
+    from .infer import InferenceOptions, run_inference
+
+    options = InferenceOptions(bundle=args.bundle, models_dir=_models_dir(args), device=args.device,
+                               batch_size=args.batch_size, query=args.query, report=not args.no_report,
+                               volume_index=getattr(args, "volume", None),
+                               dicom_series=getattr(args, "dicom_series", None))
+    with tqdm(total=0, unit="slice", desc="encoding", disable=args.quiet, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = run_inference(scan, args.out_dir, options, progress=progress)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return result
+
+
+def _infer(args) -> None:
+    result = _run(args, args.scan)
+    print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
+
+
+def _demo(args) -> None:
+    from .sample_data import mni_path
+
+    args.query = args.query or DEMO_QUERY
+    result = _run(args, mni_path("t1"))
+    print(f"BrainDINO demo on the MNI ICBM152 2009a T1 template ({result['slices']['analysed']} slices, "
+          f"model '{result['model']['name']}', {result['timings_s']['total']:.1f} s)")
+    for name in [*result["outputs"].values(), "result.json"]:
+        print(f"  {args.out_dir / name}")
+
+
+def _models_list(args) -> None:
+    from .bundle import list_bundles, read_card
+    from .encoder import ENCODERS
+
+    print("bundles:")
+    for name, source, path in list_bundles(_models_dir(args)):
+        card = read_card(path)
+        label = "RANDOM INIT" if card.random_init else "trained"
+        print(f"  {name:<28} {source:<8} {card.encoder.name:<20} {label:<12} {card.description}")
+    print("\nencoder architectures (for 'models import --encoder'):")
+    for config in ENCODERS.values():
+        print(f"  {config.name:<28} {config.description}")
+
+
+def _models_import(args) -> None:
+    from .importers import import_checkpoint
+
+    name = args.name or args.checkpoint.name.split(".")[0]
+    out_dir = args.out_dir or _models_dir(args) / name
+    bundle = import_checkpoint(args.checkpoint, out_dir, encoder_name=args.encoder, overwrite=args.force)
+    print(f"imported {args.checkpoint} as {bundle.card.encoder.name} bundle '{bundle.card.name}' at {bundle.path}")
+
+
+def _models_verify(args) -> None:
+    from .bundle import find_bundle, verify_bundle
+
+    path = find_bundle(args.bundle, _models_dir(args))
+    problems = verify_bundle(path)
+    if problems:
+        raise BrainDINOError("; ".join(problems))
+    print(f"{path}: every file matches its sha256")
+
+
+def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="braindino",
+        description="BrainDINO: a frozen self-supervised ViT encoder for brain MRI, run slice by slice, "
+                    "with attention, PCA and similarity maps written in the scan's own geometry.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(subparsers)
+    for add in extra_commands:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdder] = ()) -> int:
+    """Run one command; user errors print one line and return 2, interruption returns 130."""
+    args = build_parser(extra_commands).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except BrainDINOError as error:
+        print(f"braindino: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("braindino: interrupted", file=sys.stderr)
+        return 130
+    return 0

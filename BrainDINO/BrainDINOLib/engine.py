@@ -1,0 +1,147 @@
+"""Batched slice-by-slice encoding of a prepared volume, with progress and cancellation.
+
+Memory stays bounded for large scans: model input is built one batch at a time from the
+normalised volume, and tokens are kept on the CPU in float16 (ViT-B, 400 slices of 196 patches:
+~120 MB for the last layer). On a GPU the next batch is prepared while the current one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .encoder import BrainEncoder, EncoderOutput
+from .errors import BrainDINOError
+from .preprocess import PreparedVolume
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(slices_done, slices_total)`` after every batch."""
+
+
+class Cancelled(Exception):
+    """Raised by `encode_volume` when its ``cancel`` callable returns True."""
+
+
+@dataclass(frozen=True)
+class EncodedVolume:
+    """Encoder features of the selected axial slices of one volume.
+
+    Attributes:
+        slices: (S,) canonical z index of each encoded slice.
+        cls: (S, D) float32 CLS embeddings.
+        patch_tokens: (S, h, w, D) float16 final-normed patch tokens.
+        attention: (S, heads, h, w) float32 last-block CLS -> patch attention.
+        layers: block index -> (S, h, w, D) float16 intermediate patch tokens.
+    """
+
+    slices: np.ndarray
+    cls: np.ndarray
+    patch_tokens: np.ndarray
+    attention: np.ndarray
+    layers: dict[int, np.ndarray]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.patch_tokens.shape[1:3]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise BrainDINOError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BrainDINOError("device 'cuda' requested but no CUDA GPU is available to PyTorch")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BrainDINOError("device 'mps' requested but Apple MPS is not available to PyTorch")
+    return device
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Reduced precision for GPUs (bf16 where supported, else fp16); None (fp32) on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return None
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 32 if device.type == "cpu" else 128
+
+
+def encode_volume(
+    prepared: PreparedVolume,
+    encoder: BrainEncoder,
+    *,
+    device: torch.device | str = "auto",
+    batch_size: int | None = None,
+    layers: Sequence[int] = (),
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> EncodedVolume:
+    """Run the encoder over ``prepared.slices`` in batches.
+
+    Args:
+        prepared: normalised volume with its slice selection.
+        encoder: the frozen encoder (moved to ``device``, set to eval).
+        device: torch device or ``auto``.
+        batch_size: slices per forward pass (default 32 on CPU, 128 on GPU).
+        layers: intermediate blocks to keep.
+        progress: see `ProgressCallback`.
+        cancel: polled before each batch; returning True stops within one batch.
+
+    Raises:
+        Cancelled: when ``cancel()`` returned True.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    batch_size = batch_size or default_batch_size(device)
+    if batch_size < 1:
+        raise BrainDINOError(f"batch size must be at least 1, got {batch_size}")
+    encoder = encoder.eval().to(device)
+    dtype = autocast_dtype(device)
+    slices = prepared.slices
+    total = len(slices)
+    grid = (prepared.spec.image_size // encoder.config.patch_size,) * 2
+    dim, heads = encoder.config.embed_dim, encoder.config.num_heads
+    cls = np.empty((total, dim), dtype=np.float32)
+    tokens = np.empty((total, *grid, dim), dtype=np.float16)
+    attention = np.empty((total, heads, *grid), dtype=np.float32)
+    kept = {i: np.empty((total, *grid, dim), dtype=np.float16) for i in layers}
+
+    def store(start: int, output: EncoderOutput) -> None:
+        stop = start + output.cls.shape[0]
+        cls[start:stop] = output.cls.float().cpu().numpy()
+        tokens[start:stop] = output.patch_tokens.to(torch.float16).cpu().numpy()
+        attention[start:stop] = output.attention.float().cpu().numpy()
+        for i, values in output.layers.items():
+            kept[i][start:stop] = values.to(torch.float16).cpu().numpy()
+        if progress is not None:
+            progress(stop, total)
+
+    pending = None
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for start in range(0, total, batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled after {start} of {total} slices")
+            batch = prepared.model_input(slices[start : start + batch_size]).to(device, non_blocking=True)
+            output = encoder(batch, layers)
+            if pending is not None:  # copy the previous batch while this one runs on the GPU
+                store(*pending)
+            pending = (start, output)
+        if pending is not None:
+            store(*pending)
+    return EncodedVolume(slices=slices.copy(), cls=cls, patch_tokens=tokens, attention=attention, layers=kept)

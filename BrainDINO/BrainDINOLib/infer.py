@@ -1,0 +1,165 @@
+"""The ``infer`` pipeline: scan -> encoder -> maps written in the scan's own geometry.
+
+Outputs in ``out_dir`` (``<name>`` is the scan's file name without extension):
+``<name>_attention.nii.gz``, ``<name>_pca.nii.gz`` (RGB), ``<name>_similarity.nii.gz`` (with a
+query voxel), ``embeddings.safetensors``, ``result.json`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
+from .engine import ProgressCallback, encode_volume, resolve_device
+from .errors import BrainDINOError
+from .featuremaps import PcaColors, mean_attention, patch_foreground, query_patch, similarity_map, to_volume
+from .preprocess import prepare
+from .report import write_report
+from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_volume, save_like
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Choices of one ``infer`` run (built by the CLI or the Slicer module).
+
+    Attributes:
+        bundle: bundle folder or name (None: the catalogue default).
+        models_dir: where user bundles live.
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+        batch_size: slices per forward pass (None: device default).
+        query: file voxel (i, j, k) whose patch is compared with every patch (similarity map).
+        volume_index: volume of a 4D scan.
+        dicom_series: series UID when a DICOM folder holds several.
+        report: render ``report.png``.
+    """
+
+    bundle: str | None = None
+    models_dir: Path = DEFAULT_MODELS_DIR
+    device: str = "auto"
+    batch_size: int | None = None
+    query: tuple[int, int, int] | None = None
+    volume_index: int | None = None
+    dicom_series: str | None = None
+    report: bool = True
+
+
+def output_stem(scan: str | Path) -> str:
+    """The scan's file name without its image extension (folder name for DICOM)."""
+    name = Path(scan).name
+    for suffix in sorted(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run_inference(scan: str | Path, out_dir: str | Path, options: InferenceOptions = InferenceOptions(), *,
+                  progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+    """Run the whole pipeline and write every output; returns what ``result.json`` holds.
+
+    Raises:
+        BrainDINOError: bad scan, bundle, device or query (one line naming the problem).
+        Cancelled: when ``cancel()`` returned True; nothing is written.
+    """
+    clock = time.perf_counter()
+    timings = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BrainDINOError(f"{out_dir}: exists and is not a folder")
+    device = resolve_device(options.device)
+    bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+    encoder = bundle.load_encoder()
+    lap("load_model")
+    volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
+    lap("load_scan")
+    prepared = prepare(volume, bundle.card.preprocessing)
+    query_xyz = volume.canonical_index(options.query) if options.query else None  # validate before encoding
+    lap("prepare")
+    encoded = encode_volume(prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel)
+    lap("encode")
+
+    attention = to_volume(prepared, mean_attention(encoded.attention))
+    colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
+    pca = to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True)
+    similarity = None
+    if options.query:
+        query = query_patch(volume, prepared, encoded, options.query)
+        similarity = to_volume(prepared, similarity_map(encoded.patch_tokens, query))
+    lap("maps")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(scan)
+    outputs = {"attention": f"{stem}_attention.nii.gz", "pca": f"{stem}_pca.nii.gz", "embeddings": "embeddings.safetensors"}
+    if similarity is not None:
+        outputs["similarity"] = f"{stem}_similarity.nii.gz"
+    with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
+        jobs = [pool.submit(save_like, volume, attention, out_dir / outputs["attention"]),
+                pool.submit(save_like, volume, pca, out_dir / outputs["pca"]),
+                pool.submit(_save_embeddings, out_dir / outputs["embeddings"], encoded, prepared, bundle.card.name)]
+        if similarity is not None:
+            jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
+        if options.report:
+            outputs["report"] = "report.png"
+            write_report(out_dir / outputs["report"], volume, prepared, bundle.card, attention, pca, similarity, query_xyz)
+        for job in jobs:
+            job.result()
+    lap("write")
+
+    warnings = list(volume.warnings)
+    if bundle.card.random_init:
+        warnings.append(f"model '{bundle.card.name}' is randomly initialised: the maps test the software and carry no learned meaning")
+    skipped = volume.data.shape[2] - len(prepared.slices)
+    if skipped:
+        warnings.append(f"{skipped} of {volume.data.shape[2]} axial slices lie outside the brain extent or the slice "
+                        "filters and were not analysed (their maps are 0)")
+    result = {
+        "braindino_version": __version__,
+        "input": {"path": str(scan), "shape": list(volume.source_shape), "orientation": "".join(volume.source_axcodes),
+                  "spacing_mm": [round(s, 4) for s in volume.spacing], "affine": volume.source_affine.tolist()},
+        "model": {"name": bundle.card.name, "path": str(bundle.path), "encoder": bundle.card.encoder.name,
+                  "random_init": bundle.card.random_init, "intended_use": bundle.card.intended_use,
+                  "sha256": bundle.card.files},
+        "preprocessing": bundle.card.preprocessing.to_dict(),
+        "slices": {"analysed": len(prepared.slices), "first": int(prepared.slices[0]), "last": int(prepared.slices[-1]),
+                   "axis": "canonical RAS z (axial)"},
+        "device": str(device),
+        "query_voxel": list(options.query) if options.query else None,
+        "outputs": outputs,
+        "timings_s": {**timings, "total": round(sum(timings.values()), 3)},
+        "warnings": warnings,
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _save_embeddings(path: Path, encoded, prepared, model_name: str) -> None:
+    tensors = {
+        "cls": torch.from_numpy(encoded.cls),
+        "patch_tokens": torch.from_numpy(encoded.patch_tokens),
+        "attention": torch.from_numpy(encoded.attention),
+        "slices": torch.from_numpy(encoded.slices.astype(np.int64)),
+    }
+    plane = prepared.plane
+    metadata = {"model": model_name, "slice_axis": "canonical RAS z",
+                "plane": json.dumps({"slice_shape": plane.slice_shape, "rows": plane.rows, "cols": plane.cols,
+                                     "row0": plane.row0, "col0": plane.col0, "canvas": plane.canvas})}
+    save_file(tensors, path, metadata=metadata)

@@ -1,0 +1,28 @@
+"""The embedded sample: the real MNI ICBM152 2009a template shipped inside the ``nilearn`` wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .errors import BrainDINOError
+
+MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def mni_path(kind: str = "t1") -> Path:
+    """Path of the MNI T1 template (1 mm, 197x233x189) or its grey/white-matter maps.
+
+    Found without importing nilearn (which is slow to import).
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise BrainDINOError("the sample MNI template needs the 'nilearn' package (pip install nilearn)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / MNI_FILES[kind]
+    if not path.is_file():
+        raise BrainDINOError(f"{path}: the MNI template is missing from this nilearn installation")
+    return path

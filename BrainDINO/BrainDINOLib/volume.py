@@ -1,0 +1,282 @@
+"""Reading scans into RAS+ canonical `Volume`s and writing results back in the scan's own geometry.
+
+Every scan is reduced to one representation: a float32 voxel array in the file's own voxel
+order plus its voxel -> RAS (mm) affine. That array is then permuted/flipped (never resampled)
+to the closest RAS+ orientation, so axial slices are the last axis. Outputs go through the
+inverse permutation, so output voxel ``[i, j, k]`` belongs to input voxel ``[i, j, k]``.
+
+NIfTI/MGZ are read with nibabel; NRRD/NHDR/MHA/MHD and DICOM series folders with SimpleITK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from .errors import BrainDINOError
+
+#: Largest number of voxels accepted (2**30 = 4 GiB as float32); checked from the header,
+#: before any voxel memory is allocated.
+MAX_VOXELS = 2**30
+
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+SIMPLEITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+_RAS = axcodes2ornt(("R", "A", "S"))
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D scan in RAS+ canonical voxel order, with what is needed to write outputs back.
+
+    Attributes:
+        data: (X, Y, Z) float32 intensities; X runs to the patient's Right, Y Anterior, Z
+            Superior; axial slices are ``data[:, :, z]``.
+        affine: (4, 4) canonical voxel -> RAS mm.
+        source_affine: (4, 4) voxel -> RAS mm of the file's own voxel grid.
+        source_shape: the file's own (I, J, K).
+        path: where it was read from.
+        warnings: problems that were handled (e.g. NaN voxels) and should be reported.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    path: str
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical X, Y, Z axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def source_axcodes(self) -> tuple[str, str, str]:
+        return nib.aff2axcodes(self.source_affine)
+
+    def _to_source_ornt(self) -> np.ndarray:
+        return ornt_transform(_RAS, io_orientation(self.source_affine))
+
+    def to_source(self, array: np.ndarray) -> np.ndarray:
+        """Reorder a canonical (X, Y, Z, ...) array into the file's voxel order (I, J, K, ...)."""
+        if array.shape[:3] != self.data.shape:
+            raise ValueError(f"array shape {array.shape[:3]} does not match volume {self.data.shape}")
+        return apply_orientation(array, self._to_source_ornt())
+
+    def canonical_index(self, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Canonical (x, y, z) of the file's voxel (i, j, k).
+
+        Raises:
+            BrainDINOError: if the voxel lies outside the volume.
+        """
+        if any(not 0 <= c < s for c, s in zip(ijk, self.source_shape)):
+            raise BrainDINOError(f"voxel {tuple(ijk)} lies outside the volume of shape {self.source_shape}")
+        source_to_canonical = np.linalg.inv(self.affine) @ self.source_affine
+        xyz = source_to_canonical @ np.array([*ijk, 1.0])
+        return tuple(int(round(c)) for c in xyz[:3])
+
+
+def load_volume(path: str | Path, *, volume_index: int | None = None, dicom_series: str | None = None) -> Volume:
+    """Read a 3D scan (NIfTI, MGZ, NRRD, MHA, or a DICOM series folder) as a canonical `Volume`.
+
+    Args:
+        path: image file or a folder holding one DICOM series.
+        volume_index: which volume of a 4D image to use (required for 4D images).
+        dicom_series: SeriesInstanceUID to read when a folder holds several series.
+
+    Raises:
+        BrainDINOError: one line naming the file and the problem (missing, corrupt, not an image,
+            2D, 4D without ``volume_index``, colour, absurd header, constant intensities).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BrainDINOError(f"{path}: no such file or folder")
+    if path.is_dir():
+        array, affine = _read_dicom_series(path, dicom_series)
+    elif path.name.lower().endswith(NIBABEL_SUFFIXES):
+        array, affine = _read_nibabel(path, volume_index)
+    elif path.name.lower().endswith(SIMPLEITK_SUFFIXES):
+        array, affine = _read_simpleitk(path, volume_index)
+    else:
+        known = ", ".join(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES)
+        raise BrainDINOError(f"{path}: not a recognised image file (expected {known} or a DICOM folder)")
+    return _canonical_volume(array, affine, path)
+
+
+def _check_shape(path: Path, shape: tuple[int, ...], volume_index: int | None) -> tuple[int, ...]:
+    """Validate a header's shape before reading voxels; return the 3D shape that will be read."""
+    shape = tuple(int(s) for s in shape)
+    if any(s <= 0 for s in shape):
+        raise BrainDINOError(f"{path}: header gives an invalid image size {shape}")
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3 or min(shape[:3]) == 1:
+        raise BrainDINOError(f"{path}: a 2D image of size {shape}; BrainDINO needs a 3D volume")
+    if len(shape) > 4:
+        raise BrainDINOError(f"{path}: a {len(shape)}D image of size {shape} is not supported (need a 3D volume)")
+    if len(shape) == 4:
+        if volume_index is None:
+            raise BrainDINOError(
+                f"{path}: a 4D image with {shape[3]} volumes; choose one with --volume N (0 to {shape[3] - 1})"
+            )
+        if not 0 <= volume_index < shape[3]:
+            raise BrainDINOError(f"{path}: --volume {volume_index} out of range (0 to {shape[3] - 1})")
+    n_voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if n_voxels > MAX_VOXELS:
+        raise BrainDINOError(
+            f"{path}: header claims {shape[:3]} = {n_voxels:,} voxels, over the limit of {MAX_VOXELS:,}; "
+            "the header is corrupt or the image is far larger than a brain MRI"
+        )
+    return shape
+
+
+def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for bad headers
+        raise BrainDINOError(f"{path}: cannot read the image header ({_describe(error)})") from error
+    if image.get_data_dtype().names is not None:
+        raise BrainDINOError(f"{path}: a colour (RGB) image; BrainDINO needs a greyscale MRI volume")
+    shape = _check_shape(path, image.shape, volume_index)
+    try:
+        if len(image.shape) > 3:
+            # Squeeze trailing singleton dims, then pick the requested volume without loading the rest.
+            index = (slice(None),) * 3 + ((volume_index,) if len(shape) == 4 else ()) + (0,) * (len(image.shape) - len(shape))
+            array = np.asarray(image.dataobj[index], dtype=np.float32)
+        else:
+            array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # truncated gzip, short file, corrupt data
+        raise BrainDINOError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})") from error
+    return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def _sitk_affine(image) -> np.ndarray:
+    """voxel (x, y, z index) -> RAS mm, from SimpleITK's LPS origin/spacing/direction."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ lps
+
+
+def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise BrainDINOError(f"{path}: cannot read the image header ({_describe(error)})") from error
+    if reader.GetNumberOfComponents() != 1:
+        raise BrainDINOError(
+            f"{path}: {reader.GetNumberOfComponents()} components per voxel (colour or vector image); "
+            "BrainDINO needs a greyscale MRI volume"
+        )
+    shape = _check_shape(path, reader.GetSize(), volume_index)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise BrainDINOError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})") from error
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, volume_index if len(shape) == 4 else 0])
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    while array.ndim > 3:  # trailing singleton dims of a 3D image stored as 4D
+        array = array[0]
+    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise BrainDINOError(f"{folder}: a folder without DICOM series (pass an image file or a DICOM series folder)")
+    if series_uid is None:
+        if len(series) > 1:
+            raise BrainDINOError(f"{folder}: holds {len(series)} DICOM series; choose one with --dicom-series {{{', '.join(series)}}}")
+        series_uid = series[0]
+    elif series_uid not in series:
+        raise BrainDINOError(f"{folder}: no DICOM series {series_uid} (found {', '.join(series)})")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    try:
+        first.ReadImageInformation()
+    except RuntimeError as error:
+        raise BrainDINOError(f"{files[0]}: cannot read the DICOM header ({_describe(error)})") from error
+    columns, rows = first.GetSize()[:2]
+    _check_shape(folder, (columns, rows, len(files)), None)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise BrainDINOError(f"{folder}: cannot read the DICOM series {series_uid} ({_describe(error)})") from error
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise BrainDINOError(f"{folder}: a colour DICOM series; BrainDINO needs a greyscale MRI volume")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
+
+
+def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise BrainDINOError(f"{path}: a 2D image of size {array.shape}; BrainDINO needs a 3D volume")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is degenerate (zero or non-finite spacing)")
+    warnings = []
+    finite = np.isfinite(array)
+    if not finite.all():
+        n_bad = int(array.size - np.count_nonzero(finite))
+        if n_bad == array.size:
+            raise BrainDINOError(f"{path}: every voxel is NaN or infinite")
+        array = np.where(finite, array, 0.0).astype(np.float32)
+        warnings.append(f"{n_bad:,} NaN/Inf voxels were set to 0")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise BrainDINOError(f"{path}: a constant image (every voxel is {low:g}); nothing to analyse")
+    to_canonical = ornt_transform(io_orientation(affine), _RAS)
+    data = np.ascontiguousarray(apply_orientation(array, to_canonical), dtype=np.float32)
+    canonical_affine = affine @ nib.orientations.inv_ornt_aff(to_canonical, array.shape)
+    return Volume(
+        data=data,
+        affine=canonical_affine,
+        source_affine=affine,
+        source_shape=tuple(int(s) for s in array.shape),
+        path=str(path),
+        warnings=tuple(warnings),
+    )
+
+
+def save_like(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
+    """Write a canonical-space array as NIfTI in the source file's own voxel grid and affine.
+
+    Args:
+        volume: the volume the array was computed from.
+        array: (X, Y, Z) scalar map, or (X, Y, Z, 3) uint8 RGB (stored as NIfTI RGB24, which
+            3D Slicer and ITK read as a colour vector volume).
+        path: output file (``.nii.gz``).
+    """
+    path = Path(path)
+    data = volume.to_source(array)
+    if data.ndim == 4:
+        if data.shape[3] != 3 or data.dtype != np.uint8:
+            raise ValueError("4D outputs must be (X, Y, Z, 3) uint8 RGB")
+        rgb = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+        data = np.ascontiguousarray(data).view(rgb)[..., 0]
+    image = nib.Nifti1Image(np.ascontiguousarray(data), volume.source_affine)
+    image.set_qform(volume.source_affine, code=1)
+    image.set_sform(volume.source_affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text and text[0] else type(error).__name__
