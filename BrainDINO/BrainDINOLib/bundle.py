@@ -82,11 +82,7 @@ class Bundle:
     def load_encoder(self) -> BrainEncoder:
         """Build the encoder and load its weights (CPU, eval mode)."""
         encoder = BrainEncoder(self.card.encoder, self.card.preprocessing.image_size, self.card.preprocessing.in_chans)
-        state = load_file(self.path / ENCODER_FILE)
-        try:
-            encoder.model.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            raise BrainDINOError(f"{self.path / ENCODER_FILE}: weights do not fit {self.card.encoder.name} ({error})") from error
+        encoder.load_weights(load_file(self.path / ENCODER_FILE), str(self.path / ENCODER_FILE))
         return encoder.eval()
 
 
@@ -162,9 +158,16 @@ def save_bundle(directory: str | Path, encoder: BrainEncoder, card: ModelCard, *
     return Bundle(directory, card)
 
 
-def create_random_bundle(directory: str | Path, encoder_name: str, *, seed: int = 0,
-                         preprocessing: PreprocessSpec = PreprocessSpec(), overwrite: bool = False) -> Bundle:
+def create_random_bundle(
+    directory: str | Path,
+    encoder_name: str,
+    *,
+    seed: int = 0,
+    preprocessing: PreprocessSpec | None = None,
+    overwrite: bool = False,
+) -> Bundle:
     """A bundle with a randomly initialised encoder, labelled as such: for testing pipelines only."""
+    preprocessing = preprocessing or PreprocessSpec()
     config = encoder_config(encoder_name)
     torch.manual_seed(seed)
     encoder = BrainEncoder(config, preprocessing.image_size, preprocessing.in_chans)
@@ -174,7 +177,8 @@ def create_random_bundle(directory: str | Path, encoder_name: str, *, seed: int 
         encoder=config,
         preprocessing=preprocessing,
         random_init=True,
-        intended_use="testing and demonstrating the software only; not a trained model, not for any clinical or research conclusion",
+        intended_use="testing and demonstrating the software only; not a trained model, "
+        "not for any clinical or research conclusion",
         training={"data": "none", "seed": seed},
     )
     return save_bundle(directory, encoder, card, overwrite=overwrite)

@@ -31,16 +31,21 @@ def _voxel(text: str) -> tuple[int, int, int]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", help="model bundle folder or name (default: the catalogue default; "
-                                         "see 'braindino models list')")
+    parser.add_argument(
+        "--bundle", help="model bundle folder or name (default: the catalogue default; see 'braindino models list')"
+    )
     parser.add_argument("--models-dir", type=Path, help="folder of user bundles (default: ~/.braindino/models)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
-    parser.add_argument("--query", type=_voxel, metavar="I,J,K",
-                        help="voxel (file's own i,j,k indices) whose patch feature is compared with every patch: "
-                             "writes <name>_similarity.nii.gz")
+    parser.add_argument(
+        "--query",
+        type=_voxel,
+        metavar="I,J,K",
+        help="voxel (file's own i,j,k indices) whose patch feature is compared with every patch: "
+        "writes <name>_similarity.nii.gz",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default 32 on CPU, 128 on GPU)")
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
@@ -50,10 +55,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``infer``, ``demo`` and ``models`` on a subparser set."""
     infer = subparsers.add_parser(
-        "infer", help="run the encoder on a scan and write attention/PCA/similarity maps",
+        "infer",
+        help="run the encoder on a scan and write attention/PCA/similarity maps",
         description="Encode every brain slice of SCAN and write, in SCAN's own geometry: <name>_attention.nii.gz, "
-                    "<name>_pca.nii.gz (RGB), <name>_similarity.nii.gz (with --query), embeddings.safetensors, "
-                    "result.json and report.png. SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.")
+        "<name>_pca.nii.gz (RGB), <name>_similarity.nii.gz (with --query), embeddings.safetensors, "
+        "result.json and report.png. SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.",
+    )
     infer.add_argument("scan", type=Path, metavar="SCAN")
     infer.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder (created if missing)")
     infer.add_argument("--volume", type=int, help="volume index of a 4D scan")
@@ -62,24 +69,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.set_defaults(func=_infer)
 
     demo = subparsers.add_parser(
-        "demo", help="run 'infer' on the bundled MNI T1 template",
+        "demo",
+        help="run 'infer' on the bundled MNI T1 template",
         description="Run the full inference pipeline on the real MNI ICBM152 2009a T1 template (shipped in the "
-                    f"nilearn package) with a similarity query at voxel {DEMO_QUERY}, and print where the outputs are.")
-    demo.add_argument("-o", "--out-dir", type=Path, default=Path("braindino-demo"), help="output folder (default: %(default)s)")
+        f"nilearn package) with a similarity query at voxel {DEMO_QUERY}, and print where the outputs are.",
+    )
+    demo.add_argument(
+        "-o", "--out-dir", type=Path, default=Path("braindino-demo"), help="output folder (default: %(default)s)"
+    )
     _add_run_options(demo)
     demo.set_defaults(func=_demo)
 
-    models = subparsers.add_parser("models", help="list, import and verify model bundles",
-                                   description="Manage model bundles (encoder.safetensors + model.json).")
+    models = subparsers.add_parser(
+        "models",
+        help="list, import and verify model bundles",
+        description="Manage model bundles (encoder.safetensors + model.json).",
+    )
     actions = models.add_subparsers(dest="action", required=True, metavar="{list,import,verify}")
     listing = actions.add_parser("list", help="shipped and user bundles")
     listing.add_argument("--models-dir", type=Path)
     listing.set_defaults(func=_models_list)
     imports = actions.add_parser(
-        "import", help="turn a DINOv2/DINOv3/BrainDINO checkpoint into a bundle",
+        "import",
+        help="turn a DINOv2/DINOv3/BrainDINO checkpoint into a bundle",
         description="Convert CHECKPOINT (.pth/.pt/.ckpt read with weights_only=True, or .safetensors) into a bundle. "
-                    "Accepts Meta's and timm's DINOv2/DINOv3 key layouts and training checkpoints with a 'teacher' "
-                    "entry (backbone kept, DINO/iBOT heads dropped). The architecture is detected from tensor shapes.")
+        "Accepts Meta's and timm's DINOv2/DINOv3 key layouts and training checkpoints with a 'teacher' "
+        "entry (backbone kept, DINO/iBOT heads dropped). The architecture is detected from tensor shapes.",
+    )
     imports.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     imports.add_argument("--name", help="bundle name (default: the checkpoint's file name)")
     imports.add_argument("--encoder", help="architecture when it cannot be detected (see 'braindino models list')")
@@ -104,16 +120,29 @@ def _run(args, scan: Path) -> dict:
 
     from .infer import InferenceOptions, run_inference
 
-    options = InferenceOptions(bundle=args.bundle, models_dir=_models_dir(args), device=args.device,
-                               batch_size=args.batch_size, query=args.query, report=not args.no_report,
-                               volume_index=getattr(args, "volume", None),
-                               dicom_series=getattr(args, "dicom_series", None))
-    with tqdm(total=0, unit="slice", desc="encoding", disable=args.quiet, file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    options = InferenceOptions(
+        bundle=args.bundle,
+        models_dir=_models_dir(args),
+        device=args.device,
+        batch_size=args.batch_size,
+        query=args.query,
+        report=not args.no_report,
+        volume_index=getattr(args, "volume", None),
+        dicom_series=getattr(args, "dicom_series", None),
+    )
+    bar = None
 
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # created on the first batch, so input errors print alone
+            bar = tqdm(total=total, unit="slice", desc="encoding", disable=args.quiet, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
         result = run_inference(scan, args.out_dir, options, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return result
@@ -129,8 +158,10 @@ def _demo(args) -> None:
 
     args.query = args.query or DEMO_QUERY
     result = _run(args, mni_path("t1"))
-    print(f"BrainDINO demo on the MNI ICBM152 2009a T1 template ({result['slices']['analysed']} slices, "
-          f"model '{result['model']['name']}', {result['timings_s']['total']:.1f} s)")
+    print(
+        f"BrainDINO demo on the MNI ICBM152 2009a T1 template ({result['slices']['analysed']} slices, "
+        f"model '{result['model']['name']}', {result['timings_s']['total']:.1f} s)"
+    )
     for name in [*result["outputs"].values(), "result.json"]:
         print(f"  {args.out_dir / name}")
 
@@ -172,7 +203,8 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
     parser = argparse.ArgumentParser(
         prog="braindino",
         description="BrainDINO: a frozen self-supervised ViT encoder for brain MRI, run slice by slice, "
-                    "with attention, PCA and similarity maps written in the scan's own geometry.")
+        "with attention, PCA and similarity maps written in the scan's own geometry.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(subparsers)
     for add in extra_commands:

@@ -57,23 +57,86 @@ class EncoderConfig:
 ENCODERS: dict[str, EncoderConfig] = {
     config.name: config
     for config in (
-        EncoderConfig("vit-b16-dinov3", "vit_base_patch16_dinov3", "dinov3", 768, 12, 12, 16, 4,
-                      "reference: DINOv3-style ViT-B/16, 4 registers, RoPE (the BrainDINO encoder)"),
-        EncoderConfig("vit-s16-dinov3", "vit_small_patch16_dinov3", "dinov3", 384, 12, 6, 16, 4,
-                      "DINOv3-style ViT-S/16, 4 registers, RoPE"),
-        EncoderConfig("vit-l16-dinov3", "vit_large_patch16_dinov3", "dinov3", 1024, 24, 16, 16, 4,
-                      "DINOv3-style ViT-L/16, 4 registers, RoPE"),
-        EncoderConfig("vit-tiny16-dinov3", "vit_small_patch16_dinov3", "dinov3", 96, 6, 3, 16, 4,
-                      "tiny DINOv3-style ViT/16 for CPU tests and demos"),
+        EncoderConfig(
+            "vit-b16-dinov3",
+            "vit_base_patch16_dinov3",
+            "dinov3",
+            768,
+            12,
+            12,
+            16,
+            4,
+            "reference: DINOv3-style ViT-B/16, 4 registers, RoPE (the BrainDINO encoder)",
+        ),
+        EncoderConfig(
+            "vit-s16-dinov3",
+            "vit_small_patch16_dinov3",
+            "dinov3",
+            384,
+            12,
+            6,
+            16,
+            4,
+            "DINOv3-style ViT-S/16, 4 registers, RoPE",
+        ),
+        EncoderConfig(
+            "vit-l16-dinov3",
+            "vit_large_patch16_dinov3",
+            "dinov3",
+            1024,
+            24,
+            16,
+            16,
+            4,
+            "DINOv3-style ViT-L/16, 4 registers, RoPE",
+        ),
+        EncoderConfig(
+            "vit-tiny16-dinov3",
+            "vit_small_patch16_dinov3",
+            "dinov3",
+            96,
+            6,
+            3,
+            16,
+            4,
+            "tiny DINOv3-style ViT/16 for CPU tests and demos",
+        ),
         EncoderConfig("vit-s14-dinov2", "vit_small_patch14_dinov2", "dinov2", 384, 12, 6, 14, 0, "DINOv2 ViT-S/14"),
         EncoderConfig("vit-b14-dinov2", "vit_base_patch14_dinov2", "dinov2", 768, 12, 12, 14, 0, "DINOv2 ViT-B/14"),
         EncoderConfig("vit-l14-dinov2", "vit_large_patch14_dinov2", "dinov2", 1024, 24, 16, 14, 0, "DINOv2 ViT-L/14"),
-        EncoderConfig("vit-s14-reg4-dinov2", "vit_small_patch14_reg4_dinov2", "dinov2", 384, 12, 6, 14, 4,
-                      "DINOv2 ViT-S/14 with 4 registers"),
-        EncoderConfig("vit-b14-reg4-dinov2", "vit_base_patch14_reg4_dinov2", "dinov2", 768, 12, 12, 14, 4,
-                      "DINOv2 ViT-B/14 with 4 registers"),
-        EncoderConfig("vit-l14-reg4-dinov2", "vit_large_patch14_reg4_dinov2", "dinov2", 1024, 24, 16, 14, 4,
-                      "DINOv2 ViT-L/14 with 4 registers"),
+        EncoderConfig(
+            "vit-s14-reg4-dinov2",
+            "vit_small_patch14_reg4_dinov2",
+            "dinov2",
+            384,
+            12,
+            6,
+            14,
+            4,
+            "DINOv2 ViT-S/14 with 4 registers",
+        ),
+        EncoderConfig(
+            "vit-b14-reg4-dinov2",
+            "vit_base_patch14_reg4_dinov2",
+            "dinov2",
+            768,
+            12,
+            12,
+            14,
+            4,
+            "DINOv2 ViT-B/14 with 4 registers",
+        ),
+        EncoderConfig(
+            "vit-l14-reg4-dinov2",
+            "vit_large_patch14_reg4_dinov2",
+            "dinov2",
+            1024,
+            24,
+            16,
+            14,
+            4,
+            "DINOv2 ViT-L/14 with 4 registers",
+        ),
     )
 }
 
@@ -125,8 +188,10 @@ class BrainEncoder(nn.Module):
             num_heads=config.num_heads,
         )
         if self.model.num_prefix_tokens != 1 + config.num_reg_tokens:
-            raise BrainDINOError(f"{config.name}: timm built {self.model.num_prefix_tokens} prefix tokens, "
-                                 f"expected 1 + {config.num_reg_tokens}")
+            raise BrainDINOError(
+                f"{config.name}: timm built {self.model.num_prefix_tokens} prefix tokens, "
+                f"expected 1 + {config.num_reg_tokens}"
+            )
         last_attention = self.model.blocks[-1].attn
         last_attention.fused_attn = False
         last_attention.attn_drop.register_forward_hook(self._keep_cls_attention)
@@ -135,6 +200,20 @@ class BrainEncoder(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return self.model.num_prefix_tokens
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load timm-layout weights; any missing, unexpected or mis-shaped tensor is a one-line error."""
+        try:
+            result = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines()]
+            detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+            raise BrainDINOError(f"{source}: weights do not fit {self.config.name} ({detail})") from error
+        if result.missing_keys or result.unexpected_keys:
+            raise BrainDINOError(
+                f"{source}: weights do not fit {self.config.name}: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
 
     def _keep_cls_attention(self, module: nn.Module, inputs: tuple, attention: torch.Tensor) -> None:
         self._cls_attention = attention[:, :, 0, self.num_prefix_tokens :]
@@ -163,6 +242,6 @@ class BrainEncoder(nn.Module):
         return EncoderOutput(
             cls=tokens[:, 0],
             patch_tokens=patches,
-            layers={i: y.reshape(batch, *grid, -1) for i, y in zip(layers, intermediates)},
+            layers={i: y.reshape(batch, *grid, -1) for i, y in zip(layers, intermediates, strict=True)},
             attention=attention,
         )

@@ -118,7 +118,9 @@ def similarity_map(tokens: np.ndarray, query: tuple[int, int, int]) -> np.ndarra
     return (features @ features[query]).numpy()
 
 
-def query_patch(volume: Volume, prepared: PreparedVolume, encoded: EncodedVolume, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
+def query_patch(
+    volume: Volume, prepared: PreparedVolume, encoded: EncodedVolume, ijk: tuple[int, int, int]
+) -> tuple[int, int, int]:
     """(slice position, row, col) of the patch containing the file's voxel ``ijk``.
 
     Raises:
@@ -127,8 +129,10 @@ def query_patch(volume: Volume, prepared: PreparedVolume, encoded: EncodedVolume
     x, y, z = volume.canonical_index(ijk)
     positions = np.flatnonzero(encoded.slices == z)
     if positions.size == 0:
-        raise BrainDINOError(f"voxel {tuple(ijk)} lies on axial slice {z}, outside the analysed brain slices "
-                             f"({encoded.slices[0]}-{encoded.slices[-1]}); pick a voxel inside the brain")
+        raise BrainDINOError(
+            f"voxel {tuple(ijk)} lies on axial slice {z}, outside the analysed brain slices "
+            f"({encoded.slices[0]}-{encoded.slices[-1]}); pick a voxel inside the brain"
+        )
     row, col = prepared.plane.canvas_position(x, y)
     rows, cols = encoded.grid
     patch = prepared.plane.canvas / rows

@@ -66,8 +66,10 @@ def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]
         if not key.startswith(TRAINING_HEAD_PREFIXES):
             state[key] = value
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise BrainDINOError(f"no ViT backbone found in the checkpoint ({container} holds {len(state)} tensors "
-                             "without cls_token / patch_embed.proj.weight)")
+        raise BrainDINOError(
+            f"no ViT backbone found in the checkpoint ({container} holds {len(state)} tensors "
+            "without cls_token / patch_embed.proj.weight)"
+        )
     return state, container
 
 
@@ -92,19 +94,33 @@ def detect_encoder(state: dict[str, torch.Tensor]) -> EncoderConfig:
     matches = [c for c in ENCODERS.values() if all(getattr(c, k) == facts[k] for k in keys)]
     if len(matches) != 1:
         found = ", ".join(f"{k}={facts[k]}" for k in keys)
-        raise BrainDINOError(f"cannot tell the architecture from the weights ({found}); "
-                             f"name it with --encoder ({', '.join(ENCODERS)})")
+        raise BrainDINOError(
+            f"cannot tell the architecture from the weights ({found}); name it with --encoder ({', '.join(ENCODERS)})"
+        )
     return matches[0]
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], encoder: BrainEncoder) -> dict[str, torch.Tensor]:
     """Rename keys to timm's layout with timm's checkpoint filters (also resamples DINOv2 position embeddings)."""
-    module = vision_transformer if encoder.config.family == "dinov2" else eva
-    return module.checkpoint_filter_fn(dict(state), encoder.model)
+    state = dict(state)
+    if encoder.config.family == "dinov2":
+        return vision_transformer.checkpoint_filter_fn(state, encoder.model)
+    for key in [k for k in state if k.endswith("attn.qkv.bias")]:
+        # Meta's distilled DINOv3 S/B/L store all-zero qkv biases; timm's models have none.
+        if state[key].any():
+            raise BrainDINOError(f"{key} holds non-zero qkv biases, which {encoder.config.name} does not have")
+        del state[key]
+    return eva.checkpoint_filter_fn(state, encoder.model)
 
 
-def import_checkpoint(path: str | Path, out_dir: str | Path, *, encoder_name: str | None = None,
-                      preprocessing: PreprocessSpec | None = None, overwrite: bool = False) -> Bundle:
+def import_checkpoint(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder_name: str | None = None,
+    preprocessing: PreprocessSpec | None = None,
+    overwrite: bool = False,
+) -> Bundle:
     """Convert a checkpoint into a verified bundle at ``out_dir`` (its folder name is the bundle name).
 
     Raises:
@@ -121,10 +137,7 @@ def import_checkpoint(path: str | Path, out_dir: str | Path, *, encoder_name: st
     preprocessing = preprocessing or PreprocessSpec(in_chans=in_chans)
     encoder = BrainEncoder(config, preprocessing.image_size, in_chans)
     converted = convert_state_dict(state, encoder)
-    result = encoder.model.load_state_dict(converted, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise BrainDINOError(f"{path}: weights do not fit {config.name}: missing {result.missing_keys[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
+    encoder.load_weights(converted, str(path))
     layout = "Meta" if any(k in state for k in ("storage_tokens", "mask_token", "register_tokens")) else "timm"
     card = ModelCard(
         name=out_dir.name,
@@ -133,7 +146,11 @@ def import_checkpoint(path: str | Path, out_dir: str | Path, *, encoder_name: st
         preprocessing=preprocessing,
         random_init=False,
         intended_use="research on brain MRI features; not a medical device, not for clinical decisions",
-        training={"source_checkpoint": path.name, "source_sha256": sha256(path), "container": container,
-                  "key_layout": layout},
+        training={
+            "source_checkpoint": path.name,
+            "source_sha256": sha256(path),
+            "container": container,
+            "key_layout": layout,
+        },
     )
     return save_bundle(out_dir, encoder, card, overwrite=overwrite)

@@ -65,8 +65,14 @@ def output_stem(scan: str | Path) -> str:
     return name
 
 
-def run_inference(scan: str | Path, out_dir: str | Path, options: InferenceOptions = InferenceOptions(), *,
-                  progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+def run_inference(
+    scan: str | Path,
+    out_dir: str | Path,
+    options: InferenceOptions = InferenceOptions(),
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
     """Run the whole pipeline and write every output; returns what ``result.json`` holds.
 
     Raises:
@@ -94,7 +100,9 @@ def run_inference(scan: str | Path, out_dir: str | Path, options: InferenceOptio
     prepared = prepare(volume, bundle.card.preprocessing)
     query_xyz = volume.canonical_index(options.query) if options.query else None  # validate before encoding
     lap("prepare")
-    encoded = encode_volume(prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel)
+    encoded = encode_volume(
+        prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel
+    )
     lap("encode")
 
     attention = to_volume(prepared, mean_attention(encoded.attention))
@@ -108,39 +116,66 @@ def run_inference(scan: str | Path, out_dir: str | Path, options: InferenceOptio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(scan)
-    outputs = {"attention": f"{stem}_attention.nii.gz", "pca": f"{stem}_pca.nii.gz", "embeddings": "embeddings.safetensors"}
+    outputs = {
+        "attention": f"{stem}_attention.nii.gz",
+        "pca": f"{stem}_pca.nii.gz",
+        "embeddings": "embeddings.safetensors",
+    }
     if similarity is not None:
         outputs["similarity"] = f"{stem}_similarity.nii.gz"
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
-        jobs = [pool.submit(save_like, volume, attention, out_dir / outputs["attention"]),
-                pool.submit(save_like, volume, pca, out_dir / outputs["pca"]),
-                pool.submit(_save_embeddings, out_dir / outputs["embeddings"], encoded, prepared, bundle.card.name)]
+        jobs = [
+            pool.submit(save_like, volume, attention, out_dir / outputs["attention"]),
+            pool.submit(save_like, volume, pca, out_dir / outputs["pca"]),
+            pool.submit(_save_embeddings, out_dir / outputs["embeddings"], encoded, prepared, bundle.card.name),
+        ]
         if similarity is not None:
             jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
         if options.report:
             outputs["report"] = "report.png"
-            write_report(out_dir / outputs["report"], volume, prepared, bundle.card, attention, pca, similarity, query_xyz)
+            write_report(
+                out_dir / outputs["report"], volume, prepared, bundle.card, attention, pca, similarity, query_xyz
+            )
         for job in jobs:
             job.result()
     lap("write")
 
     warnings = list(volume.warnings)
     if bundle.card.random_init:
-        warnings.append(f"model '{bundle.card.name}' is randomly initialised: the maps test the software and carry no learned meaning")
+        warnings.append(
+            f"model '{bundle.card.name}' is randomly initialised: "
+            "the maps test the software and carry no learned meaning"
+        )
     skipped = volume.data.shape[2] - len(prepared.slices)
     if skipped:
-        warnings.append(f"{skipped} of {volume.data.shape[2]} axial slices lie outside the brain extent or the slice "
-                        "filters and were not analysed (their maps are 0)")
+        warnings.append(
+            f"{skipped} of {volume.data.shape[2]} axial slices lie outside the brain extent or the slice "
+            "filters and were not analysed (their maps are 0)"
+        )
     result = {
         "braindino_version": __version__,
-        "input": {"path": str(scan), "shape": list(volume.source_shape), "orientation": "".join(volume.source_axcodes),
-                  "spacing_mm": [round(s, 4) for s in volume.spacing], "affine": volume.source_affine.tolist()},
-        "model": {"name": bundle.card.name, "path": str(bundle.path), "encoder": bundle.card.encoder.name,
-                  "random_init": bundle.card.random_init, "intended_use": bundle.card.intended_use,
-                  "sha256": bundle.card.files},
+        "input": {
+            "path": str(scan),
+            "shape": list(volume.source_shape),
+            "orientation": "".join(volume.source_axcodes),
+            "spacing_mm": [round(s, 4) for s in volume.spacing],
+            "affine": volume.source_affine.tolist(),
+        },
+        "model": {
+            "name": bundle.card.name,
+            "path": str(bundle.path),
+            "encoder": bundle.card.encoder.name,
+            "random_init": bundle.card.random_init,
+            "intended_use": bundle.card.intended_use,
+            "sha256": bundle.card.files,
+        },
         "preprocessing": bundle.card.preprocessing.to_dict(),
-        "slices": {"analysed": len(prepared.slices), "first": int(prepared.slices[0]), "last": int(prepared.slices[-1]),
-                   "axis": "canonical RAS z (axial)"},
+        "slices": {
+            "analysed": len(prepared.slices),
+            "first": int(prepared.slices[0]),
+            "last": int(prepared.slices[-1]),
+            "axis": "canonical RAS z (axial)",
+        },
         "device": str(device),
         "query_voxel": list(options.query) if options.query else None,
         "outputs": outputs,
@@ -159,7 +194,18 @@ def _save_embeddings(path: Path, encoded, prepared, model_name: str) -> None:
         "slices": torch.from_numpy(encoded.slices.astype(np.int64)),
     }
     plane = prepared.plane
-    metadata = {"model": model_name, "slice_axis": "canonical RAS z",
-                "plane": json.dumps({"slice_shape": plane.slice_shape, "rows": plane.rows, "cols": plane.cols,
-                                     "row0": plane.row0, "col0": plane.col0, "canvas": plane.canvas})}
+    metadata = {
+        "model": model_name,
+        "slice_axis": "canonical RAS z",
+        "plane": json.dumps(
+            {
+                "slice_shape": plane.slice_shape,
+                "rows": plane.rows,
+                "cols": plane.cols,
+                "row0": plane.row0,
+                "col0": plane.col0,
+                "canvas": plane.canvas,
+            }
+        ),
+    }
     save_file(tensors, path, metadata=metadata)

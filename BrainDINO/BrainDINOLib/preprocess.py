@@ -62,7 +62,9 @@ class PreprocessSpec:
         if not 0 <= low < high <= 100:
             raise BrainDINOError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
         if self.image_size < 16 or self.in_chans not in (1, 3):
-            raise BrainDINOError(f"image_size must be >= 16 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
+            raise BrainDINOError(
+                f"image_size must be >= 16 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}"
+            )
         start, stop = self.position_range
         if not 0 <= start <= stop <= 1:
             raise BrainDINOError(f"position_range must satisfy 0 <= start <= stop <= 1, got {self.position_range}")
@@ -107,7 +109,9 @@ class PlaneGeometry:
     def to_canvas(self, slices: torch.Tensor) -> torch.Tensor:
         """(B, X, Y) canonical slices -> (B, canvas, canvas) canvas images (zero padded)."""
         view = torch.flip(slices, dims=(1, 2)).transpose(1, 2)[:, None]
-        resized = F.interpolate(view.float(), size=(self.rows, self.cols), mode="bilinear", align_corners=False, antialias=True)
+        resized = F.interpolate(
+            view.float(), size=(self.rows, self.cols), mode="bilinear", align_corners=False, antialias=True
+        )
         pad = (self.col0, self.canvas - self.cols - self.col0, self.row0, self.canvas - self.rows - self.row0)
         return F.pad(resized, pad)[:, 0]
 
@@ -192,7 +196,9 @@ def slice_entropy(image: np.ndarray, value_range: tuple[float, float]) -> np.nda
         offsets = np.arange(chunk.shape[2]) * _ENTROPY_BINS
         counts = np.bincount((bins + offsets).ravel(), minlength=chunk.shape[2] * _ENTROPY_BINS)
         p = counts.reshape(chunk.shape[2], _ENTROPY_BINS) / (chunk.shape[0] * chunk.shape[1])
-        entropy[start : start + chunk.shape[2]] = -np.sum(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0), axis=1)
+        entropy[start : start + chunk.shape[2]] = -np.sum(
+            np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0), axis=1
+        )
     return entropy
 
 
@@ -207,7 +213,8 @@ def prepare(volume: Volume, spec: PreprocessSpec) -> PreparedVolume:
     brain = np.flatnonzero(fraction >= spec.min_foreground_fraction)
     if brain.size == 0:
         raise BrainDINOError(
-            f"{volume.path}: no axial slice has {spec.min_foreground_fraction:.0%} foreground voxels; is this a brain MRI?"
+            f"{volume.path}: no axial slice has {spec.min_foreground_fraction:.0%} foreground voxels; "
+            "is this a brain MRI?"
         )
     first, last = int(brain[0]), int(brain[-1])
     position = np.full(image.shape[2], np.nan)

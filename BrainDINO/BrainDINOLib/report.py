@@ -31,9 +31,17 @@ def choose_slices(prepared: PreparedVolume, count: int, must_include: int | None
     return sorted(picks)
 
 
-def write_report(path: str | Path, volume: Volume, prepared: PreparedVolume, card: ModelCard,
-                 attention: np.ndarray, pca: np.ndarray, similarity: np.ndarray | None = None,
-                 query_xyz: tuple[int, int, int] | None = None, columns: int = 6) -> Path:
+def write_report(
+    path: str | Path,
+    volume: Volume,
+    prepared: PreparedVolume,
+    card: ModelCard,
+    attention: np.ndarray,
+    pca: np.ndarray,
+    similarity: np.ndarray | None = None,
+    query_xyz: tuple[int, int, int] | None = None,
+    columns: int = 6,
+) -> Path:
     """Render the montage.
 
     Args:
@@ -65,24 +73,43 @@ def write_report(path: str | Path, volume: Volume, prepared: PreparedVolume, car
                 ax.imshow(anatomy, cmap="gray", vmin=min(low, 0), vmax=high, aspect=aspect, interpolation="nearest")
             if title == "attention":
                 overlay = np.ma.masked_where(~brain, _view(values[:, :, z]))
-                ax.imshow(overlay, cmap="inferno", vmin=attention_range[0], vmax=attention_range[1], alpha=0.65, aspect=aspect)
+                ax.imshow(
+                    overlay, cmap="inferno", vmin=attention_range[0], vmax=attention_range[1], alpha=0.65, aspect=aspect
+                )
             elif title == "similarity to query":
                 overlay = np.ma.masked_where(~brain, _view(values[:, :, z]))
                 ax.imshow(overlay, cmap="coolwarm", vmin=-1, vmax=1, alpha=0.7, aspect=aspect)
                 if query_xyz and z == query_xyz[2]:
                     size_x, size_y = values.shape[:2]
-                    ax.plot(size_x - 1 - query_xyz[0], size_y - 1 - query_xyz[1], "+", color="lime", markersize=14, mew=2)
+                    ax.plot(
+                        size_x - 1 - query_xyz[0], size_y - 1 - query_xyz[1], "+", color="lime", markersize=14, mew=2
+                    )
             if r == 0:
                 ax.set_title(f"axial slice {z}", color="white", fontsize=9)
             if c == 0:
-                ax.text(-0.08, 0.5, title, color="white", fontsize=9, rotation=90, ha="right", va="center",
-                        transform=ax.transAxes)
+                ax.text(
+                    -0.08,
+                    0.5,
+                    title,
+                    color="white",
+                    fontsize=9,
+                    rotation=90,
+                    ha="right",
+                    va="center",
+                    transform=ax.transAxes,
+                )
     axes[0, 0].text(0.02, 0.98, "R", color="yellow", fontsize=9, ha="left", va="top", transform=axes[0, 0].transAxes)
     axes[0, 0].text(0.98, 0.98, "L", color="yellow", fontsize=9, ha="right", va="top", transform=axes[0, 0].transAxes)
     figure.suptitle(f"BrainDINO  |  {Path(volume.path).name}  |  model: {card.name}", color="white", fontsize=11)
     if card.random_init:
-        figure.text(0.5, 0.935, "RANDOMLY INITIALISED ENCODER: these maps test the pipeline; they show no learned anatomy",
-                    color="#ff5555", fontsize=9, ha="center")
+        figure.text(
+            0.5,
+            0.935,
+            "RANDOMLY INITIALISED ENCODER: these maps test the pipeline; they show no learned anatomy",
+            color="#ff5555",
+            fontsize=9,
+            ha="center",
+        )
     figure.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=0.9, wspace=0.03, hspace=0.08)
     figure.savefig(path, facecolor="black")
     return Path(path)

@@ -74,7 +74,7 @@ class Volume:
         Raises:
             BrainDINOError: if the voxel lies outside the volume.
         """
-        if any(not 0 <= c < s for c, s in zip(ijk, self.source_shape)):
+        if any(not 0 <= c < s for c, s in zip(ijk, self.source_shape, strict=True)):
             raise BrainDINOError(f"voxel {tuple(ijk)} lies outside the volume of shape {self.source_shape}")
         source_to_canonical = np.linalg.inv(self.affine) @ self.source_affine
         xyz = source_to_canonical @ np.array([*ijk, 1.0])
@@ -146,12 +146,18 @@ def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.
     try:
         if len(image.shape) > 3:
             # Squeeze trailing singleton dims, then pick the requested volume without loading the rest.
-            index = (slice(None),) * 3 + ((volume_index,) if len(shape) == 4 else ()) + (0,) * (len(image.shape) - len(shape))
+            index = (
+                (slice(None),) * 3
+                + ((volume_index,) if len(shape) == 4 else ())
+                + (0,) * (len(image.shape) - len(shape))
+            )
             array = np.asarray(image.dataobj[index], dtype=np.float32)
         else:
             array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:  # truncated gzip, short file, corrupt data
-        raise BrainDINOError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})") from error
+        raise BrainDINOError(
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})"
+        ) from error
     return array, np.asarray(image.affine, dtype=np.float64)
 
 
@@ -182,7 +188,9 @@ def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, n
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise BrainDINOError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})") from error
+        raise BrainDINOError(
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})"
+        ) from error
     if image.GetDimension() == 4:
         size = list(image.GetSize())
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, volume_index if len(shape) == 4 else 0])
@@ -200,7 +208,9 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
         raise BrainDINOError(f"{folder}: a folder without DICOM series (pass an image file or a DICOM series folder)")
     if series_uid is None:
         if len(series) > 1:
-            raise BrainDINOError(f"{folder}: holds {len(series)} DICOM series; choose one with --dicom-series {{{', '.join(series)}}}")
+            raise BrainDINOError(
+                f"{folder}: holds {len(series)} DICOM series; choose one with --dicom-series {{{', '.join(series)}}}"
+            )
         series_uid = series[0]
     elif series_uid not in series:
         raise BrainDINOError(f"{folder}: no DICOM series {series_uid} (found {', '.join(series)})")

@@ -1,0 +1,149 @@
+"""Checkpoint import from timm and Meta key layouts and from teacher checkpoints; bundle integrity."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from BrainDINOLib.bundle import load_bundle, verify_bundle
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.importers import import_checkpoint
+
+X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def _timm_model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(3)
+    model = timm.create_model(name, num_classes=0, **kwargs).eval()
+    with torch.no_grad():
+        for key, value in model.named_parameters():
+            if "gamma" in key:
+                value.fill_(0.5)
+    return model
+
+
+def _dinov3_small():
+    return _timm_model("vit_small_patch16_dinov3", embed_dim=96, depth=6, num_heads=3)
+
+
+def _meta_dinov3(state: dict) -> dict:
+    """timm Eva keys -> the key layout of Meta's DINOv3 release."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        out[key] = value
+    out["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    out["rope_embed.periods"] = torch.arange(8.0)
+    for block in {k.split(".")[1] for k in state if k.startswith("blocks.")}:
+        dim = state[f"blocks.{block}.attn.qkv.weight"].shape[0]
+        out[f"blocks.{block}.attn.qkv.bias"] = torch.zeros(dim)
+        out[f"blocks.{block}.attn.qkv.bias_mask"] = torch.ones(dim)
+    return out
+
+
+def _meta_dinov2_reg(state: dict) -> dict:
+    """timm DINOv2-with-registers keys -> Meta's layout (pos_embed with a CLS slot, register_tokens)."""
+    out = dict(state)
+    out["register_tokens"] = out.pop("reg_token")
+    out["pos_embed"] = torch.cat([torch.zeros_like(state["pos_embed"][:, :1]), state["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    return out
+
+
+def _features(bundle_path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_bundle(bundle_path).load_encoder().forward_features(X)
+
+
+def _check_same_outputs(model, bundle_path):
+    with torch.no_grad():
+        expected = model.forward_features(X)
+    torch.testing.assert_close(_features(bundle_path), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_dinov3_state_dict(tmp_path):
+    model = _dinov3_small()
+    torch.save(model.state_dict(), tmp_path / "dinov3.pth")
+    bundle = import_checkpoint(tmp_path / "dinov3.pth", tmp_path / "bundle")
+    assert bundle.card.encoder.name == "vit-tiny16-dinov3" and not bundle.card.random_init
+    assert bundle.card.training["key_layout"] == "timm"
+    _check_same_outputs(model, bundle.path)
+
+
+def test_meta_dinov3_layout(tmp_path):
+    model = _timm_model("vit_small_patch16_dinov3")
+    save_file(_meta_dinov3(model.state_dict()), tmp_path / "dinov3_vits16.safetensors")
+    bundle = import_checkpoint(tmp_path / "dinov3_vits16.safetensors", tmp_path / "bundle")
+    assert bundle.card.encoder.name == "vit-s16-dinov3" and bundle.card.training["key_layout"] == "Meta"
+    _check_same_outputs(model, bundle.path)
+
+
+def test_timm_dinov2_at_518_is_resampled_to_the_canvas(tmp_path):
+    model = _timm_model("vit_small_patch14_dinov2")  # timm default: 518 px, 37x37 position grid
+    torch.save(model.state_dict(), tmp_path / "dinov2.pth")
+    bundle = import_checkpoint(tmp_path / "dinov2.pth", tmp_path / "bundle")
+    encoder = load_bundle(bundle.path).load_encoder()
+    assert encoder.model.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    for key, value in model.state_dict().items():
+        if key != "pos_embed":
+            torch.testing.assert_close(encoder.model.state_dict()[key], value)
+
+
+def test_meta_dinov2_with_registers(tmp_path):
+    model = _timm_model("vit_small_patch14_reg4_dinov2", img_size=224)
+    torch.save(_meta_dinov2_reg(model.state_dict()), tmp_path / "dinov2_vits14_reg4.pth")
+    bundle = import_checkpoint(tmp_path / "dinov2_vits14_reg4.pth", tmp_path / "bundle")
+    assert bundle.card.encoder.name == "vit-s14-reg4-dinov2"
+    _check_same_outputs(model, bundle.path)
+
+
+def test_teacher_training_checkpoint_drops_heads(tmp_path):
+    model = _dinov3_small()
+    teacher = {f"backbone.{k}": v for k, v in _meta_dinov3(model.state_dict()).items()}
+    teacher["dino_head.mlp.0.weight"] = torch.randn(2048, 96)
+    teacher["ibot_head.last_layer.weight_g"] = torch.ones(4096, 1)
+    checkpoint = {"teacher": teacher, "student": {"backbone.cls_token": torch.zeros(1, 1, 96)}, "iteration": 1000}
+    torch.save(checkpoint, tmp_path / "training_checkpoint.pth")
+    bundle = import_checkpoint(tmp_path / "training_checkpoint.pth", tmp_path / "bundle")
+    assert bundle.card.training["container"] == "teacher"
+    _check_same_outputs(model, bundle.path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"model": _dinov3_small().state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "unsafe.pth")
+    with pytest.raises(BrainDINOError, match="refusing to unpickle"):
+        import_checkpoint(tmp_path / "unsafe.pth", tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_unknown_architecture_asks_for_encoder(tmp_path):
+    model = _timm_model("vit_small_patch16_dinov3", embed_dim=128, depth=2, num_heads=2)
+    torch.save(model.state_dict(), tmp_path / "odd.pth")
+    with pytest.raises(BrainDINOError, match="name it with --encoder"):
+        import_checkpoint(tmp_path / "odd.pth", tmp_path / "bundle")
+    with pytest.raises(BrainDINOError, match="weights do not fit vit-tiny16-dinov3"):
+        import_checkpoint(tmp_path / "odd.pth", tmp_path / "bundle", encoder_name="vit-tiny16-dinov3")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(BrainDINOError, match="not a readable checkpoint"):
+        import_checkpoint(tmp_path / "notes.pth", tmp_path / "bundle")
+
+
+def test_tampered_bundle_is_refused(tmp_path):
+    torch.save(_dinov3_small().state_dict(), tmp_path / "dinov3.pth")
+    bundle = import_checkpoint(tmp_path / "dinov3.pth", tmp_path / "bundle")
+    assert verify_bundle(bundle.path) == []
+    weights = bundle.path / "encoder.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(BrainDINOError, match="sha256 differs"):
+        load_bundle(bundle.path)
+    (bundle.path / "extra.safetensors").write_bytes(b"")
+    assert any("not listed" in problem for problem in verify_bundle(bundle.path))

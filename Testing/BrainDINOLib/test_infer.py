@@ -1,0 +1,140 @@
+"""End to end through the command line, as a user runs it: outputs in the scan's own geometry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from safetensors.numpy import load_file
+
+from BrainDINOLib.cli import main
+from testdata import reorient, save
+
+
+def _infer(scan, out_dir, *extra) -> int:
+    return main(["infer", str(scan), "-o", str(out_dir), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def lps_run(tmp_path_factory, mni_2mm):
+    root = tmp_path_factory.mktemp("lps")
+    scan = save(reorient(mni_2mm, "LPS", np.int16), root / "subject01_T1w.nii.gz")
+    assert _infer(scan, root / "out", "--query", "50,60,40") == 0
+    return nib.load(scan), root / "out"
+
+
+def test_lps_int16_outputs_match_input_geometry(lps_run):
+    scan, out = lps_run
+    for name in ("attention", "pca", "similarity"):
+        output = nib.load(out / f"subject01_T1w_{name}.nii.gz")
+        assert output.shape[:3] == scan.shape
+        np.testing.assert_allclose(output.affine, scan.affine)
+    attention = np.asarray(nib.load(out / "subject01_T1w_attention.nii.gz").dataobj)
+    brain = np.asarray(scan.dataobj) > 60
+    assert attention[brain].mean() > 0 and np.count_nonzero(attention) > 0.9 * brain.sum()
+    result = json.loads((out / "result.json").read_text())
+    assert result["input"]["orientation"] == "LPS" and result["input"]["shape"] == list(scan.shape)
+    assert result["model"]["random_init"] is True
+    assert any("randomly initialised" in w for w in result["warnings"])
+    assert set(result["timings_s"]) >= {"load_scan", "prepare", "encode", "maps", "write", "total"}
+    embeddings = load_file(out / "embeddings.safetensors")
+    assert embeddings["patch_tokens"].shape == (result["slices"]["analysed"], 14, 14, 96)
+    assert (out / "report.png").stat().st_size > 50_000
+
+
+def test_pca_is_a_colour_volume_for_itk_and_slicer(lps_run):
+    scan, out = lps_run
+    image = sitk.ReadImage(str(out / "subject01_T1w_pca.nii.gz"))
+    assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == scan.shape
+    rgb = sitk.GetArrayFromImage(image)
+    assert rgb.dtype == np.uint8 and rgb.max() > 200
+
+
+def test_similarity_is_highest_near_the_query(lps_run):
+    _, out = lps_run
+    similarity = np.asarray(nib.load(out / "subject01_T1w_similarity.nii.gz").dataobj)
+    neighbourhood = similarity[47:54, 57:64, 40]
+    assert neighbourhood.max() > 0.9 and similarity.max() <= 1.0 + 1e-4
+
+
+def test_orientation_does_not_change_the_maps(tmp_path, mni_2mm, lps_run):
+    """The same anatomy stored RAS gives the LPS run's maps, voxel for voxel after reorientation."""
+    scan_lps, out_lps = lps_run
+    scan = save(mni_2mm, tmp_path / "subject01_T1w.nii.gz")
+    assert _infer(scan, tmp_path / "out", "--no-report") == 0
+    ras = nib.load(tmp_path / "out" / "subject01_T1w_attention.nii.gz")
+    lps = nib.load(out_lps / "subject01_T1w_attention.nii.gz")
+    np.testing.assert_allclose(np.asarray(reorient(ras, "LPS").dataobj), np.asarray(lps.dataobj), atol=1e-5)
+
+
+def test_sagittal_4mm_scan(tmp_path, mni):
+    affine = mni.affine.copy()
+    affine[0, 0] = 4.0
+    scan = reorient(nib.Nifti1Image(np.asarray(mni.dataobj)[::4], affine), "PIR", np.int16)
+    path = save(scan, tmp_path / "sag.nii.gz")
+    assert _infer(path, tmp_path / "out", "--no-report") == 0
+    for name in ("attention", "pca"):
+        output = nib.load(tmp_path / "out" / f"sag_{name}.nii.gz")
+        assert output.shape[:3] == scan.shape
+        np.testing.assert_allclose(output.affine, scan.affine)
+
+
+def test_same_input_same_output(tmp_path, lps_run):
+    scan, out = lps_run
+    assert _infer(scan.get_filename(), tmp_path, "--query", "50,60,40", "--no-report") == 0
+    for name in ("attention", "pca", "similarity"):
+        file = f"subject01_T1w_{name}.nii.gz"
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(tmp_path / file).dataobj), np.asarray(nib.load(out / file).dataobj)
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--query", "5,5,0"], "outside the analysed brain slices"),
+        (["--query", "500,5,5"], "outside the volume"),
+        (["--bundle", "no-such-model"], "no model bundle 'no-such-model'"),
+        (["--device", "tpu7"], "unknown device"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, lps_run, capsys, args, problem):
+    scan, _ = lps_run
+    assert _infer(scan.get_filename(), tmp_path / "out", "--no-report", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("braindino: error:") and problem in err[0]
+
+
+def test_bad_scan_through_the_installed_command(tmp_path):
+    """The console script itself: one line on stderr, exit code 2, no traceback."""
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    done = subprocess.run(
+        [sys.executable, "-m", "BrainDINOTrainingLib", "infer", str(bad), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and str(bad) in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_prints_where_the_outputs_are(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "MNI ICBM152 2009a" in out
+    for name in ("report.png", "result.json", "_attention.nii.gz", "_pca.nii.gz", "_similarity.nii.gz"):
+        assert name in out
+    assert (tmp_path / "demo" / "report.png").is_file()
+
+
+def test_models_commands(tmp_path, capsys):
+    assert main(["models", "list"]) == 0
+    assert "braindino-tiny-random" in capsys.readouterr().out
+    assert main(["models", "verify", "braindino-tiny-random"]) == 0
+    assert "every file matches" in capsys.readouterr().out
