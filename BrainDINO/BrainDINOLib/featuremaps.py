@@ -142,6 +142,9 @@ def query_patch(
 def to_volume(prepared: PreparedVolume, maps: np.ndarray, *, rgb: bool = False) -> np.ndarray:
     """Sample per-slice patch-grid maps at every voxel of the canonical volume.
 
+    The result is laid out in memory slice by slice (Fortran order for the (X, Y, Z) view), as
+    NIfTI stores voxels, so filling it and writing it need no transposing copy.
+
     Args:
         prepared: gives the canvas placement and which slices the maps belong to.
         maps: (S, h, w) or (S, h, w, C) values on the patch grid of ``prepared.slices``.
@@ -152,7 +155,8 @@ def to_volume(prepared: PreparedVolume, maps: np.ndarray, *, rgb: bool = False) 
         (X, Y, Z) or (X, Y, Z, C) float32 (uint8 with ``rgb``); slices that were not encoded are 0.
     """
     channels = maps.shape[3:] if maps.ndim == 4 else ()
-    out = np.zeros(prepared.image.shape + channels, dtype=np.uint8 if rgb else np.float32)
+    size_x, size_y, size_z = prepared.image.shape
+    slab = np.zeros((size_z, size_y, size_x, *channels), dtype=np.uint8 if rgb else np.float32)
     for start in range(0, len(prepared.slices), _CHUNK):
         chosen = prepared.slices[start : start + _CHUNK]
         chunk = torch.from_numpy(np.ascontiguousarray(maps[start : start + _CHUNK])).float()
@@ -161,9 +165,5 @@ def to_volume(prepared: PreparedVolume, maps: np.ndarray, *, rgb: bool = False) 
         if rgb:
             foreground = torch.from_numpy(prepared.foreground[:, :, chosen]).permute(2, 0, 1)[:, None]
             sampled = (sampled * 255 + 0.5).to(torch.uint8) * foreground
-        sampled = sampled.permute(2, 3, 0, 1) if channels else sampled[:, 0].permute(1, 2, 0)
-        if chosen[-1] - chosen[0] == len(chosen) - 1:  # consecutive slices: a plain slice assignment is faster
-            out[:, :, chosen[0] : chosen[-1] + 1] = sampled.numpy()
-        else:
-            out[:, :, chosen] = sampled.numpy()
-    return out
+        slab[chosen] = (sampled.permute(0, 3, 2, 1) if channels else sampled[:, 0].transpose(1, 2)).contiguous().numpy()
+    return slab.transpose(2, 1, 0, 3) if channels else slab.transpose(2, 1, 0)

@@ -279,8 +279,8 @@ def save_like(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
         if data.shape[3] != 3 or data.dtype != np.uint8:
             raise ValueError("4D outputs must be (X, Y, Z, 3) uint8 RGB")
         rgb = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
-        data = np.ascontiguousarray(data).view(rgb)[..., 0]
-    image = nib.Nifti1Image(np.ascontiguousarray(data), volume.source_affine)
+        data = data.view(rgb)[..., 0]  # the colour axis is contiguous: each voxel becomes one RGB24 value
+    image = nib.Nifti1Image(data, volume.source_affine)
     image.set_qform(volume.source_affine, code=1)
     image.set_sform(volume.source_affine, code=1)
     nib.save(image, path)
