@@ -23,7 +23,15 @@ from . import __version__
 from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
 from .engine import ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError
-from .featuremaps import PcaColors, mean_attention, patch_foreground, query_patch, similarity_map, to_volume
+from .featuremaps import (
+    PcaColors,
+    attention_mass_mask,
+    mean_attention,
+    patch_foreground,
+    query_patch,
+    similarity_map,
+    to_volume,
+)
 from .preprocess import prepare
 from .report import write_report
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_volume, save_like
@@ -105,7 +113,9 @@ def run_inference(
     )
     lap("encode")
 
-    attention = to_volume(prepared, mean_attention(encoded.attention))
+    attention_grid = mean_attention(encoded.attention)
+    attention = to_volume(prepared, attention_grid)
+    attention_mask = to_volume(prepared, attention_mass_mask(attention_grid).astype(np.float32)) > 0.5
     colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
     pca = to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True)
     similarity = None
@@ -134,7 +144,15 @@ def run_inference(
         if options.report:
             outputs["report"] = "report.png"
             write_report(
-                out_dir / outputs["report"], volume, prepared, bundle.card, attention, pca, similarity, query_xyz
+                out_dir / outputs["report"],
+                volume,
+                prepared,
+                bundle.card,
+                attention,
+                attention_mask,
+                pca,
+                similarity,
+                query_xyz,
             )
         for job in jobs:
             job.result()

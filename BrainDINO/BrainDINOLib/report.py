@@ -22,6 +22,7 @@ LABEL_WIDTH = 130
 HEADER_HEIGHT = 64
 GAP = 4
 WARNING_COLOUR = (255, 85, 85)
+MASK_COLOUR = (0, 255, 255)
 
 
 def _view(plane: np.ndarray) -> np.ndarray:
@@ -44,6 +45,13 @@ def _blend(base: np.ndarray, colour: np.ndarray, mask: np.ndarray, alpha: float)
     return out.astype(np.uint8)
 
 
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D mask that touch a pixel outside it (4-neighbourhood; the image border is not an edge)."""
+    padded = np.pad(mask, 1, mode="edge")
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
 def choose_slices(prepared: PreparedVolume, count: int, must_include: int | None = None) -> list[int]:
     """``count`` encoded slices spread over the brain extent (10th to 90th percentile)."""
     positions = np.round(np.linspace(0.1, 0.9, count) * (len(prepared.slices) - 1)).astype(int)
@@ -59,6 +67,7 @@ def write_report(
     prepared: PreparedVolume,
     card: ModelCard,
     attention: np.ndarray,
+    attention_mask: np.ndarray,
     pca: np.ndarray,
     similarity: np.ndarray | None = None,
     query_xyz: tuple[int, int, int] | None = None,
@@ -68,6 +77,7 @@ def write_report(
 
     Args:
         attention: (X, Y, Z) canonical mean attention (1 = uniform).
+        attention_mask: (X, Y, Z) bool, the patches holding 60 % of each slice's attention (outlined).
         pca: (X, Y, Z, 3) canonical uint8 PCA colours.
         similarity: (X, Y, Z) canonical cosine similarity to the query patch, if any.
         query_xyz: canonical voxel of the similarity query.
@@ -76,7 +86,9 @@ def write_report(
     size_x, size_y = volume.data.shape[:2]
     spacing = volume.spacing
     cell_width = round(CELL_HEIGHT * size_x * spacing[0] / (size_y * spacing[1]))
-    rows = ["MRI", "attention", "PCA of features"] + (["similarity"] if similarity is not None else [])
+    rows = ["MRI", "attention\n(cyan: 60 % of\nits mass)", "PCA of features"] + (
+        ["similarity"] if similarity is not None else []
+    )
     brain_values = volume.data[prepared.foreground]
     grey_range = np.percentile(brain_values, [0.5, 99.5])  # background (below the brain) clips to black
     attention_range = np.percentile(attention[prepared.foreground], [1, 99.5])
@@ -104,16 +116,19 @@ def write_report(
         )
         for r, cell in enumerate(cells):
             top = HEADER_HEIGHT + r * (CELL_HEIGHT + GAP)
-            canvas.paste(Image.fromarray(cell).resize((cell_width, CELL_HEIGHT), Image.BILINEAR), (left, top))
-            if rows[r] == "similarity" and query_xyz and z == query_xyz[2]:
+            shown = np.asarray(Image.fromarray(cell).resize((cell_width, CELL_HEIGHT), Image.BILINEAR)).copy()
+            if r == 1:  # outline the attention mask at display resolution, so the line stays crisp
+                mask = Image.fromarray(_view(attention_mask[:, :, z])).resize((cell_width, CELL_HEIGHT), Image.NEAREST)
+                shown[_outline(np.asarray(mask))] = MASK_COLOUR
+            canvas.paste(Image.fromarray(shown), (left, top))
+            if r == 3 and query_xyz and z == query_xyz[2]:
                 qx = left + (size_x - 1 - query_xyz[0] + 0.5) * cell_width / size_x
                 qy = top + (size_y - 1 - query_xyz[1] + 0.5) * CELL_HEIGHT / size_y
                 draw.line([(qx - 8, qy), (qx + 8, qy)], fill=(0, 255, 0), width=2)
                 draw.line([(qx, qy - 8), (qx, qy + 8)], fill=(0, 255, 0), width=2)
     for r, name in enumerate(rows):
-        draw.text(
-            (8, HEADER_HEIGHT + r * (CELL_HEIGHT + GAP) + CELL_HEIGHT // 2), name, fill="white", font=font, anchor="lm"
-        )
+        y = HEADER_HEIGHT + r * (CELL_HEIGHT + GAP) + CELL_HEIGHT // 2
+        draw.multiline_text((8, y), name, fill="white", font=font, anchor="lm")
     first_top = HEADER_HEIGHT
     draw.text((LABEL_WIDTH + 4, first_top + 2), "R", fill="yellow", font=small)
     draw.text((LABEL_WIDTH + cell_width - 4, first_top + 2), "L", fill="yellow", font=small, anchor="ra")
