@@ -200,7 +200,8 @@ def list_bundles(models_dir: Path = DEFAULT_MODELS_DIR) -> list[tuple[str, str, 
 def find_bundle(reference: str | None = None, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     """Resolve a bundle path, a shipped or user bundle name, or None (the catalogue default)."""
     reference = reference or catalog()["default"]
-    if (Path(reference) / CARD_FILE).is_file():
+    if Path(reference).is_dir():
+        read_card(reference)  # a folder must be a bundle: say what is wrong with it
         return Path(reference)
     for name, _, path in list_bundles(models_dir):
         if name == reference:

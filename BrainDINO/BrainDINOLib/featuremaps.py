@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .engine import EncodedVolume
 from .errors import BrainDINOError
 from .preprocess import PreparedVolume
 from .volume import Volume
@@ -30,24 +29,28 @@ def mean_attention(attention: np.ndarray) -> np.ndarray:
     return attention.mean(axis=1) * (attention.shape[-1] * attention.shape[-2])
 
 
-def attention_mass_mask(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
-    """The smallest set of patches holding ``mass`` of each map's attention (DINO [0]).
+def attention_mass_threshold(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
+    """Per map, the attention value above which the strongest patches hold ``mass`` of the total (DINO [0]).
+
+    Patches at or above it form the smallest set holding that mass; as one number per slice it
+    also outlines the mask on the voxel-resolution map.
 
     Args:
         attention: (..., h, w) non-negative maps.
         mass: fraction of the total attention kept.
 
     Returns:
-        (..., h, w) bool mask.
+        (...) thresholds.
     """
-    flat = attention.reshape(-1, attention.shape[-2] * attention.shape[-1]).astype(np.float64)
-    flat = flat / np.maximum(flat.sum(axis=1, keepdims=True), 1e-12)
-    order = np.argsort(flat, axis=1)  # ascending
-    cumulative = np.cumsum(np.take_along_axis(flat, order, axis=1), axis=1)
-    keep_sorted = cumulative > 1 - mass
-    mask = np.zeros_like(keep_sorted)
-    np.put_along_axis(mask, order, keep_sorted, axis=1)
-    return mask.reshape(attention.shape)
+    flat = np.sort(attention.reshape(*attention.shape[:-2], -1).astype(np.float64), axis=-1)  # ascending
+    cumulative = np.cumsum(flat, axis=-1) / np.maximum(flat.sum(axis=-1, keepdims=True), 1e-12)
+    first_kept = np.argmax(cumulative > 1 - mass, axis=-1)
+    return np.take_along_axis(flat, first_kept[..., None], axis=-1)[..., 0]
+
+
+def attention_mass_mask(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
+    """(..., h, w) bool: the smallest set of patches holding ``mass`` of each map's attention."""
+    return attention >= attention_mass_threshold(attention, mass)[..., None, None]
 
 
 def patch_foreground(prepared: PreparedVolume, grid: tuple[int, int], min_fraction: float = 0.5) -> np.ndarray:
@@ -119,24 +122,30 @@ def similarity_map(tokens: np.ndarray, query: tuple[int, int, int]) -> np.ndarra
 
 
 def query_patch(
-    volume: Volume, prepared: PreparedVolume, encoded: EncodedVolume, ijk: tuple[int, int, int]
+    volume: Volume, prepared: PreparedVolume, grid: tuple[int, int], ijk: tuple[int, int, int]
 ) -> tuple[int, int, int]:
     """(slice position, row, col) of the patch containing the file's voxel ``ijk``.
 
+    Args:
+        grid: (h, w) patch grid of the encoder on the canvas.
+
     Raises:
-        BrainDINOError: if the voxel is outside the volume or on a slice that was not encoded.
+        BrainDINOError: if the voxel is outside the volume or on a slice that is not encoded.
     """
     x, y, z = volume.canonical_index(ijk)
-    positions = np.flatnonzero(encoded.slices == z)
+    positions = np.flatnonzero(prepared.slices == z)
     if positions.size == 0:
         raise BrainDINOError(
             f"voxel {tuple(ijk)} lies on axial slice {z}, outside the analysed brain slices "
-            f"({encoded.slices[0]}-{encoded.slices[-1]}); pick a voxel inside the brain"
+            f"({prepared.slices[0]}-{prepared.slices[-1]}); pick a voxel inside the brain"
         )
     row, col = prepared.plane.canvas_position(x, y)
-    rows, cols = encoded.grid
-    patch = prepared.plane.canvas / rows
-    return int(positions[0]), min(int(row // patch), rows - 1), min(int(col // patch), cols - 1)
+    rows, cols = grid
+    return (
+        int(positions[0]),
+        min(int(row * rows / prepared.plane.canvas), rows - 1),
+        min(int(col * cols / prepared.plane.canvas), cols - 1),
+    )
 
 
 def to_volume(prepared: PreparedVolume, maps: np.ndarray, *, rgb: bool = False) -> np.ndarray:

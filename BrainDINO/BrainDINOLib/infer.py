@@ -25,7 +25,7 @@ from .engine import ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError
 from .featuremaps import (
     PcaColors,
-    attention_mass_mask,
+    attention_mass_threshold,
     mean_attention,
     patch_foreground,
     query_patch,
@@ -106,7 +106,9 @@ def run_inference(
     volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
     lap("load_scan")
     prepared = prepare(volume, bundle.card.preprocessing)
-    query_xyz = volume.canonical_index(options.query) if options.query else None  # validate before encoding
+    grid = (bundle.card.preprocessing.image_size // bundle.card.encoder.patch_size,) * 2
+    query = query_patch(volume, prepared, grid, options.query) if options.query else None  # fail before encoding
+    query_xyz = volume.canonical_index(options.query) if options.query else None
     lap("prepare")
     encoded = encode_volume(
         prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel
@@ -115,12 +117,11 @@ def run_inference(
 
     attention_grid = mean_attention(encoded.attention)
     attention = to_volume(prepared, attention_grid)
-    attention_mask = to_volume(prepared, attention_mass_mask(attention_grid).astype(np.float32)) > 0.5
+    attention_threshold = dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True))
     colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
     pca = to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True)
     similarity = None
-    if options.query:
-        query = query_patch(volume, prepared, encoded, options.query)
+    if query is not None:
         similarity = to_volume(prepared, similarity_map(encoded.patch_tokens, query))
     lap("maps")
 
@@ -149,7 +150,7 @@ def run_inference(
                 prepared,
                 bundle.card,
                 attention,
-                attention_mask,
+                attention_threshold,
                 pca,
                 similarity,
                 query_xyz,

@@ -67,7 +67,7 @@ def write_report(
     prepared: PreparedVolume,
     card: ModelCard,
     attention: np.ndarray,
-    attention_mask: np.ndarray,
+    attention_threshold: dict[int, float],
     pca: np.ndarray,
     similarity: np.ndarray | None = None,
     query_xyz: tuple[int, int, int] | None = None,
@@ -77,7 +77,8 @@ def write_report(
 
     Args:
         attention: (X, Y, Z) canonical mean attention (1 = uniform).
-        attention_mask: (X, Y, Z) bool, the patches holding 60 % of each slice's attention (outlined).
+        attention_threshold: canonical slice -> attention level bounding the patches that hold 60 % of
+            the slice's attention (outlined).
         pca: (X, Y, Z, 3) canonical uint8 PCA colours.
         similarity: (X, Y, Z) canonical cosine similarity to the query patch, if any.
         query_xyz: canonical voxel of the similarity query.
@@ -118,7 +119,8 @@ def write_report(
             top = HEADER_HEIGHT + r * (CELL_HEIGHT + GAP)
             shown = np.asarray(Image.fromarray(cell).resize((cell_width, CELL_HEIGHT), Image.BILINEAR)).copy()
             if r == 1:  # outline the attention mask at display resolution, so the line stays crisp
-                mask = Image.fromarray(_view(attention_mask[:, :, z])).resize((cell_width, CELL_HEIGHT), Image.NEAREST)
+                kept = _view(attention[:, :, z] >= attention_threshold[z])
+                mask = Image.fromarray(kept).resize((cell_width, CELL_HEIGHT), Image.NEAREST)
                 shown[_outline(np.asarray(mask))] = MASK_COLOUR
             canvas.paste(Image.fromarray(shown), (left, top))
             if r == 3 and query_xyz and z == query_xyz[2]:

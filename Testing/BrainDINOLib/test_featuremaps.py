@@ -10,6 +10,7 @@ from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.featuremaps import (
     PcaColors,
     attention_mass_mask,
+    attention_mass_threshold,
     mean_attention,
     patch_foreground,
     query_patch,
@@ -26,7 +27,10 @@ def test_attention_mass_mask_reference_values():
     # Smallest set holding 60 % of the mass: 0.5 + 0.3 (0.5 alone is short of it).
     np.testing.assert_array_equal(attention_mass_mask(attention), [[True, True], [False, False]])
     np.testing.assert_array_equal(attention_mass_mask(attention, mass=0.4), [[True, False], [False, False]])
-    assert attention_mass_mask(np.random.default_rng(0).random((2, 3, 14, 14))).shape == (2, 3, 14, 14)
+    assert attention_mass_threshold(attention) == 0.3
+    maps = np.random.default_rng(0).random((2, 3, 14, 14))
+    kept = np.where(attention_mass_mask(maps), maps, 0).sum(axis=(-1, -2)) / maps.sum(axis=(-1, -2))
+    assert np.all(kept > 0.6) and np.all(kept < 0.6 + maps.max() / maps.sum(axis=(-1, -2)).min())
 
 
 def test_mean_attention_is_one_where_uniform():
@@ -62,7 +66,7 @@ def test_pca_colours_are_consistent_across_slices(encoded_mni):
 def test_similarity_peaks_at_the_query(encoded_mni):
     volume, prepared, encoded = encoded_mni
     ijk = (40, 60, 40)  # file (LPS) voxel inside the brain
-    query = query_patch(volume, prepared, encoded, ijk)
+    query = query_patch(volume, prepared, encoded.grid, ijk)
     similarity = similarity_map(encoded.patch_tokens, query)
     assert similarity[query] == pytest.approx(1.0, abs=1e-3)
     assert similarity.max() <= 1 + 1e-3 and similarity.min() >= -1 - 1e-3
@@ -87,7 +91,7 @@ def test_to_volume_places_each_patch_on_its_voxels(encoded_mni):
     x, y = 45, 60
     z = int(prepared.slices[position])
     ijk = np.linalg.inv(volume.source_affine) @ volume.affine @ [x, y, z, 1]
-    _, row, col = query_patch(volume, prepared, encoded, tuple(int(round(c)) for c in ijk[:3]))
+    _, row, col = query_patch(volume, prepared, encoded.grid, tuple(int(round(c)) for c in ijk[:3]))
     maps[position, row, col] = 1.0
     canonical = to_volume(prepared, maps)
     assert canonical[x, y, prepared.slices[position]] > 0.5
