@@ -170,9 +170,9 @@ def to_volume(prepared: PreparedVolume, maps: np.ndarray, *, rgb: bool = False) 
         chosen = prepared.slices[start : start + _CHUNK]
         chunk = torch.from_numpy(np.ascontiguousarray(maps[start : start + _CHUNK])).float()
         chunk = chunk.permute(0, 3, 1, 2) if channels else chunk[:, None]
-        sampled = prepared.plane.from_canvas(chunk)  # (B, C, X, Y)
+        sampled = prepared.plane.from_canvas(chunk).transpose(-2, -1)  # contiguous (B, C, Y, X)
         if rgb:
-            foreground = torch.from_numpy(prepared.foreground[:, :, chosen]).permute(2, 0, 1)[:, None]
-            sampled = (sampled * 255 + 0.5).to(torch.uint8) * foreground
-        slab[chosen] = (sampled.permute(0, 3, 2, 1) if channels else sampled[:, 0].transpose(1, 2)).contiguous().numpy()
+            foreground = torch.from_numpy(prepared.foreground[:, :, chosen]).permute(2, 1, 0)[:, None]
+            sampled = sampled.mul_(255).add_(0.5).to(torch.uint8).mul_(foreground)
+        slab[chosen] = (sampled.permute(0, 2, 3, 1).contiguous() if channels else sampled[:, 0]).numpy()
     return slab.transpose(2, 1, 0, 3) if channels else slab.transpose(2, 1, 0)

@@ -118,23 +118,39 @@ class PlaneGeometry:
     def from_canvas(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) maps covering the whole canvas (any resolution) -> (B, C, X, Y) per slice.
 
-        Each slice pixel samples the map bilinearly at its own centre's canvas position, so the
-        result is exact for any patch grid and needs no canvas-sized intermediate.
+        Each slice pixel samples the map bilinearly (border values outside) at its own centre's
+        canvas position, so the way back is exact for any patch grid. The placement is axis-aligned,
+        so sampling is separable: two small interpolation matrices instead of a per-pixel grid.
+        The result is a transposed view of a contiguous (B, C, Y, X) tensor.
         """
         size_x, size_y = self.slice_shape
-        rows = self.row0 + (torch.arange(size_y, dtype=torch.float32) + 0.5) * (self.rows / size_y)
-        cols = self.col0 + (torch.arange(size_x, dtype=torch.float32) + 0.5) * (self.cols / size_x)
-        grid_y, grid_x = torch.meshgrid(2 * rows / self.canvas - 1, 2 * cols / self.canvas - 1, indexing="ij")
-        grid = torch.stack((grid_x, grid_y), dim=-1).to(maps.device)[None].expand(maps.shape[0], -1, -1, -1)
-        sampled = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return torch.flip(sampled.transpose(2, 3), dims=(2, 3))
+        row, col = self.canvas_position(
+            torch.arange(size_x, dtype=torch.float32), torch.arange(size_y, dtype=torch.float32)
+        )
+        along_y = _linear_weights(row * maps.shape[-2] / self.canvas, maps.shape[-2]).to(maps.device)  # (Y, h)
+        along_x = _linear_weights(col * maps.shape[-1] / self.canvas, maps.shape[-1]).to(maps.device)  # (X, w)
+        return (along_y @ maps.float() @ along_x.T).transpose(-2, -1)
 
-    def canvas_position(self, x: int, y: int) -> tuple[float, float]:
-        """Canvas (row, col) of the centre of canonical slice pixel (x, y)."""
+    def canvas_position(self, x, y):
+        """Canvas (row, col) of the centre of canonical slice pixel (x, y); works elementwise on arrays."""
         size_x, size_y = self.slice_shape
         row = self.row0 + (size_y - 1 - y + 0.5) * (self.rows / size_y)
         col = self.col0 + (size_x - 1 - x + 0.5) * (self.cols / size_x)
         return row, col
+
+
+def _linear_weights(position: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size) weights of 1-D linear interpolation at ``position`` (in cells, cell i centred at i + 0.5).
+
+    Positions beyond the first/last cell centre take that cell's value (border padding).
+    """
+    u = (position - 0.5).clamp(0, size - 1)
+    low = u.floor().clamp(max=max(size - 2, 0)).long()
+    fraction = u - low
+    weights = torch.zeros(len(position), size)
+    weights[torch.arange(len(position)), low] = 1 - fraction
+    weights[torch.arange(len(position)), (low + 1).clamp(max=size - 1)] += fraction
+    return weights
 
 
 @dataclass(frozen=True)

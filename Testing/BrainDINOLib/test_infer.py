@@ -47,12 +47,19 @@ def test_lps_int16_outputs_match_input_geometry(lps_run):
     assert (out / "report.png").stat().st_size > 50_000
 
 
-def test_pca_is_a_colour_volume_for_itk_and_slicer(lps_run):
+def test_outputs_read_alike_in_itk_and_slicer(lps_run):
+    """ITK (which 3D Slicer uses) reads PCA as a colour volume and the scaled float maps as floats."""
     scan, out = lps_run
     image = sitk.ReadImage(str(out / "subject01_T1w_pca.nii.gz"))
     assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == scan.shape
     rgb = sitk.GetArrayFromImage(image)
     assert rgb.dtype == np.uint8 and rgb.max() > 200
+    for name in ("attention", "similarity"):
+        path = out / f"subject01_T1w_{name}.nii.gz"
+        itk_values = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32)).transpose(2, 1, 0)
+        nib_values = nib.load(path).get_fdata(dtype=np.float32)
+        assert nib.load(path).get_data_dtype() == np.int16
+        np.testing.assert_allclose(itk_values, nib_values, atol=1e-6)
 
 
 def test_similarity_is_highest_near_the_query(lps_run):
