@@ -236,8 +236,6 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
 
 
 def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
-    if array.ndim != 3 or min(array.shape) < 2:
-        raise BrainDINOError(f"{path}: a 2D image of size {array.shape}; BrainDINO needs a 3D volume")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is degenerate (zero or non-finite spacing)")
     warnings = []

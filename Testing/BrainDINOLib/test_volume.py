@@ -184,6 +184,17 @@ def _corrupt_gzip(tmp_path, _):
     return str(path)
 
 
+def _degenerate(tmp_path, mni_2mm):
+    """A header whose sform maps every voxel row onto one plane (written raw: nibabel refuses to make one)."""
+    image = nib.Nifti1Image(np.asarray(mni_2mm.dataobj), mni_2mm.affine)
+    image.set_qform(None, code=0)
+    image.header["srow_y"] = 0
+    path = tmp_path / "flat.nii"
+    with open(path, "wb") as handle:
+        handle.write(image.header.binaryblock + b"\0" * 4 + np.asarray(mni_2mm.dataobj).tobytes(order="F"))
+    return str(path)
+
+
 BAD_INPUTS = {
     "missing": (lambda tmp_path, _: str(tmp_path / "nowhere.nii.gz"), "no such file"),
     "truncated gzip": (lambda t, m: _truncated(t, m, "cut.nii.gz"), "truncated or corrupt"),
@@ -199,6 +210,7 @@ BAD_INPUTS = {
     "RGB": (_rgb, "colour"),
     "absurd NIfTI header": (_absurd_nifti, "over the limit"),
     "absurd NRRD header": (_absurd_nrrd, "over the limit"),
+    "degenerate affine": (_degenerate, "voxel-to-world matrix is degenerate"),
     "empty DICOM folder": (lambda tmp_path, _: str(tmp_path), "without DICOM series"),
 }
 
