@@ -46,6 +46,10 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def patch_grid(self, image_size: int) -> tuple[int, int]:
+        """(h, w) patch grid on a square canvas of ``image_size`` pixels."""
+        return (image_size // self.patch_size,) * 2
+
     @classmethod
     def from_dict(cls, values: dict) -> EncoderConfig:
         try:

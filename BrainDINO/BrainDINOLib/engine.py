@@ -115,7 +115,7 @@ def encode_volume(
     dtype = autocast_dtype(device)
     slices = prepared.slices
     total = len(slices)
-    grid = (prepared.spec.image_size // encoder.config.patch_size,) * 2
+    grid = encoder.config.patch_grid(prepared.spec.image_size)
     dim, heads = encoder.config.embed_dim, encoder.config.num_heads
     cls = np.empty((total, dim), dtype=np.float32)
     tokens = np.empty((total, *grid, dim), dtype=np.float16)

@@ -106,7 +106,7 @@ def run_inference(
     volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
     lap("load_scan")
     prepared = prepare(volume, bundle.card.preprocessing)
-    grid = (bundle.card.preprocessing.image_size // bundle.card.encoder.patch_size,) * 2
+    grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
     query = query_patch(volume, prepared, grid, options.query) if options.query else None  # fail before encoding
     query_xyz = volume.canonical_index(options.query) if options.query else None
     lap("prepare")
