@@ -136,7 +136,7 @@ def query_patch(
     positions = np.flatnonzero(prepared.slices == z)
     if positions.size == 0:
         raise BrainDINOError(
-            f"voxel {tuple(ijk)} lies on axial slice {z}, outside the analysed brain slices "
+            f"{volume.path}: voxel {tuple(ijk)} lies on axial slice {z}, outside the analysed brain slices "
             f"({prepared.slices[0]}-{prepared.slices[-1]}); pick a voxel inside the brain"
         )
     row, col = prepared.plane.canvas_position(x, y)

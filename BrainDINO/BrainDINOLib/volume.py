@@ -75,7 +75,9 @@ class Volume:
             BrainDINOError: if the voxel lies outside the volume.
         """
         if any(not 0 <= c < s for c, s in zip(ijk, self.source_shape, strict=True)):
-            raise BrainDINOError(f"voxel {tuple(ijk)} lies outside the volume of shape {self.source_shape}")
+            raise BrainDINOError(
+                f"{self.path}: voxel {tuple(ijk)} lies outside the volume of shape {self.source_shape}"
+            )
         source_to_canonical = np.linalg.inv(self.affine) @ self.source_affine
         xyz = source_to_canonical @ np.array([*ijk, 1.0])
         return tuple(int(round(c)) for c in xyz[:3])
