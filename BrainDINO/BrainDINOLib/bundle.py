@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .encoder import BrainEncoder, EncoderConfig, encoder_config
-from .errors import BrainDINOError
+from .errors import BrainDINOError, describe
 from .preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,17 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.files.items()
+        ):
+            raise BrainDINOError("'files' must map file names to sha256 strings")
+        if self.preprocessing.image_size % self.encoder.patch_size:
+            raise BrainDINOError(
+                f"image_size {self.preprocessing.image_size} is not a multiple of the patch size "
+                f"{self.encoder.patch_size} of {self.encoder.name}"
+            )
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["heads"] = list(self.heads)
@@ -60,16 +71,16 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, values: dict, source: str) -> ModelCard:
-        values = dict(values)
-        if values.pop("format", None) != BUNDLE_FORMAT:
+        if not isinstance(values, dict) or values.get("format") != BUNDLE_FORMAT:
             raise BrainDINOError(f"{source}: not a BrainDINO model card of format {BUNDLE_FORMAT}")
-        try:
+        values = {k: v for k, v in values.items() if k != "format"}
+        try:  # model.json is not covered by the hashes, so every field is checked
             values["encoder"] = EncoderConfig.from_dict(values["encoder"])
             values["preprocessing"] = PreprocessSpec.from_dict(values["preprocessing"])
             values["heads"] = tuple(values.get("heads", ()))
             return cls(**values)
-        except (KeyError, TypeError) as error:
-            raise BrainDINOError(f"{source}: incomplete or invalid model card ({error})") from error
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # BrainDINOError is a ValueError
+            raise BrainDINOError(f"{source}: incomplete or invalid model card ({describe(error)})") from error
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,8 @@ def save_bundle(directory: str | Path, encoder: BrainEncoder, card: ModelCard, *
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise BrainDINOError(f"{directory}: already exists (choose another name or remove it)")
+    if directory.exists() and not (directory / CARD_FILE).is_file():
+        raise BrainDINOError(f"{directory}: exists and is not a model bundle; refusing to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:

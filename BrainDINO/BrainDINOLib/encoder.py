@@ -43,6 +43,12 @@ class EncoderConfig:
     num_reg_tokens: int
     description: str = ""
 
+    def __post_init__(self):
+        if not timm.is_model(self.timm_name):
+            raise BrainDINOError(f"{self.name}: timm has no model '{self.timm_name}'")
+        if self.family not in ("dinov2", "dinov3") or self.embed_dim % self.num_heads:
+            raise BrainDINOError(f"{self.name}: family must be dinov2 or dinov3 and embed_dim divisible by num_heads")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -65,6 +65,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise BrainDINOError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BrainDINOError("device 'cuda' requested but no CUDA GPU is available to PyTorch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BrainDINOError(f"device '{name}' does not exist: PyTorch sees {torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise BrainDINOError("device 'mps' requested but Apple MPS is not available to PyTorch")
     return device
@@ -108,7 +110,7 @@ def encode_volume(
         Cancelled: when ``cancel()`` returned True.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    batch_size = batch_size or default_batch_size(device)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     if batch_size < 1:
         raise BrainDINOError(f"batch size must be at least 1, got {batch_size}")
     encoder = encoder.eval().to(device)

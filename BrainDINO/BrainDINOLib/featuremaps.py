@@ -42,6 +42,8 @@ def attention_mass_threshold(attention: np.ndarray, mass: float = 0.6) -> np.nda
     Returns:
         (...) thresholds.
     """
+    if not 0 < mass <= 1:
+        raise BrainDINOError(f"attention mass must be in (0, 1], got {mass}")
     flat = np.sort(attention.reshape(*attention.shape[:-2], -1).astype(np.float64), axis=-1)  # ascending
     cumulative = np.cumsum(flat, axis=-1) / np.maximum(flat.sum(axis=-1, keepdims=True), 1e-12)
     first_kept = np.argmax(cumulative > 1 - mass, axis=-1)

@@ -19,7 +19,7 @@ from timm.models import eva, vision_transformer
 
 from .bundle import Bundle, ModelCard, save_bundle, sha256
 from .encoder import ENCODERS, BrainEncoder, EncoderConfig, encoder_config
-from .errors import BrainDINOError
+from .errors import BrainDINOError, describe
 from .preprocess import PreprocessSpec
 
 #: Key prefixes of projection heads that exist only for self-supervised training.
@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict:
             "(export a plain state dict or safetensors)"
         ) from error
     except Exception as error:  # truncated zip, not a checkpoint at all
-        raise BrainDINOError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from error
+        raise BrainDINOError(f"{path}: not a readable checkpoint ({describe(error)})") from error
 
 
 def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -52,6 +52,8 @@ def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]
         (state_dict, container): container names where the weights were found
         (``teacher``, ``model``, ``state_dict`` or ``plain``).
     """
+    if not isinstance(checkpoint, dict):
+        raise BrainDINOError(f"holds a {type(checkpoint).__name__}, not a state dict of named tensors")
     container = "plain"
     for key in ("teacher", "model_ema", "model", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
@@ -75,7 +77,10 @@ def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> dict:
     """Architecture facts readable from tensor shapes alone."""
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    blocks = [int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))]
+    if not blocks:
+        raise BrainDINOError("no transformer blocks (blocks.N.*) in the weights")
+    depth = 1 + max(blocks)
     registers = next((state[k].shape[1] for k in ("reg_token", "register_tokens", "storage_tokens") if k in state), 0)
     return {
         "family": "dinov2" if "pos_embed" in state else "dinov3",
@@ -130,10 +135,10 @@ def import_checkpoint(
     checkpoint = read_checkpoint(path)
     try:
         state, container = backbone_state_dict(checkpoint)
+        in_chans = describe_state_dict(state)["in_chans"]
         config = encoder_config(encoder_name) if encoder_name else detect_encoder(state)
     except BrainDINOError as error:
         raise BrainDINOError(f"{path}: {error}") from error
-    in_chans = describe_state_dict(state)["in_chans"]
     preprocessing = preprocessing or PreprocessSpec(in_chans=in_chans)
     encoder = BrainEncoder(config, preprocessing.image_size, in_chans)
     converted = convert_state_dict(state, encoder)

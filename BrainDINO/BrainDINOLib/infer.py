@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
 from .engine import ProgressCallback, encode_volume, resolve_device
-from .errors import BrainDINOError
+from .errors import BrainDINOError, describe
 from .featuremaps import (
     PcaColors,
     attention_mass_threshold,
@@ -66,7 +66,7 @@ class InferenceOptions:
 
 def output_stem(scan: str | Path) -> str:
     """The scan's file name without its image extension (folder name for DICOM)."""
-    name = Path(scan).name
+    name = Path(scan).resolve().name
     for suffix in sorted(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -97,8 +97,6 @@ def run_inference(
         clock = now
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BrainDINOError(f"{out_dir}: exists and is not a folder")
     device = resolve_device(options.device)
     bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
     encoder = bundle.load_encoder()
@@ -109,6 +107,12 @@ def run_inference(
     grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
     query = query_patch(volume, prepared, grid, options.query) if options.query else None  # fail before encoding
     query_xyz = volume.canonical_index(options.query) if options.query else None
+    try:  # before encoding, so an unusable folder costs nothing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".braindino-write-test").touch()
+        (out_dir / ".braindino-write-test").unlink()
+    except OSError as error:
+        raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
     lap("prepare")
     encoded = encode_volume(
         prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel
@@ -125,7 +129,6 @@ def run_inference(
         similarity = to_volume(prepared, similarity_map(encoded.patch_tokens, query))
     lap("maps")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(scan)
     outputs = {
         "attention": f"{stem}_attention.nii.gz",

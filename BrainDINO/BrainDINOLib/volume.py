@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from .errors import BrainDINOError
+from .errors import BrainDINOError, describe
 
 #: Largest number of voxels accepted (2**30 = 4 GiB as float32); checked from the header,
 #: before any voxel memory is allocated.
@@ -141,7 +141,7 @@ def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for bad headers
-        raise BrainDINOError(f"{path}: cannot read the image header ({_describe(error)})") from error
+        raise BrainDINOError(f"{path}: cannot read the image header ({describe(error)})") from error
     if image.get_data_dtype().names is not None:
         raise BrainDINOError(f"{path}: a colour (RGB) image; BrainDINO needs a greyscale MRI volume")
     shape = _check_shape(path, image.shape, volume_index)
@@ -158,7 +158,7 @@ def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.
             array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:  # truncated gzip, short file, corrupt data
         raise BrainDINOError(
-            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})"
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({describe(error)})"
         ) from error
     return array, np.asarray(image.affine, dtype=np.float64)
 
@@ -180,25 +180,24 @@ def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, n
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise BrainDINOError(f"{path}: cannot read the image header ({_describe(error)})") from error
+        raise BrainDINOError(f"{path}: cannot read the image header ({describe(error)})") from error
     if reader.GetNumberOfComponents() != 1:
         raise BrainDINOError(
             f"{path}: {reader.GetNumberOfComponents()} components per voxel (colour or vector image); "
             "BrainDINO needs a greyscale MRI volume"
         )
-    shape = _check_shape(path, reader.GetSize(), volume_index)
+    size = list(reader.GetSize())
+    shape = _check_shape(path, size, volume_index)
+    if len(size) > 3:  # read only the chosen 3D volume (extent 0 drops a dimension)
+        reader.SetExtractSize(size[:3] + [0] * (len(size) - 3))
+        reader.SetExtractIndex([0, 0, 0] + [volume_index if len(shape) == 4 else 0] + [0] * (len(size) - 4))
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise BrainDINOError(
-            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({_describe(error)})"
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({describe(error)})"
         ) from error
-    if image.GetDimension() == 4:
-        size = list(image.GetSize())
-        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, volume_index if len(shape) == 4 else 0])
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    while array.ndim > 3:  # trailing singleton dims of a 3D image stored as 4D
-        array = array[0]
     return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
 
 
@@ -222,15 +221,16 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     try:
         first.ReadImageInformation()
     except RuntimeError as error:
-        raise BrainDINOError(f"{files[0]}: cannot read the DICOM header ({_describe(error)})") from error
-    columns, rows = first.GetSize()[:2]
-    _check_shape(folder, (columns, rows, len(files)), None)
+        raise BrainDINOError(f"{files[0]}: cannot read the DICOM header ({describe(error)})") from error
+    size = first.GetSize()
+    frames = size[2] if len(size) == 3 else 1  # enhanced (multi-frame) DICOM holds the volume in one file
+    _check_shape(folder, (size[0], size[1], len(files) * frames), None)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise BrainDINOError(f"{folder}: cannot read the DICOM series {series_uid} ({_describe(error)})") from error
+        raise BrainDINOError(f"{folder}: cannot read the DICOM series {series_uid} ({describe(error)})") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise BrainDINOError(f"{folder}: a colour DICOM series; BrainDINO needs a greyscale MRI volume")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
@@ -289,8 +289,3 @@ def save_like(volume: Volume, array: np.ndarray, path: str | Path) -> Path:
     image.set_sform(volume.source_affine, code=1)
     nib.save(image, path)
     return path
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text and text[0] else type(error).__name__

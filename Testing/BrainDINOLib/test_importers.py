@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 
 import pytest
 import timm
@@ -10,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from BrainDINOLib.bundle import load_bundle, verify_bundle
+from BrainDINOLib.cli import main
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.importers import import_checkpoint
 
@@ -147,3 +150,63 @@ def test_tampered_bundle_is_refused(tmp_path):
         load_bundle(bundle.path)
     (bundle.path / "extra.safetensors").write_bytes(b"")
     assert any("not listed" in problem for problem in verify_bundle(bundle.path))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ([torch.zeros(2)], "holds a list, not a state dict"),
+        ({"cls_token": torch.zeros(1, 1, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, "no transformer"),
+        (None, "not a readable checkpoint"),
+    ],
+)
+def test_malformed_checkpoints_are_one_line_errors(tmp_path, content, problem):
+    path = tmp_path / "odd.pth"
+    if content is None:
+        path.write_bytes(b"")
+    else:
+        torch.save(content, path)
+    with pytest.raises(BrainDINOError, match=problem) as raised:
+        import_checkpoint(path, tmp_path / "bundle", encoder_name="vit-tiny16-dinov3")
+    assert str(raised.value).startswith(str(path))
+
+
+@pytest.fixture
+def good_card(tmp_path, default_bundle):
+    bundle = tmp_path / "copy"
+    shutil.copytree(default_bundle, bundle)
+    return bundle, json.loads((bundle / "model.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda card: [card], "not a BrainDINO model card"),
+        (lambda card: {**card, "preprocessing": {**card["preprocessing"], "clip_percentiles": [1, 2, 3]}}, "invalid"),
+        (lambda card: {**card, "preprocessing": {**card["preprocessing"], "image_size": 200}}, "not a multiple"),
+        (lambda card: {**card, "encoder": {**card["encoder"], "timm_name": "nope"}}, "timm has no model 'nope'"),
+        (lambda card: {**card, "files": ["encoder.safetensors"]}, "'files' must map"),
+        (lambda card: {k: v for k, v in card.items() if k != "encoder"}, "invalid model card"),
+    ],
+)
+def test_hand_edited_model_cards_are_one_line_errors(good_card, edit, problem):
+    bundle, card = good_card
+    (bundle / "model.json").write_text(json.dumps(edit(card)))
+    with pytest.raises(BrainDINOError, match=problem) as raised:
+        load_bundle(bundle)
+    assert str(raised.value).startswith(str(bundle / "model.json"))
+
+
+def test_force_replaces_only_bundles(tmp_path, capsys):
+    torch.save(_dinov3_small().state_dict(), tmp_path / "tiny.v2.pth")
+    keep = tmp_path / "models" / "keep"
+    keep.mkdir(parents=True)
+    (keep / "notes.txt").write_text("precious")
+    assert main(["models", "import", str(tmp_path / "tiny.v2.pth"), "--models-dir", str(tmp_path / "models")]) == 0
+    assert (tmp_path / "models" / "tiny.v2" / "model.json").is_file()  # name keeps inner dots
+    args = ["models", "import", str(tmp_path / "tiny.v2.pth"), "-o", str(keep), "--force"]
+    assert main(args) == 2
+    assert "not a model bundle; refusing to replace it" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "precious"
+    assert main(["models", "import", str(tmp_path / "tiny.v2.pth"), "--name", ".", "--models-dir", str(keep)]) == 2
+    assert "not a usable bundle name" in capsys.readouterr().err

@@ -35,9 +35,10 @@ def test_lps_int16_outputs_match_input_geometry(lps_run):
         assert output.shape[:3] == scan.shape
         np.testing.assert_allclose(output.affine, scan.affine)
     attention = np.asarray(nib.load(out / "subject01_T1w_attention.nii.gz").dataobj)
-    brain = np.asarray(scan.dataobj) > 60
-    assert attention[brain].mean() > 0 and np.count_nonzero(attention) > 0.9 * brain.sum()
     result = json.loads((out / "result.json").read_text())
+    first, last = result["slices"]["first"], result["slices"]["last"]  # LPS: the third axis is axial
+    assert attention[:, :, first : last + 1].min() > 0  # softmax attention is positive everywhere
+    assert not attention[:, :, :first].any() and not attention[:, :, last + 1 :].any()
     assert result["input"]["orientation"] == "LPS" and result["input"]["shape"] == list(scan.shape)
     assert result["model"]["random_init"] is True
     assert any("randomly initialised" in w for w in result["warnings"])
@@ -89,6 +90,14 @@ def test_sagittal_4mm_scan(tmp_path, mni):
         output = nib.load(tmp_path / "out" / f"sag_{name}.nii.gz")
         assert output.shape[:3] == scan.shape
         np.testing.assert_allclose(output.affine, scan.affine)
+    # PIR: the second file axis runs inferior; PCA colours cover the brain on the analysed slices.
+    pca = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "sag_pca.nii.gz"))).transpose(2, 1, 0, 3)
+    brain = np.asarray(scan.dataobj) > 60
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    analysed = np.zeros(scan.shape[1], bool)
+    analysed[scan.shape[1] - 1 - result["slices"]["last"] : scan.shape[1] - result["slices"]["first"]] = True
+    covered = pca.any(axis=-1)[brain & analysed[None, :, None]]
+    assert covered.mean() > 0.95
 
 
 def test_same_input_same_output(tmp_path, lps_run):
@@ -108,6 +117,7 @@ def test_same_input_same_output(tmp_path, lps_run):
         (["--query", "500,5,5"], "outside the volume"),
         (["--bundle", "no-such-model"], "no model bundle 'no-such-model'"),
         (["--device", "tpu7"], "unknown device"),
+        (["--batch-size", "0"], "batch size must be at least 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, lps_run, capsys, args, problem):
@@ -115,6 +125,14 @@ def test_bad_options_are_one_line_errors(tmp_path, lps_run, capsys, args, proble
     assert _infer(scan.get_filename(), tmp_path / "out", "--no-report", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("braindino: error:") and problem in err[0]
+
+
+def test_unwritable_output_folder_fails_before_encoding(tmp_path, lps_run, capsys):
+    scan, _ = lps_run
+    (tmp_path / "afile").write_text("")
+    assert main(["infer", scan.get_filename(), "-o", str(tmp_path / "afile" / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write outputs there" in captured.err and "encoding" not in captured.err
 
 
 def test_bad_scan_through_the_installed_command(tmp_path):

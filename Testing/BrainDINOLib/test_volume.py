@@ -121,6 +121,21 @@ def test_4d_needs_a_volume_choice(tmp_path, mni_2mm):
         load_volume(path, volume_index=2)
 
 
+def test_simpleitk_4d_and_5d_read_only_the_chosen_volume(tmp_path, mni_2mm):
+    data = np.asarray(mni_2mm.dataobj).astype(np.int16)[::2, ::2, ::2]
+    image = sitk.JoinSeries([sitk.GetImageFromArray(v.transpose(2, 1, 0)) for v in (data, data // 2, data // 3)])
+    assert image.GetDimension() == 4
+    sitk.WriteImage(image, str(tmp_path / "series.mha"))
+    ras = (slice(None, None, -1), slice(None, None, -1))  # identity direction in LPS: x and y flip into RAS
+    np.testing.assert_array_equal(load_volume(tmp_path / "series.mha", volume_index=2).data, (data // 3)[ras])
+    with pytest.raises(BrainDINOError, match="4D image with 3 volumes"):
+        load_volume(tmp_path / "series.mha")
+    five = sitk.JoinSeries([image])  # a trailing singleton 5th dimension
+    assert five.GetDimension() == 5
+    sitk.WriteImage(five, str(tmp_path / "series5.nrrd"))
+    np.testing.assert_array_equal(load_volume(tmp_path / "series5.nrrd", volume_index=1).data, (data // 2)[ras])
+
+
 def test_nan_voxels_are_zeroed_and_reported(tmp_path, mni_2mm):
     data = np.asarray(mni_2mm.dataobj).astype(np.float32)
     data[10:12, 10:12, 10] = np.nan
