@@ -2,12 +2,129 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from BrainDINOLib import cli
 
-#: Registrars of the training commands (each adds subparsers); the inference commands come from BrainDINOLib.
-TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = ()
+
+def _progress_bar(description: str, unit: str):
+    """A progress callback drawing a tqdm bar on stderr (created on the first call)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit=unit, desc=description, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``cohort make`` and ``index``."""
+    cohort = subparsers.add_parser("cohort", help="labelled phantom cohorts derived from the MNI template")
+    actions = cohort.add_subparsers(dest="action", required=True, metavar="{make}")
+    make = actions.add_parser(
+        "make",
+        help="write N phantom subjects (T1, T1ce, T2, FLAIR, tumor mask) and manifest.csv",
+        description="Generate N labelled phantom subjects from the real MNI ICBM152 template: four contrasts, "
+        "BraTS-labelled tumors with mass effect (60 %% of subjects), age- and diagnosis-dependent "
+        "atrophy, bias field, noise and varied resolution, slice thickness and orientation. "
+        "manifest.csv lists age, sex, diagnosis-like class, GM/WM/CSF volumes, tumor volumes, a "
+        "molecular-status-like marker and survival time/event. Deterministic by --seed.",
+    )
+    make.add_argument("count", type=int, metavar="N")
+    make.add_argument("out_dir", type=Path, metavar="OUTDIR")
+    make.add_argument("--seed", type=int, default=0, help="cohort seed (default %(default)s)")
+    make.add_argument(
+        "--resolution",
+        type=float,
+        default=1.0,
+        help="base grid in whole mm: 1 (default, realistic) or 2 (8x faster, for quick tests)",
+    )
+    make.add_argument(
+        "--workers", type=int, default=_default_workers(), help="parallel processes (default %(default)s)"
+    )
+    make.set_defaults(func=_cohort_make)
+
+    index = subparsers.add_parser(
+        "index",
+        help="index and cache preprocessed axial slices for pretraining",
+        description="Record every axial slice of every volume in DATA (folders, manifests, BIDS, BraTS) with its "
+        "relative position in the brain extent, entropy and foreground fraction, and write the slices "
+        "kept by the filters, preprocessed as for inference, to memory-mappable float16 shards. "
+        "Resumes an interrupted build in the same folder.",
+    )
+    index.add_argument("data", nargs="+", type=Path, metavar="DATA")
+    index.add_argument("-o", "--out-dir", type=Path, required=True, help="index folder")
+    index.add_argument("--image-size", type=int, default=224, help="canvas side in pixels (default %(default)s)")
+    index.add_argument(
+        "--min-entropy",
+        type=float,
+        default=0.0,
+        help="drop slices whose 256-bin intensity entropy (bits) is lower (default: off)",
+    )
+    index.add_argument(
+        "--position-range",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="keep slices at this relative position in the brain extent (default 0 1)",
+    )
+    index.add_argument(
+        "--workers", type=int, default=_default_workers(), help="parallel processes (default %(default)s)"
+    )
+    index.set_defaults(func=_index)
+
+
+def _cohort_make(args) -> None:
+    from .phantoms import make_cohort
+
+    manifest = make_cohort(
+        args.count,
+        args.out_dir,
+        seed=args.seed,
+        resolution=args.resolution,
+        workers=args.workers,
+        progress=_progress_bar("phantoms", "subject"),
+    )
+    print(f"wrote {args.count} phantom subjects and {manifest}")
+
+
+def _index(args) -> None:
+    from BrainDINOLib.preprocess import PreprocessSpec
+
+    from .slice_index import build_index
+
+    spec = PreprocessSpec(
+        image_size=args.image_size, min_entropy=args.min_entropy, position_range=tuple(args.position_range)
+    )
+    info = build_index(
+        args.data, args.out_dir, spec, workers=args.workers, progress=_progress_bar("indexing", "volume")
+    )
+    print(
+        f"indexed {info['volumes']} volumes ({info['volumes_skipped']} skipped, listed in volumes.json): "
+        f"kept {info['slices_kept']} of {info['slices_seen']} slices, "
+        f"{info['bytes_per_slice'] / 1024:.0f} KiB per slice ({info['gb_per_million_slices']} GB per million) "
+        f"in {args.out_dir}"
+    )
+
+
+#: Registrars of the training commands; the inference commands come from BrainDINOLib.
+TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

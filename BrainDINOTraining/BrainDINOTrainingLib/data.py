@@ -1,0 +1,314 @@
+"""Dataset manifests: one `Manifest` type for folders of volumes, BraTS case folders, BIDS and tables.
+
+A manifest lists scans (`Entry`: subject, optional session, per-modality image paths, labels) and,
+once `split` is called, a subject-level split. Labels are parsed once, with units: numbers may
+carry a unit suffix (``45y``, ``18mo``, ``540d``); a column must use one unit throughout, and ages
+are stored in years and times in days.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES
+
+IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES
+MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "image")
+ID_COLUMNS = ("subject_id", "participant_id", "subject", "id")
+BRATS_SUFFIXES = {  # BraTS 2021 and 2023 file naming
+    "t1": ("_t1", "-t1n"),
+    "t1ce": ("_t1ce", "-t1c"),
+    "t2": ("_t2", "-t2w"),
+    "flair": ("_flair", "-t2f"),
+    "seg": ("_seg", "-seg"),
+}
+BIDS_SUFFIXES = {"T1w": "t1", "T2w": "t2", "FLAIR": "flair"}
+MISSING = ("", "n/a", "na", "nan", "none")
+_UNITS = {
+    "years": ("y", "yr", "yrs", "year", "years"),
+    "months": ("m", "mo", "mos", "month", "months"),
+    "weeks": ("w", "wk", "wks", "week", "weeks"),
+    "days": ("d", "day", "days"),
+}
+_IN_DAYS = {"years": 365.25, "months": 365.25 / 12, "weeks": 7.0, "days": 1.0}
+_NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*$")
+#: Label columns that must be numbers (anything else that is not all-numeric stays text).
+NUMERIC_LABELS = ("age", "survival_days", "survival", "time", "event", "marker", "gm_ml", "wm_ml", "csf_ml")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One scan: who, which files, which labels."""
+
+    subject_id: str
+    images: dict[str, Path]
+    labels: dict[str, float | str] = field(default_factory=dict)
+    session: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Scans of a dataset and, after `split`, the split of each subject.
+
+    Attributes:
+        entries: scans in a stable order.
+        source: where it was read from.
+        kind: ``folder``, ``brats``, ``bids`` or ``table``.
+        units: label column -> unit after conversion (``years``, ``days``).
+        splits: subject id -> split name (empty until `split`).
+    """
+
+    entries: tuple[Entry, ...]
+    source: str
+    kind: str
+    units: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted({e.subject_id for e in self.entries})
+
+    def image_paths(self, include_masks: bool = False) -> list[Path]:
+        """Every image of every scan (segmentations only when asked), in manifest order."""
+        return [p for e in self.entries for m, p in e.images.items() if include_masks or m != "seg"]
+
+    def split(self, fractions: dict[str, float] | None = None, stratify: str | None = None, seed: int = 0) -> Manifest:
+        """Subject-level split: all scans of a subject land in one split; stratified by a label if asked.
+
+        Raises:
+            BrainDINOError: bad fractions or an unknown stratification label.
+        """
+        fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+        if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+            raise BrainDINOError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+        strata: dict[str, list[str]] = defaultdict(list)
+        for subject in self.subjects:
+            key = ""
+            if stratify:
+                values = {e.labels.get(stratify) for e in self.entries if e.subject_id == subject} - {None}
+                if not values:
+                    raise BrainDINOError(f"{self.source}: subject {subject} has no '{stratify}' label to stratify by")
+                key = str(sorted(values, key=str)[0])
+            strata[key].append(subject)
+        rng = np.random.default_rng(seed)
+        splits = {}
+        for key in sorted(strata):
+            members = sorted(strata[key])
+            rng.shuffle(members)
+            bounds = np.round(np.cumsum(list(fractions.values())) * len(members)).astype(int)
+            for name, start, stop in zip(fractions, [0, *bounds[:-1]], bounds, strict=True):
+                splits.update({subject: name for subject in members[start:stop]})
+        return replace(self, splits=splits)
+
+    def write_csv(self, path: str | Path) -> Path:
+        """Write as a table manifest (paths relative to the table, units in the column values' header)."""
+        path = Path(path)
+        modalities = [m for m in MODALITIES if any(m in e.images for e in self.entries)]
+        labels = sorted({k for e in self.entries for k in e.labels})
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["subject_id", "session", *modalities, *labels, *(["split"] if self.splits else [])])
+            for e in self.entries:
+                row = [e.subject_id, e.session]
+                row += [_relative(e.images[m], path.parent) if m in e.images else "" for m in modalities]
+                row += [e.labels.get(k, "") for k in labels]
+                writer.writerow(row + ([self.splits.get(e.subject_id, "")] if self.splits else []))
+        return path
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
+
+
+def load_manifest(source: str | Path) -> Manifest:
+    """Discover a dataset: a CSV/TSV table, a folder with ``manifest.csv``, BIDS, BraTS case folders,
+    or a plain folder of volumes (in that order of precedence).
+
+    Raises:
+        BrainDINOError: missing files, duplicate scans, unparsable labels, mixed units, empty dataset.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise BrainDINOError(f"{source}: no such file or folder")
+    if source.is_file():
+        manifest = read_table(source)
+    elif (source / "manifest.csv").is_file():
+        manifest = read_table(source / "manifest.csv")
+    elif (source / "participants.tsv").is_file() or any(source.glob("sub-*/**/anat")):
+        manifest = read_bids(source)
+    elif any(_brats_images(case) for case in sorted(source.iterdir()) if case.is_dir()):
+        manifest = read_brats(source)
+    else:
+        manifest = read_folder(source)
+    if not manifest.entries:
+        raise BrainDINOError(f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return manifest
+
+
+def read_folder(folder: Path) -> Manifest:
+    images = sorted(p for p in folder.rglob("*") if _is_image(p))
+    entries = [Entry("_".join((*p.relative_to(folder).parent.parts, _stem(p))), {"image": p}) for p in images]
+    _check_unique(entries, folder)
+    return Manifest(tuple(entries), str(folder), "folder")
+
+
+def _brats_images(case: Path) -> dict[str, Path]:
+    found = {}
+    for path in sorted(case.iterdir()):
+        if not _is_image(path):
+            continue
+        stem = _stem(path).lower()
+        for modality, suffixes in BRATS_SUFFIXES.items():
+            if stem.endswith(suffixes):
+                found[modality] = path
+    return found
+
+
+def read_brats(folder: Path) -> Manifest:
+    entries = []
+    for case in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = _brats_images(case)
+        if images:
+            entries.append(Entry(case.name, images))
+    return Manifest(tuple(entries), str(folder), "brats")
+
+
+def read_bids(folder: Path) -> Manifest:
+    participants = {}
+    units: dict[str, str] = {}
+    if (folder / "participants.tsv").is_file():
+        table = read_table(folder / "participants.tsv", require_images=False)
+        participants = {e.subject_id: e.labels for e in table.entries}
+        units = table.units
+    entries = []
+    for anat in sorted(folder.glob("sub-*/**/anat")):
+        subject = anat.relative_to(folder).parts[0]
+        session = next((p for p in anat.relative_to(folder).parts if p.startswith("ses-")), "")
+        images = {}
+        for path in sorted(anat.iterdir()):
+            if not _is_image(path):
+                continue
+            suffix = _stem(path).rsplit("_", 1)[-1]
+            if suffix in BIDS_SUFFIXES:
+                modality = "t1ce" if suffix == "T1w" and "_ce-" in path.name else BIDS_SUFFIXES[suffix]
+                images.setdefault(modality, path)
+        if images:
+            entries.append(Entry(subject, images, dict(participants.get(subject, {})), session))
+    _check_unique(entries, folder)
+    return Manifest(tuple(entries), str(folder), "bids", units)
+
+
+def _check_unique(entries: list[Entry], source: Path) -> None:
+    seen = set()
+    for e in entries:
+        key = (e.subject_id, e.session)
+        if key in seen:
+            raise BrainDINOError(f"{source}: duplicate subject {e.subject_id}{' ' + e.session if e.session else ''}")
+        seen.add(key)
+
+
+def _parse_number(text: str) -> tuple[float, str | None] | None:
+    match = _NUMBER.match(text)
+    if not match:
+        return None
+    suffix = match.group(2).lower()
+    if not suffix:
+        return float(match.group(1)), None
+    unit = next((u for u, names in _UNITS.items() if suffix in names), None)
+    return (float(match.group(1)), unit) if unit else None
+
+
+def _parse_column(name: str, values: list[str], source: Path) -> tuple[list[float | str | None], str | None]:
+    """Numbers (with one unit per column, converted) or text; missing values become None."""
+    present = [(i, v.strip()) for i, v in enumerate(values) if v.strip().lower() not in MISSING]
+    parsed = [(i, v, _parse_number(v)) for i, v in present]
+    failures = [(i, v) for i, v, p in parsed if p is None]
+    numeric_name = name.lower() in NUMERIC_LABELS or name.lower().endswith(("_ml", "_days", "_years"))
+    if failures and (numeric_name or len(failures) < len(parsed) / 2):
+        row, value = failures[0]
+        raise BrainDINOError(f"{source}: row {row + 2}, column '{name}': '{value}' is not a number")
+    out: list[float | str | None] = [None] * len(values)
+    if failures:
+        for i, v in present:
+            out[i] = v
+        return out, None
+    units = {p[1] for _, _, p in parsed if p[1]}
+    if len(units) > 1:
+        raise BrainDINOError(f"{source}: column '{name}' mixes units ({', '.join(sorted(units))}); use one unit")
+    if units and any(p[1] is None for _, _, p in parsed):
+        raise BrainDINOError(f"{source}: column '{name}' gives a unit on some rows only; use one unit throughout")
+    unit = units.pop() if units else None
+    target = "years" if name.lower().startswith("age") else "days"
+    scale = _IN_DAYS[unit] / _IN_DAYS[target] if unit else 1.0
+    for i, _, p in parsed:
+        out[i] = p[0] * scale
+    return out, (target if unit else None)
+
+
+def read_table(path: Path, *, require_images: bool = True) -> Manifest:
+    """A CSV/TSV manifest: an id column, image path columns (relative to the table), label columns."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise BrainDINOError(f"{path}: cannot read the table ({error})") from error
+    if len(rows) < 2:
+        raise BrainDINOError(f"{path}: the table has no data rows")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    ragged = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if ragged is not None:
+        raise BrainDINOError(f"{path}: row {ragged + 2} has {len(body[ragged])} fields, the header {len(header)}")
+    columns = {h: [r[i] for r in body] for i, h in enumerate(header)}
+    id_column = next((c for c in header if c.lower() in ID_COLUMNS), header[0])
+    image_columns = [
+        c
+        for c in header
+        if c.lower() in MODALITIES
+        or c.lower().endswith("_path")
+        or (c != id_column and any(v.lower().endswith(IMAGE_SUFFIXES) for v in columns[c]))
+    ]
+    if require_images and not image_columns:
+        raise BrainDINOError(f"{path}: no image path column (name one t1, t1ce, t2, flair, seg, image or *_path)")
+    units, labels = {}, {}
+    for name in header:
+        if name in (id_column, "session", "split", *image_columns):
+            continue
+        labels[name], unit = _parse_column(name, columns[name], path)
+        if unit:
+            units[name] = unit
+    entries = []
+    for row_index in range(len(body)):
+        images = {}
+        for column in image_columns:
+            value = columns[column][row_index].strip()
+            if not value:
+                continue
+            image = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+            if not image.exists():
+                raise BrainDINOError(f"{path}: row {row_index + 2}, column '{column}': {value} does not exist")
+            images[column.lower().removesuffix("_path")] = image
+        entry_labels = {k: v[row_index] for k, v in labels.items() if v[row_index] is not None}
+        session = columns["session"][row_index].strip() if "session" in columns else ""
+        entries.append(Entry(columns[id_column][row_index].strip(), images, entry_labels, session))
+    _check_unique(entries, path)
+    return Manifest(tuple(entries), str(path), "table", units)

@@ -1,0 +1,252 @@
+"""Slice index and cache for pretraining at scale, and a `SliceDataset` that streams from it.
+
+``build_index`` records every axial slice of every volume (volume, slice, relative position in
+the brain extent, entropy, foreground fraction, kept by the filters) and writes the kept slices,
+preprocessed exactly as for inference (`BrainDINOLib.preprocess`) and stored as float16 canvases,
+into one memory-mappable ``.npy`` shard per volume. Volumes are processed in parallel; each shard
+and its record appear atomically, so an interrupted build resumes where it stopped and gives the
+same files as an uninterrupted one. Unreadable volumes are skipped and listed, never fatal.
+
+Layout of an index folder::
+
+    index.json        format, preprocessing spec (with the filter thresholds), counts
+    volumes.json      one entry per volume: path, shard, slices, kept, status
+    slices.npy        structured array, one row per slice of every volume (`RECORD_DTYPE`)
+    shards/NNNNNN.npy (kept slices, canvas, canvas) float16 per volume
+    records/          per-volume work records (kept for resuming)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from BrainDINOLib import __version__
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.preprocess import PreprocessSpec, prepare
+from BrainDINOLib.volume import load_volume
+
+from .data import load_manifest
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+RECORD_DTYPE = np.dtype(
+    [
+        ("volume", "<i4"),
+        ("slice", "<i4"),
+        ("position", "<f4"),
+        ("entropy", "<f4"),
+        ("foreground", "<f4"),
+        ("kept", "?"),
+        ("row", "<i4"),
+    ]
+)
+SHARD_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    volume: int
+    path: str
+    folder: str
+    spec: dict
+
+
+def _atomic_save(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def index_volume(job: IndexJob) -> dict:
+    """Index one volume and write its shard and record; returns the record's summary."""
+    folder = Path(job.folder)
+    record_path = folder / "records" / f"{job.volume:06d}.json"
+    shard = f"shards/{job.volume:06d}.npy"
+    summary = {"volume": job.volume, "path": job.path, "shard": None, "slices": 0, "kept": 0, "status": "ok"}
+    spec = PreprocessSpec.from_dict(job.spec)
+    try:
+        volume = load_volume(job.path)
+        prepared = prepare(volume, spec)
+        kept = prepared.slices
+    except BrainDINOError as error:
+        summary.update(status="skipped", reason=str(error))
+        records = np.zeros(0, RECORD_DTYPE)
+    else:
+        depth = volume.data.shape[2]
+        records = np.zeros(depth, RECORD_DTYPE)
+        records["volume"], records["slice"] = job.volume, np.arange(depth)
+        records["position"] = np.nan_to_num(prepared.position, nan=-1.0)
+        records["entropy"], records["foreground"] = prepared.entropy, prepared.foreground_fraction
+        records["kept"][kept] = True
+        records["row"] = -1
+        records["row"][kept] = np.arange(len(kept))
+        with torch.no_grad():
+            canvases = prepared.model_input(kept)[:, 0].numpy().astype(SHARD_DTYPE)
+        _atomic_save(canvases, folder / shard)
+        summary.update(shard=shard, slices=int(depth), kept=int(len(kept)))
+    _atomic_save(records, folder / "records" / f"{job.volume:06d}.npy")
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary))
+    os.replace(tmp, record_path)  # written last: its presence means the volume is done
+    return summary
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core
+
+
+def collect_volumes(sources: Sequence[str | Path]) -> list[Path]:
+    """Image files of every dataset given (manifests, folders, BIDS, BraTS), masks excluded, de-duplicated."""
+    paths: list[Path] = []
+    for source in sources:
+        paths += load_manifest(source).image_paths()
+    return list(dict.fromkeys(p.resolve() for p in paths))
+
+
+def build_index(
+    sources: Sequence[str | Path],
+    out_dir: str | Path,
+    spec: PreprocessSpec | None = None,
+    *,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Build (or resume) an index; returns the contents of ``index.json``.
+
+    Args:
+        sources: datasets (anything `load_manifest` reads).
+        out_dir: index folder; an unfinished index there with the same inputs and spec is resumed.
+        spec: preprocessing, including the entropy and position filters (default `PreprocessSpec()`).
+        workers: processes working on volumes in parallel.
+        progress: called as ``progress(volumes_done, volumes_total)``.
+        stop_after: stop after this many newly indexed volumes (an interruption, for tests and
+            for splitting long builds across sessions).
+
+    Raises:
+        BrainDINOError: no inputs, or an existing index built from other inputs or settings.
+    """
+    out_dir = Path(out_dir)
+    spec = spec or PreprocessSpec()
+    volumes = collect_volumes(sources)
+    if not volumes:
+        raise BrainDINOError("no volumes to index")
+    config = {"format": INDEX_FORMAT, "preprocessing": spec.to_dict(), "volumes": [str(p) for p in volumes]}
+    config_path = out_dir / "config.json"
+    if config_path.is_file():
+        if json.loads(config_path.read_text()) != config:
+            raise BrainDINOError(f"{out_dir}: holds an index of other volumes or settings; choose a new folder")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(config, indent=1))
+    (out_dir / "shards").mkdir(exist_ok=True)
+    (out_dir / "records").mkdir(exist_ok=True)
+    done = {i for i in range(len(volumes)) if (out_dir / "records" / f"{i:06d}.json").is_file()}
+    todo = [IndexJob(i, str(p), str(out_dir), spec.to_dict()) for i, p in enumerate(volumes) if i not in done]
+    if stop_after is not None:
+        todo = todo[:stop_after]
+    finished = len(done)
+    if progress:
+        progress(finished, len(volumes))
+    if workers > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+            for _ in pool.imap_unordered(index_volume, todo):
+                finished += 1
+                if progress:
+                    progress(finished, len(volumes))
+    else:
+        for job in todo:
+            index_volume(job)
+            finished += 1
+            if progress:
+                progress(finished, len(volumes))
+    if finished < len(volumes):
+        return {"complete": False, "volumes_done": finished, "volumes": len(volumes)}
+    return _finalize(out_dir, volumes, spec)
+
+
+def _finalize(out_dir: Path, volumes: list[Path], spec: PreprocessSpec) -> dict:
+    summaries = [json.loads((out_dir / "records" / f"{i:06d}.json").read_text()) for i in range(len(volumes))]
+    records = np.concatenate([np.load(out_dir / "records" / f"{i:06d}.npy") for i in range(len(volumes))])
+    _atomic_save(records, out_dir / "slices.npy")
+    (out_dir / "volumes.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    kept = int(records["kept"].sum())
+    bytes_per_slice = spec.image_size**2 * np.dtype(SHARD_DTYPE).itemsize
+    index = {
+        "format": INDEX_FORMAT,
+        "complete": True,
+        "braindino_version": __version__,
+        "preprocessing": spec.to_dict(),
+        "filters": {
+            "min_entropy": spec.min_entropy,
+            "position_range": list(spec.position_range),
+            "min_foreground_fraction": spec.min_foreground_fraction,
+        },
+        "volumes": len(volumes),
+        "volumes_skipped": sum(s["status"] != "ok" for s in summaries),
+        "slices_seen": int(len(records)),
+        "slices_kept": kept,
+        "shard_dtype": np.dtype(SHARD_DTYPE).name,
+        "bytes_per_slice": bytes_per_slice,
+        "gb_per_million_slices": round(bytes_per_slice * 1e6 / 1e9, 1),
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Kept slices of an index as (in_chans, canvas, canvas) float32 tensors.
+
+    Shards are memory-mapped and only a bounded number stay open per worker, so memory stays
+    constant however large the index. Works with ``DistributedSampler`` (plain map-style dataset).
+
+    Args:
+        index_dir: folder written by `build_index`.
+        max_open_shards: memory maps kept open per worker (least recently used are closed).
+    """
+
+    def __init__(self, index_dir: str | Path, max_open_shards: int = 32):
+        self.index_dir = Path(index_dir)
+        info_path = self.index_dir / "index.json"
+        if not info_path.is_file():
+            raise BrainDINOError(f"{self.index_dir}: not a finished slice index (no index.json); run 'braindino index'")
+        self.info = json.loads(info_path.read_text())
+        self.spec = PreprocessSpec.from_dict(self.info["preprocessing"])
+        records = np.load(self.index_dir / "slices.npy")
+        self.records = records[records["kept"]]
+        self.shards = {s["volume"]: s["shard"] for s in json.loads((self.index_dir / "volumes.json").read_text())}
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _shard(self, volume: int) -> np.ndarray:
+        if volume in self._open:
+            self._open.move_to_end(volume)
+        else:
+            self._open[volume] = np.load(self.index_dir / self.shards[volume], mmap_mode="r")
+            if len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        return self._open[volume]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        record = self.records[i]
+        canvas = np.asarray(self._shard(int(record["volume"]))[int(record["row"])], dtype=np.float32)
+        return torch.from_numpy(canvas)[None].expand(self.spec.in_chans, -1, -1)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()  # each DataLoader worker opens its own maps
+        return state
