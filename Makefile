@@ -26,6 +26,7 @@ test: lint
 
 benchmark: $(BIN)/braindino
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/indexing.py
 
 clean:
 	rm -rf $(VENV) braindino-demo .pytest_cache .ruff_cache

@@ -200,7 +200,8 @@ def _radial(grid: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def make_subject(template: Template, plan: SubjectPlan, rng: np.random.Generator) -> dict:
-    """Images (float, base grid), tumor labels and ground-truth tissue volumes of one subject."""
+    """One subject on the base grid: ``images`` (sequence -> float array), tumor ``labels`` (BraTS),
+    ``tissue`` probability maps (gm, wm, csf) and their volumes ``gm_ml``, ``wm_ml``, ``csf_ml``."""
     shape = template.mask.shape
     mm = float(np.linalg.norm(template.affine[:3, 0]))
     grid = _grid(shape)
@@ -281,18 +282,15 @@ def make_subject(template: Template, plan: SubjectPlan, rng: np.random.Generator
         image = np.interp(t1, _T1_ANCHORS, _TRANSFER[sequence]).astype(np.float32)
         if compartments:
             heterogeneity = 1 + 0.08 * smooth_noise(rng, shape, 3 / mm)
-            tissue = image * (1 - tumor_total)
-            image = tissue + sum(w * _TUMOR[name][sequence] * heterogeneity for name, w in compartments.items())
+            image = image * (1 - tumor_total) + sum(
+                w * _TUMOR[name][sequence] * heterogeneity for name, w in compartments.items()
+            )
         sigma = rng.uniform(0.01, 0.03)
         noisy = np.sqrt((image + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)
         images[sequence] = (noisy * bias * mask).astype(np.float32)
-    return {
-        "images": images,
-        "labels": labels,
-        "gm_ml": float(gm.sum()) * template.voxel_ml,
-        "wm_ml": float(wm.sum()) * template.voxel_ml,
-        "csf_ml": float(csf.sum()) * template.voxel_ml,
-    }
+    tissue = {"gm": gm, "wm": wm, "csf": csf}
+    volumes = {f"{name}_ml": float(p.sum()) * template.voxel_ml for name, p in tissue.items()}
+    return {"images": images, "labels": labels, "tissue": tissue, **volumes}
 
 
 def acquire(

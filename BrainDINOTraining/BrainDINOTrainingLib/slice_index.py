@@ -143,6 +143,7 @@ def build_index(
     if not volumes:
         raise BrainDINOError("no volumes to index")
     config = {"format": INDEX_FORMAT, "preprocessing": spec.to_dict(), "volumes": [str(p) for p in volumes]}
+    config = json.loads(json.dumps(config))  # as it reads back from config.json
     config_path = out_dir / "config.json"
     if config_path.is_file():
         if json.loads(config_path.read_text()) != config:
