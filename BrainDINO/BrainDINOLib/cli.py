@@ -21,6 +21,31 @@ CommandAdder = Callable[[argparse._SubParsersAction], None]
 DEMO_QUERY = (123, 130, 75)
 
 
+class ProgressBar:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr.
+
+    The bar appears on the first report, so errors found before any work print alone.
+    """
+
+    def __init__(self, description: str, unit: str, disable: bool = False):
+        self.description, self.unit, self.disable = description, unit, disable
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=self.unit, desc=self.description, disable=self.disable, file=sys.stderr)
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _voxel(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -117,8 +142,6 @@ def _models_dir(args) -> Path:
 
 
 def _run(args, scan: Path) -> dict:
-    from tqdm import tqdm
-
     from .infer import InferenceOptions, run_inference
 
     options = InferenceOptions(
@@ -131,19 +154,8 @@ def _run(args, scan: Path) -> dict:
         volume_index=getattr(args, "volume", None),
         dicom_series=getattr(args, "dicom_series", None),
     )
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:  # created on the first batch, so input errors print alone
-            bar = tqdm(total=total, unit="slice", desc="encoding", disable=args.quiet, file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with ProgressBar("encoding", "slice", disable=args.quiet) as progress:
         result = run_inference(scan, args.out_dir, options, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return result

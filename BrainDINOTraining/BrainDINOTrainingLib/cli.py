@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from BrainDINOLib import cli
-
-
-def _progress_bar(description: str, unit: str):
-    """A progress callback drawing a tqdm bar on stderr (created on the first call)."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit=unit, desc=description, file=sys.stderr)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 def _default_workers() -> int:
@@ -93,14 +75,15 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cohort_make(args) -> None:
     from .phantoms import make_cohort
 
-    manifest = make_cohort(
-        args.count,
-        args.out_dir,
-        seed=args.seed,
-        resolution=args.resolution,
-        workers=args.workers,
-        progress=_progress_bar("phantoms", "subject"),
-    )
+    with cli.ProgressBar("phantoms", "subject") as progress:
+        manifest = make_cohort(
+            args.count,
+            args.out_dir,
+            seed=args.seed,
+            resolution=args.resolution,
+            workers=args.workers,
+            progress=progress,
+        )
     print(f"wrote {args.count} phantom subjects and {manifest}")
 
 
@@ -112,9 +95,8 @@ def _index(args) -> None:
     spec = PreprocessSpec(
         image_size=args.image_size, min_entropy=args.min_entropy, position_range=tuple(args.position_range)
     )
-    info = build_index(
-        args.data, args.out_dir, spec, workers=args.workers, progress=_progress_bar("indexing", "volume")
-    )
+    with cli.ProgressBar("indexing", "volume") as progress:
+        info = build_index(args.data, args.out_dir, spec, workers=args.workers, progress=progress)
     print(
         f"indexed {info['volumes']} volumes ({info['volumes_skipped']} skipped, listed in volumes.json): "
         f"kept {info['slices_kept']} of {info['slices_seen']} slices, "
