@@ -158,6 +158,25 @@ def encoder_config(name: str) -> EncoderConfig:
     return ENCODERS[name]
 
 
+def build_vit(config: EncoderConfig, img_size: int = 224, in_chans: int = 3) -> nn.Module:
+    """The plain timm model of an architecture (no head; fused attention everywhere)."""
+    model = timm.create_model(
+        config.timm_name,
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        in_chans=in_chans,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+    )
+    if model.num_prefix_tokens != 1 + config.num_reg_tokens:
+        raise BrainDINOError(
+            f"{config.name}: timm built {model.num_prefix_tokens} prefix tokens, expected 1 + {config.num_reg_tokens}"
+        )
+    return model
+
+
 @dataclass(frozen=True)
 class EncoderOutput:
     """Per-batch encoder features.
@@ -187,21 +206,7 @@ class BrainEncoder(nn.Module):
     def __init__(self, config: EncoderConfig, img_size: int = 224, in_chans: int = 3):
         super().__init__()
         self.config = config
-        self.model = timm.create_model(
-            config.timm_name,
-            pretrained=False,
-            num_classes=0,
-            img_size=img_size,
-            in_chans=in_chans,
-            embed_dim=config.embed_dim,
-            depth=config.depth,
-            num_heads=config.num_heads,
-        )
-        if self.model.num_prefix_tokens != 1 + config.num_reg_tokens:
-            raise BrainDINOError(
-                f"{config.name}: timm built {self.model.num_prefix_tokens} prefix tokens, "
-                f"expected 1 + {config.num_reg_tokens}"
-            )
+        self.model = build_vit(config, img_size, in_chans)
         last_attention = self.model.blocks[-1].attn
         last_attention.fused_attn = False
         last_attention.attn_drop.register_forward_hook(self._keep_cls_attention)
