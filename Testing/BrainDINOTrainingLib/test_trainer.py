@@ -15,7 +15,7 @@ from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
 from BrainDINOTrainingLib.slice_index import build_index
-from BrainDINOTrainingLib.trainer import Schedules, Trainer, TrainConfig
+from BrainDINOTrainingLib.trainer import Schedules, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
