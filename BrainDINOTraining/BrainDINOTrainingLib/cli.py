@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from BrainDINOLib import cli
+from BrainDINOLib.errors import BrainDINOError
 
 
 def _default_workers() -> int:
@@ -72,6 +73,46 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     index.set_defaults(func=_index)
 
 
+def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
+    """``pretrain``."""
+    pretrain = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised pretraining (DINO + iBOT + KoLeo) on a slice index",
+        description="Pretrain an encoder on the slices of an index ('braindino index'): DINO CLS loss, iBOT "
+        "masked-patch loss and KoLeo, EMA teacher, multi-crop MRI augmentation. Checkpoints are "
+        "written atomically to OUT_DIR; --resume continues exactly. At the end the teacher is "
+        "exported as a model bundle (OUT_DIR/bundle) that 'braindino infer --bundle' uses.",
+    )
+    pretrain.add_argument(
+        "--config", default="tiny-cpu", help="tiny-cpu (default), vit-s16, vit-b16-braindino or a YAML"
+    )
+    pretrain.add_argument("--data", help="slice index folder")
+    pretrain.add_argument("-o", "--out-dir", help="run folder (checkpoint.pt, log.csv, config.json, bundle/)")
+    pretrain.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set epochs=4 --set dino.prototypes=512",
+    )
+    pretrain.add_argument("--device", help="auto, cpu, cuda, mps (default: the config's)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its checkpoint")
+    pretrain.set_defaults(func=_pretrain)
+
+
+def _pretrain(args) -> None:
+    from .trainer import Trainer, load_config
+
+    config = load_config(args.config, {"data": args.data, "out_dir": args.out_dir, "device": args.device}, args.set)
+    if not config.data:
+        raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")
+    trainer = Trainer(config)
+    with cli.ProgressBar("pretraining", "step") as progress:
+        trainer.fit(resume=args.resume, progress=progress)
+    bundle = trainer.export(Path(config.out_dir) / "bundle")
+    print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; teacher exported to {bundle}")
+
+
 def _cohort_make(args) -> None:
     from .phantoms import make_cohort
 
@@ -106,7 +147,7 @@ def _index(args) -> None:
 
 
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.
-TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands,)
+TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands, add_pretrain_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,6 +86,40 @@ class TrainConfig:
             raise BrainDINOError(f"invalid training configuration: {error}") from error
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(name: str, overrides: dict | None = None, assignments: list[str] = ()) -> TrainConfig:
+    """A shipped config (``tiny-cpu``, ``vit-s16``, ``vit-b16-braindino``) or a YAML file, then overrides.
+
+    Args:
+        overrides: field -> value (e.g. data, out_dir from the command line).
+        assignments: ``key=value`` strings with dotted keys for nested fields (``dino.prototypes=512``);
+            values are parsed as YAML.
+    """
+    import yaml
+
+    path = CONFIG_DIR / f"{name}.yaml" if (CONFIG_DIR / f"{name}.yaml").is_file() else Path(name)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise BrainDINOError(f"no training config '{name}' (shipped: {shipped}; or a YAML file)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise BrainDINOError(f"{path}: not valid YAML ({error})") from error
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise BrainDINOError(f"--set expects key=value, got '{assignment}'")
+        *parents, leaf = key.strip().split(".")
+        target = values
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(text)
+    return TrainConfig.from_dict(values)
+
+
 def cosine(start: float, end: float, steps: int, warmup: int = 0, warmup_start: float = 0.0) -> np.ndarray:
     """Per-step values: linear warm-up from ``warmup_start`` to ``start``, then cosine to ``end``."""
     ramp = np.linspace(warmup_start, start, warmup, endpoint=False)

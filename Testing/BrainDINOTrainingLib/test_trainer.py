@@ -13,6 +13,7 @@ from BrainDINOLib.bundle import load_bundle
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
+from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
 from BrainDINOTrainingLib.slice_index import build_index
 from BrainDINOTrainingLib.trainer import Schedules, TrainConfig, Trainer
@@ -106,3 +107,27 @@ def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, index):
     with pytest.raises(BrainDINOError, match="not finite"):
         trainer.train_step()
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_pretrain_command_exports_a_bundle_that_infer_uses(tmp_path, index, cohort, capsys):
+    run = tmp_path / "run"
+    settings = [
+        "epochs=1",
+        "steps_per_epoch=3",
+        "batch_size=4",
+        "crops.global_size=64",
+        "crops.local_size=32",
+        "crops.local_crops=2",
+        "dino.prototypes=128",
+        "dino.head_hidden_dim=64",
+        "dino.head_bottleneck_dim=32",
+    ]
+    args = ["pretrain", "--config", "tiny-cpu", "--data", str(index), "-o", str(run), "--device", "cpu"]
+    assert main(args + [a for s in settings for a in ("--set", s)]) == 0
+    assert "teacher exported to" in capsys.readouterr().out
+    assert (run / "checkpoint.pt").is_file() and (run / "log.csv").read_text().count("\n") == 4
+    scan = cohort / "phantom-0002" / "phantom-0002_t1.nii.gz"
+    assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(run / "bundle"), "-q"]) == 0
+    assert (tmp_path / "out" / "phantom-0002_t1_attention.nii.gz").is_file()
+    assert main(["pretrain", "--config", "no-such-config", "--data", str(index)]) == 2
+    assert "no training config 'no-such-config'" in capsys.readouterr().err
