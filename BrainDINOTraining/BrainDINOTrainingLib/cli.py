@@ -109,8 +109,9 @@ def _pretrain(args) -> None:
     trainer = Trainer(config)
     with cli.ProgressBar("pretraining", "step") as progress:
         trainer.fit(resume=args.resume, progress=progress)
-    bundle = trainer.export(Path(config.out_dir) / "bundle")
-    print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; teacher exported to {bundle}")
+    if trainer.rank == 0:
+        bundle = trainer.export(Path(config.out_dir) / "bundle")
+        print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; teacher exported to {bundle}")
 
 
 def _cohort_make(args) -> None:

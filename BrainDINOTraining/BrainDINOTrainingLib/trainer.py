@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from BrainDINOLib.bundle import ModelCard, save_bundle
 from BrainDINOLib.encoder import encoder_config
@@ -34,6 +36,7 @@ from BrainDINOLib.engine import autocast_dtype, resolve_device
 from BrainDINOLib.errors import BrainDINOError
 
 from .augment import MultiCropConfig, multi_crop
+from .objectives.centering import is_distributed
 from .objectives.dino import DINOConfig, DINOObjective
 from .objectives.masking import batch_masks
 from .slice_index import SliceDataset
@@ -178,13 +181,37 @@ def epoch_order(length: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(length)
 
 
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when started by ``torchrun``.
+
+    One process without ``torchrun`` is rank 0 of 1 and needs no process group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world > 1 and not is_distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return (dist.get_rank() if is_distributed() else 0), world, device
+
+
 class Trainer:
-    """Runs, checkpoints and resumes one pretraining run in ``config.out_dir``."""
+    """Runs, checkpoints and resumes one pretraining run in ``config.out_dir``.
+
+    Under ``torchrun`` every process takes its share of each global batch (``batch_size`` is the
+    global batch), gradients are averaged by DDP, centering statistics are reduced across ranks,
+    and rank 0 writes checkpoints, logs and the exported bundle. KoLeo is computed within each
+    rank's share, as in DINOv2.
+    """
 
     def __init__(self, config: TrainConfig):
         self.config = config
         self.out_dir = Path(config.out_dir)
-        self.device = resolve_device(config.device)
+        self.rank, self.world, self.device = init_distributed(config.device)
+        if config.batch_size % self.world:
+            raise BrainDINOError(f"batch_size {config.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = config.batch_size // self.world
         self.dataset = SliceDataset(config.data)
         spec = self.dataset.spec
         if len(self.dataset) < config.batch_size:
@@ -197,27 +224,37 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.objective = DINOObjective(encoder_config(config.encoder), config.dino, spec.image_size, spec.in_chans)
         self.objective.to(self.device)
+        self.model = (
+            DistributedDataParallel(self.objective, broadcast_buffers=False) if self.world > 1 else self.objective
+        )
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective, config), betas=(0.9, 0.999))
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
         self.step = 0
         self.grid = encoder_config(config.encoder).patch_grid(config.crops.global_size)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write atomically: the file is either the previous complete checkpoint or the new one."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "config": json.dumps(self.config.to_dict()),
-        }
+        generators = [self.generator.get_state()]
+        if is_distributed():
+            generators = [None] * self.world
+            dist.all_gather_object(generators, self.generator.get_state())
         path = self.out_dir / CHECKPOINT
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            state = {
+                "objective": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "generators": generators,
+                "torch_rng": torch.get_rng_state(),
+                "config": json.dumps(self.config.to_dict()),
+            }
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        if is_distributed():
+            dist.barrier()
         return path
 
     def load_checkpoint(self) -> None:
@@ -229,16 +266,19 @@ class Trainer:
             raise BrainDINOError(f"{path}: written with another configuration; resume with the same settings")
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["generators"]) != self.world:
+            raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generators"][self.rank])
         torch.set_rng_state(state["torch_rng"])
 
     # -- one step ------------------------------------------------------------------------------
     def batch(self, step: int) -> torch.Tensor:
+        """This rank's share of the global batch of ``step``."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.dataset), self.config.seed, epoch)
-        start = position * self.config.batch_size
-        indices = order[np.arange(start, start + self.config.batch_size) % len(order)]
+        start = position * self.config.batch_size + self.rank * self.local_batch
+        indices = order[np.arange(start, start + self.local_batch) % len(order)]
         return torch.stack([self.dataset[int(i)] for i in indices]).to(self.device)
 
     def train_step(self) -> dict:
@@ -248,11 +288,11 @@ class Trainer:
             group["weight_decay"] = float(self.schedules.weight_decay[step]) if group["apply_wd"] else 0.0
         global_crops, local_crops = multi_crop(self.batch(step), config.crops, self.generator)
         masks = batch_masks(
-            2 * config.batch_size, self.grid, self.generator, config.mask_probability, config.mask_ratio
+            2 * self.local_batch, self.grid, self.generator, config.mask_probability, config.mask_ratio
         ).to(self.device)
         dtype = autocast_dtype(self.device)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            output = self.objective(global_crops, local_crops, masks, float(self.schedules.teacher_temperature[step]))
+            output = self.model(global_crops, local_crops, masks, float(self.schedules.teacher_temperature[step]))
         loss = output.losses["loss"]
         if not torch.isfinite(loss):
             raise BrainDINOError(
@@ -270,10 +310,16 @@ class Trainer:
         self.objective.update_teacher(float(self.schedules.momentum[step]))
         self.objective.update_centers(output)
         self.step += 1
+        names = list(output.losses) + list(output.metrics)
+        values = torch.tensor(
+            [float(v) for v in output.losses.values()] + list(output.metrics.values()), dtype=torch.float64
+        )
+        if is_distributed():  # log the mean over ranks
+            dist.all_reduce(values)
+            values /= self.world
         return {
             "step": self.step,
-            **{k: round(v.item(), 6) for k, v in output.losses.items()},
-            **{k: round(v, 6) for k, v in output.metrics.items()},
+            **{k: round(float(v), 6) for k, v in zip(names, values, strict=True)},
             "lr": float(self.schedules.lr[step]),
             "wd": float(self.schedules.weight_decay[step]),
             "momentum": float(self.schedules.momentum[step]),
@@ -283,27 +329,32 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
     def fit(self, resume: bool = False, max_steps: int | None = None, progress=None) -> list[dict]:
         """Train to the end (or ``max_steps`` more steps); returns the logged rows of this call."""
+        log_path = self.out_dir / "log.csv"
         if resume:
             self.load_checkpoint()
+            if self.rank == 0 and log_path.is_file():  # drop rows a killed run logged after its last checkpoint
+                lines = log_path.read_text().splitlines(keepends=True)
+                log_path.write_text("".join(lines[: 1 + self.step]))
         elif (self.out_dir / CHECKPOINT).exists():
             raise BrainDINOError(f"{self.out_dir}: holds a run already; pass --resume or choose another folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         stop = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         rows = []
-        log_path = self.out_dir / "log.csv"
         while self.step < stop:
             row = self.train_step()
             rows.append(row)
-            new = not log_path.exists()
-            with open(log_path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            if self.rank == 0:
+                new = not log_path.exists()
+                with open(log_path, "a", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=list(row))
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(row)
             if self.step % self.config.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
-            if progress:
+            if progress and self.rank == 0:
                 progress(self.step, self.total_steps)
         return rows
 
