@@ -38,13 +38,13 @@ class DINOConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    centering: str = "ema"  # "ema" or "sinkhorn"
+    centering: str = "ema"  # "ema", "sinkhorn", or "none" (no centering: collapses; for demonstrations)
     center_momentum: float = 0.9
     student_temperature: float = 0.1
 
     def __post_init__(self):
-        if self.centering not in ("ema", "sinkhorn"):
-            raise BrainDINOError(f"centering must be 'ema' or 'sinkhorn', got '{self.centering}'")
+        if self.centering not in ("ema", "sinkhorn", "none"):
+            raise BrainDINOError(f"centering must be 'ema', 'sinkhorn' or 'none', got '{self.centering}'")
 
 
 @dataclass
@@ -55,6 +55,27 @@ class StepOutput:
     metrics: dict[str, float]
     teacher_cls_logits: torch.Tensor
     teacher_patch_logits: torch.Tensor | None
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) along the last axis."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+
+
+def collapse_metrics(teacher_probs: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
+    """What DINO collapse looks like in numbers [0, 2].
+
+    - ``teacher_entropy``: mean per-sample entropy of the targets; ln(K) = uniform collapse.
+    - ``teacher_batch_entropy``: entropy of the batch-mean target; near 0 = one prototype for all.
+    - ``embedding_std``: mean per-dimension std of L2-normalised embeddings; ~1/sqrt(D) when
+      healthy, 0 when every sample maps to the same point.
+    """
+    normalized = F.normalize(embeddings.float(), dim=-1)
+    return {
+        "teacher_entropy": float(entropy(teacher_probs).mean()),
+        "teacher_batch_entropy": float(entropy(teacher_probs.mean(dim=0))),
+        "embedding_std": float(normalized.std(dim=0).mean()),
+    }
 
 
 def encode_tokens(
@@ -115,6 +136,8 @@ class DINOObjective(nn.Module):
     def _targets(self, logits: torch.Tensor, center: EMACenter, temperature: float) -> torch.Tensor:
         if self.config.centering == "sinkhorn":
             return sinkhorn_knopp(logits, temperature)
+        if self.config.centering == "none":
+            return torch.softmax(logits.float() / temperature, dim=-1)
         return center.probabilities(logits, temperature)
 
     def forward(
@@ -159,9 +182,7 @@ class DINOObjective(nn.Module):
         losses["loss"] = sum(weights[name] * value for name, value in losses.items())
 
         with torch.no_grad():
-            entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(dim=1).mean()
-            normalized = F.normalize(student_cls[:batch].float(), dim=-1)
-            metrics = {"teacher_entropy": float(entropy), "embedding_std": float(normalized.std(dim=0).mean())}
+            metrics = collapse_metrics(teacher_probs, student_cls[:batch])
         return StepOutput(losses, metrics, teacher_cls_logits, teacher_patch_logits)
 
     @torch.no_grad()
