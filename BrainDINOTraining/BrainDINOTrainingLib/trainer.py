@@ -312,7 +312,7 @@ class Trainer:
         self.step += 1
         names = list(output.losses) + list(output.metrics)
         values = torch.tensor(
-            [float(v) for v in output.losses.values()] + list(output.metrics.values()), dtype=torch.float64
+            [float(v.detach()) for v in output.losses.values()] + list(output.metrics.values()), dtype=torch.float64
         )
         if is_distributed():  # log the mean over ranks
             dist.all_reduce(values)
