@@ -11,7 +11,8 @@ centering; this loop owns everything else (the dinov2 split):
 - atomic checkpoints every N steps with model, optimizer, step, RNG states and resolved config,
   so ``resume`` continues exactly where the run stopped (data order included);
 - a non-finite loss stops the run with a clear message, leaving the last good checkpoint intact;
-- CSV log of every loss term, lr, wd, momentum, teacher temperature and collapse monitors.
+- CSV and TensorBoard logs of every loss term, lr, wd, momentum, teacher temperature and collapse
+  monitors.
 """
 
 from __future__ import annotations
@@ -342,20 +343,30 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         stop = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         rows = []
+        board = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = SummaryWriter(str(self.out_dir / "tensorboard"))
         while self.step < stop:
             row = self.train_step()
             rows.append(row)
-            if self.rank == 0:
+            if board is not None:
                 new = not log_path.exists()
                 with open(log_path, "a", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=list(row))
                     if new:
                         writer.writeheader()
                     writer.writerow(row)
+                for name, value in row.items():
+                    if name != "step":
+                        board.add_scalar(name, value, self.step)
             if self.step % self.config.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
             if progress and self.rank == 0:
                 progress(self.step, self.total_steps)
+        if board is not None:
+            board.close()
         return rows
 
     def export(self, directory: str | Path) -> Path:
