@@ -1,9 +1,10 @@
 """Pretraining throughput: our DINO step vs the `lightly` package's, same backbone, crops and batch.
 
-For each config, in its own process (so ``peak_rss_mb`` is its own): phantom slices from the MNI
+For each config, in its own process (so ``peak_rss_mb`` is its own): axial slices of the MNI
 template are cropped once (2 global + local crops); then, timed over the same crops:
 
-- ``dino``: our `DINOObjective` with only the DINO term (EMA centering), AdamW step, EMA update;
+- ``dino``: our `DINOObjective` with only the DINO term (EMA centering), AdamW step, EMA update,
+  timed interleaved with the peer;
 - ``dino+ibot+koleo``: our default objective (iBOT masks on half the global crops, KoLeo);
 - the peer: lightly's ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum`` around the same
   timm backbone (CLS token), AdamW step.
@@ -44,15 +45,21 @@ def _crops(batch: int, local_crops: int):
     return crops
 
 
-def _time(step, steps: int) -> float:
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+def _time(*steps, rounds: int) -> list[float]:
+    """Seconds per call of each step, timed interleaved (a, b, a, b, ...) so drift hits all alike."""
+    for step in steps:
+        step()  # warm-up
+    totals = [0.0] * len(steps)
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            totals[i] += time.perf_counter() - start
+    return [t / rounds for t in totals]
 
 
-def ours(encoder: str, prototypes: int, crops, full: bool) -> float:
+def ours(encoder: str, prototypes: int, crops, full: bool):
+    """One training step of our objective (a closure)."""
     from BrainDINOLib.encoder import encoder_config
     from BrainDINOTrainingLib.objectives.dino import DINOConfig, DINOObjective
     from BrainDINOTrainingLib.objectives.masking import batch_masks
@@ -75,10 +82,11 @@ def ours(encoder: str, prototypes: int, crops, full: bool) -> float:
         objective.update_teacher(0.996)
         objective.update_centers(output)
 
-    return _time(step, ARGS.steps)
+    return step
 
 
-def peer(encoder: str, prototypes: int, crops) -> float:
+def peer(encoder: str, prototypes: int, crops):
+    """One training step of lightly's DINO around the same backbone (a closure)."""
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -113,7 +121,7 @@ def peer(encoder: str, prototypes: int, crops) -> float:
         optimizer.step()
         update_momentum(student, teacher, 0.996)
 
-    return _time(step, ARGS.steps)
+    return step
 
 
 def run_one(config: str, objective: str) -> dict:
@@ -129,15 +137,17 @@ def run_one(config: str, objective: str) -> dict:
         "prototypes": prototypes,
     }
     if objective == "dino":
-        seconds = ours(encoder, prototypes, crops, full=False)
-        peer_seconds = peer(encoder, prototypes, crops)
+        seconds, peer_seconds = _time(
+            ours(encoder, prototypes, crops, full=False), peer(encoder, prototypes, crops), rounds=ARGS.steps
+        )
         row.update(
             images_per_s=round(images / seconds, 2),
             peer_images_per_s=round(images / peer_seconds, 2),
             ratio=round(peer_seconds / seconds, 3),
         )
     else:
-        row.update(images_per_s=round(images / ours(encoder, prototypes, crops, full=True), 2))
+        (seconds,) = _time(ours(encoder, prototypes, crops, full=True), rounds=ARGS.steps)
+        row.update(images_per_s=round(images / seconds, 2))
     row.update(
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         threads=torch.get_num_threads(),

@@ -92,8 +92,9 @@ def encode_tokens(
         (cls, patches): (B, D) and (B, h*w, D), final-normed.
     """
     x = model.patch_embed(images)  # (B, h, w, D) for dynamic-size models
-    if masks is not None:
-        x = torch.where(masks[..., None], mask_token.to(x.dtype), x)
+    if masks is not None and masks.any():  # index_put is ~3x cheaper than torch.where here (fwd + bwd)
+        x = x.clone()
+        x[masks] = mask_token.to(x.dtype)
     x, rope = model._pos_embed(x)
     x = model.norm_pre(x)
     for block in model.blocks:
