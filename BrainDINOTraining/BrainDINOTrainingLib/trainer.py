@@ -225,8 +225,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.objective = DINOObjective(encoder_config(config.encoder), config.dino, spec.image_size, spec.in_chans)
         self.objective.to(self.device)
-        self.model = (
-            DistributedDataParallel(self.objective, broadcast_buffers=False) if self.world > 1 else self.objective
+        self.model = (  # the mask token sits out steps without masked patches, hence find_unused_parameters
+            DistributedDataParallel(self.objective, broadcast_buffers=False, find_unused_parameters=True)
+            if self.world > 1
+            else self.objective
         )
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective, config), betas=(0.9, 0.999))
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
