@@ -158,25 +158,30 @@ class DINOObjective(nn.Module):
         batch = global_crops[0].shape[0]
         config = self.config
         globals_ = torch.cat(global_crops)
+        flat_masks = masks.flatten(1)
+        use_patches = config.ibot_weight > 0
         with torch.no_grad():
             teacher_cls, teacher_patches = encode_tokens(self.teacher["backbone"], globals_)
-            teacher_cls_logits = self.teacher["head"](teacher_cls)
+            # One head call for CLS and masked-patch tokens (the head is shared): bigger, fewer matmuls.
+            teacher_tokens = torch.cat([teacher_cls, teacher_patches[flat_masks]]) if use_patches else teacher_cls
+            teacher_logits = self.teacher["head"](teacher_tokens)
+            teacher_cls_logits, teacher_patch_logits = teacher_logits[: 2 * batch], teacher_logits[2 * batch :]
             teacher_probs = self._targets(teacher_cls_logits, self.cls_center, teacher_temperature)
-            flat_masks = masks.flatten(1)
-            teacher_patch_logits = self.teacher["head"](teacher_patches[flat_masks]) if config.ibot_weight > 0 else None
 
         student_cls, student_patches = encode_tokens(self.student["backbone"], globals_, self.mask_token, masks)
-        student_logits = list(self.student["head"](student_cls).chunk(2))
-        for crop in local_crops:
-            local_cls, _ = encode_tokens(self.student["backbone"], crop)
-            student_logits.append(self.student["head"](local_cls))
+        local_cls = [encode_tokens(self.student["backbone"], crop)[0] for crop in local_crops]
+        student_tokens = [student_cls, *local_cls] + ([student_patches[flat_masks]] if use_patches else [])
+        student_logits = self.student["head"](torch.cat(student_tokens))
+        views = 2 + len(local_crops)
+        cls_logits = list(student_logits[: views * batch].split(batch))  # one (B, K) per crop
 
         losses = {}
         if config.dino_weight > 0:
-            losses["dino"] = self.dino_loss(student_logits, list(teacher_probs.chunk(2)))
-        if config.ibot_weight > 0:
+            losses["dino"] = self.dino_loss(cls_logits, list(teacher_probs.chunk(2)))
+        if use_patches:
             patch_targets = self._targets(teacher_patch_logits, self.patch_center, teacher_temperature)
-            losses["ibot"] = self.ibot_loss(self.student["head"](student_patches[flat_masks]), patch_targets, masks)
+            patch_logits = student_logits[views * batch :]
+            losses["ibot"] = self.ibot_loss(patch_logits, patch_targets, masks)
         if config.koleo_weight > 0:
             losses["koleo"] = sum(self.koleo_loss(c) for c in student_cls.chunk(2)) / 2
         weights = {"dino": config.dino_weight, "ibot": config.ibot_weight, "koleo": config.koleo_weight}
@@ -184,7 +189,7 @@ class DINOObjective(nn.Module):
 
         with torch.no_grad():
             metrics = collapse_metrics(teacher_probs, student_cls[:batch])
-        return StepOutput(losses, metrics, teacher_cls_logits, teacher_patch_logits)
+        return StepOutput(losses, metrics, teacher_cls_logits, teacher_patch_logits if use_patches else None)
 
     @torch.no_grad()
     def update_centers(self, step: StepOutput) -> None:
