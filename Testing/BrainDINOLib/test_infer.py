@@ -142,7 +142,8 @@ def test_bad_scan_through_the_installed_command(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "BrainDINOTrainingLib", "infer", str(bad), "-o", str(tmp_path / "o")],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and str(bad) in done.stderr

@@ -79,7 +79,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path, index):
     done = subprocess.run(
         _command(index, tmp_path / "two", COMMON + DETERMINISTIC, torchrun),
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         env=_env(),
         timeout=300,
     )
