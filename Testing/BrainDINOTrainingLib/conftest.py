@@ -13,3 +13,19 @@ def cohort(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cohort") / "cohort"
     assert main(["cohort", "make", "12", str(folder), "--seed", "7", "--resolution", "2", "--workers", "1"]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def index64(tmp_path_factory, cohort):
+    """A slice index (64-px canvases) of two cohort subjects, for the training tests."""
+    import shutil
+
+    from BrainDINOLib.preprocess import PreprocessSpec
+    from BrainDINOTrainingLib.slice_index import build_index
+
+    folder = tmp_path_factory.mktemp("train-data")
+    for subject in ("phantom-0000", "phantom-0001"):
+        shutil.copytree(cohort / subject, folder / subject)
+    out = tmp_path_factory.mktemp("train-index") / "idx"
+    build_index([folder], out, PreprocessSpec(image_size=64))
+    return out

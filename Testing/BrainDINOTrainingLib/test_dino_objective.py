@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from BrainDINOLib.encoder import encoder_config
-from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
 from BrainDINOTrainingLib.objectives.dino import DINOConfig, DINOObjective
 from BrainDINOTrainingLib.objectives.masking import batch_masks
-from BrainDINOTrainingLib.slice_index import SliceDataset, build_index
+from BrainDINOTrainingLib.slice_index import SliceDataset
 
 CROPS = MultiCropConfig(global_size=64, local_size=32, local_crops=2)
 
 
 @pytest.fixture(scope="module")
-def slices(tmp_path_factory, cohort):
-    folder = tmp_path_factory.mktemp("two")
-    for subject in ("phantom-0000", "phantom-0001"):
-        shutil.copytree(cohort / subject, folder / subject)
-    index = tmp_path_factory.mktemp("dino-index") / "idx"
-    build_index([folder], index, PreprocessSpec(image_size=64))
-    dataset = SliceDataset(index)
+def slices(index64):
+    """16 slices spread over the index."""
+    dataset = SliceDataset(index64)
     return torch.stack([dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 16))][:16])
 
 

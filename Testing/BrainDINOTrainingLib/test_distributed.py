@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from BrainDINOLib.preprocess import PreprocessSpec
-from BrainDINOTrainingLib.slice_index import build_index
 
 COMMON = [
     "epochs=1",
@@ -44,12 +40,8 @@ DETERMINISTIC = [
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, cohort):
-    folder = tmp_path_factory.mktemp("dist-data")
-    shutil.copytree(cohort / "phantom-0000", folder / "phantom-0000")
-    out = tmp_path_factory.mktemp("dist-index") / "idx"
-    build_index([folder], out, PreprocessSpec(image_size=64))
-    return out
+def index(index64):
+    return index64
 
 
 def _command(index: Path, out: Path, settings: list[str], launcher: list[str]) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -11,22 +10,15 @@ import torch
 
 from BrainDINOLib.bundle import load_bundle
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
-from BrainDINOTrainingLib.slice_index import build_index
 from BrainDINOTrainingLib.trainer import Schedules, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, cohort):
-    folder = tmp_path_factory.mktemp("train-data")
-    for subject in ("phantom-0000", "phantom-0001"):
-        shutil.copytree(cohort / subject, folder / subject)
-    out = tmp_path_factory.mktemp("train-index") / "idx"
-    build_index([folder], out, PreprocessSpec(image_size=64))
-    return out
+def index(index64):
+    return index64
 
 
 def _config(index, out_dir, **overrides) -> TrainConfig:
