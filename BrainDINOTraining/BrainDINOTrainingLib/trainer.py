@@ -37,8 +37,9 @@ from BrainDINOLib.engine import autocast_dtype, resolve_device
 from BrainDINOLib.errors import BrainDINOError
 
 from .augment import MultiCropConfig, multi_crop
+from .monitor import ProbeSet
 from .objectives.centering import is_distributed
-from .objectives.dino import DINOConfig, DINOObjective
+from .objectives.dino import DINOConfig, DINOObjective, encode_tokens
 from .objectives.masking import batch_masks
 from .slice_index import SliceDataset
 
@@ -69,6 +70,8 @@ class TrainConfig:
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     checkpoint_every: int = 50
+    probe: str = ""  # labelled dataset for online kNN accuracy at every checkpoint (optional)
+    probe_label: str = ""
     seed: int = 0
     device: str = "auto"
     dino: DINOConfig = field(default_factory=DINOConfig)
@@ -234,6 +237,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
         self.step = 0
         self.grid = encoder_config(config.encoder).patch_grid(config.crops.global_size)
+        self.probe = None
+        if config.probe:
+            if not config.probe_label:
+                raise BrainDINOError("a probe set needs probe_label (the label column to classify)")
+            self.probe = ProbeSet.load(config.probe, config.probe_label, spec)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -352,6 +360,9 @@ class Trainer:
             board = SummaryWriter(str(self.out_dir / "tensorboard"))
         while self.step < stop:
             row = self.train_step()
+            checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == stop
+            if self.probe is not None:  # a fixed column, filled at checkpoints (rank 0 only)
+                row["knn_accuracy"] = self._probe_accuracy() if checkpoint_now and self.rank == 0 else ""
             rows.append(row)
             if board is not None:
                 new = not log_path.exists()
@@ -361,15 +372,19 @@ class Trainer:
                         writer.writeheader()
                     writer.writerow(row)
                 for name, value in row.items():
-                    if name != "step":
+                    if name != "step" and value != "":
                         board.add_scalar(name, value, self.step)
-            if self.step % self.config.checkpoint_every == 0 or self.step == stop:
+            if checkpoint_now:
                 self.save_checkpoint()
             if progress and self.rank == 0:
                 progress(self.step, self.total_steps)
         if board is not None:
             board.close()
         return rows
+
+    def _probe_accuracy(self) -> float:
+        teacher = self.objective.teacher["backbone"]
+        return self.probe.accuracy(lambda x: encode_tokens(teacher, x)[0], self.dataset.spec.in_chans, self.device)
 
     def export(self, directory: str | Path) -> Path:
         """The teacher backbone as a model bundle with a card describing this run."""
@@ -387,6 +402,6 @@ class Trainer:
             random_init=False,
             intended_use="research on brain MRI features; not a medical device, not for clinical decisions",
             training={"data": self.config.data, "steps": self.step, "config": self.config.to_dict()},
-            metrics={k: float(v) for k, v in last.items() if k != "step"},
+            metrics={k: float(v) for k, v in last.items() if k != "step" and v != ""},
         )
         return save_bundle(directory, self.objective.teacher_encoder(), card, overwrite=True).path
