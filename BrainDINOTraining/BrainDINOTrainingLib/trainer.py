@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from BrainDINOLib.bundle import ModelCard, save_bundle
 from BrainDINOLib.encoder import encoder_config
@@ -70,6 +71,7 @@ class TrainConfig:
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     checkpoint_every: int = 50
+    workers: int = 2  # data-loading processes (0: read in the training process)
     probe: str = ""  # labelled dataset for online kNN accuracy at every checkpoint (optional)
     probe_label: str = ""
     seed: int = 0
@@ -284,20 +286,29 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     # -- one step ------------------------------------------------------------------------------
-    def batch(self, step: int) -> torch.Tensor:
-        """This rank's share of the global batch of ``step``."""
+    def step_indices(self, step: int) -> list[int]:
+        """Dataset indices of this rank's share of the global batch of ``step`` (a pure function of it)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.dataset), self.config.seed, epoch)
         start = position * self.config.batch_size + self.rank * self.local_batch
-        indices = order[np.arange(start, start + self.local_batch) % len(order)]
-        return torch.stack([self.dataset[int(i)] for i in indices]).to(self.device)
+        return order[np.arange(start, start + self.local_batch) % len(order)].tolist()
 
-    def train_step(self) -> dict:
+    def loader(self, start: int, stop: int) -> DataLoader:
+        """Batches of steps ``start`` to ``stop - 1``, read by ``config.workers`` processes in step order."""
+        return DataLoader(
+            self.dataset,
+            batch_sampler=[self.step_indices(s) for s in range(start, stop)],
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_step(self, images: torch.Tensor) -> dict:
+        """One optimisation step on (local batch, C, H, W) slices."""
         config, step = self.config, self.step
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules.lr[step]) * group["lr_scale"]  # plain floats: checkpoints stay loadable
             group["weight_decay"] = float(self.schedules.weight_decay[step]) if group["apply_wd"] else 0.0
-        global_crops, local_crops = multi_crop(self.batch(step), config.crops, self.generator)
+        global_crops, local_crops = multi_crop(images.to(self.device, non_blocking=True), config.crops, self.generator)
         masks = batch_masks(
             2 * self.local_batch, self.grid, self.generator, config.mask_probability, config.mask_ratio
         ).to(self.device)
@@ -358,8 +369,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             board = SummaryWriter(str(self.out_dir / "tensorboard"))
-        while self.step < stop:
-            row = self.train_step()
+        for images in self.loader(self.step, stop):
+            row = self.train_step(images)
             checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == stop
             if self.probe is not None:  # a fixed column, filled at checkpoints (rank 0 only)
                 row["knn_accuracy"] = self._probe_accuracy() if checkpoint_now and self.rank == 0 else ""

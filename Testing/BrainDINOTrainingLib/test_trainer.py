@@ -71,7 +71,7 @@ def test_student_learns_the_teacher_targets_and_the_export_drives_inference(tmp_
     rows = trainer.fit()
     assert {"dino", "ibot", "koleo", "teacher_entropy", "embedding_std", "lr", "wd", "momentum"} <= set(rows[0])
     assert all(np.isfinite(r["loss"]) and r["dino"] < np.log(256) + 0.5 for r in rows)
-    batch = trainer.batch(0)
+    batch = next(iter(trainer.loader(0, 1)))
 
     def dino_loss() -> float:
         crops = multi_crop(batch, trainer.config.crops, torch.Generator().manual_seed(9))
@@ -97,7 +97,7 @@ def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, index):
     with torch.no_grad():
         trainer.objective.student["backbone"].cls_token.fill_(float("nan"))
     with pytest.raises(BrainDINOError, match="not finite"):
-        trainer.train_step()
+        trainer.train_step(next(iter(trainer.loader(3, 4))))
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == saved
 
 
