@@ -107,28 +107,6 @@ class Manifest:
                 splits.update({subject: name for subject in members[start:stop]})
         return replace(self, splits=splits)
 
-    def write_csv(self, path: str | Path) -> Path:
-        """Write as a table manifest (paths relative to the table, units in the column values' header)."""
-        path = Path(path)
-        modalities = [m for m in MODALITIES if any(m in e.images for e in self.entries)]
-        labels = sorted({k for e in self.entries for k in e.labels})
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["subject_id", "session", *modalities, *labels, *(["split"] if self.splits else [])])
-            for e in self.entries:
-                row = [e.subject_id, e.session]
-                row += [_relative(e.images[m], path.parent) if m in e.images else "" for m in modalities]
-                row += [e.labels.get(k, "") for k in labels]
-                writer.writerow(row + ([self.splits.get(e.subject_id, "")] if self.splits else []))
-        return path
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)

@@ -42,7 +42,6 @@ from BrainDINOLib.sample_data import mni_path
 logger = logging.getLogger(__name__)
 
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
-SEGMENT_LABELS = {1: "necrotic / non-enhancing tumor core", 2: "peritumoral oedema", 3: "enhancing tumor"}
 DIAGNOSES = ("CN", "MCI", "AD")
 MANIFEST_COLUMNS = (
     "subject_id",

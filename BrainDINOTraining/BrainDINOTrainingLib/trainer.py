@@ -129,9 +129,9 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
     return TrainConfig.from_dict(values)
 
 
-def cosine(start: float, end: float, steps: int, warmup: int = 0, warmup_start: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up from ``warmup_start`` to ``start``, then cosine to ``end``."""
-    ramp = np.linspace(warmup_start, start, warmup, endpoint=False)
+def cosine(start: float, end: float, steps: int, warmup: int = 0) -> np.ndarray:
+    """Per-step values: linear warm-up from 0 to ``start``, then cosine to ``end``."""
+    ramp = np.linspace(0.0, start, warmup, endpoint=False)
     t = np.arange(steps - warmup) / max(steps - warmup, 1)
     return np.concatenate([ramp, end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))])
 
