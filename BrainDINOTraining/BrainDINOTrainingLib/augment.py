@@ -83,12 +83,16 @@ def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, height, width)
 
 
+def flip(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Left-right flip of a random share of the (B, C, H, W) batch."""
+    chosen = _chance(images.shape[0], probability, generator, images.device)[:, None, None, None]
+    return torch.where(chosen, images.flip(-1), images)
+
+
 def intensity_augment(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> torch.Tensor:
     """Flips and intensity changes with per-sample parameters; (B, C, H, W) -> same shape."""
     batch, device = images.shape[0], images.device
-    out = torch.where(
-        _chance(batch, config.flip_probability, generator, device)[:, None, None, None], images.flip(-1), images
-    )
+    out = flip(images, config.flip_probability, generator)
     per_sample = (batch, 1, 1, 1)
     if config.gamma_probability > 0:
         low = out.amin(dim=(1, 2, 3), keepdim=True)
@@ -116,22 +120,23 @@ def intensity_augment(images: torch.Tensor, config: MultiCropConfig, generator: 
     return out
 
 
+def augmented_crop(
+    images: torch.Tensor, size: int, scale: tuple[float, float], config: MultiCropConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): a random resized crop, then flips and intensity changes."""
+    return intensity_augment(random_resized_crop(images, size, scale, config.ratio, generator), config, generator)
+
+
+def global_views(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """(B, C, H, W) slices -> 2 augmented global crops (B, C, global_size, global_size)."""
+    return [augmented_crop(images, config.global_size, config.global_scale, config, generator) for _ in range(2)]
+
+
 def multi_crop(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> tuple[list, list]:
     """(B, C, H, W) slices -> (2 global crops, ``local_crops`` local crops), each (B, C, size, size)."""
-    global_crops = [
-        intensity_augment(
-            random_resized_crop(images, config.global_size, config.global_scale, config.ratio, generator),
-            config,
-            generator,
-        )
-        for _ in range(2)
-    ]
+    global_crops = global_views(images, config, generator)
     local_crops = [
-        intensity_augment(
-            random_resized_crop(images, config.local_size, config.local_scale, config.ratio, generator),
-            config,
-            generator,
-        )
+        augmented_crop(images, config.local_size, config.local_scale, config, generator)
         for _ in range(config.local_crops)
     ]
     return global_crops, local_crops

@@ -1,4 +1,4 @@
-"""Online kNN accuracy on a labelled probe set: is the representation learning anything useful?
+"""Collapse monitors: a verdict from the logged metrics, and online kNN accuracy on a labelled probe set.
 
 Each probe volume is embedded as the mean of its slices' L2-normalised CLS tokens; accuracy is
 leave-one-out weighted kNN (k = 20, temperature 0.07, as in DINO's evaluation [0]).
@@ -19,6 +19,35 @@ from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
 
 from .data import load_manifest
+
+#: below this, the teacher's targets tell almost nothing about which slice they came from (nats).
+MIN_TARGET_INFORMATION = 2e-3
+#: below this, embeddings of different slices are nearly the same point (std of normalised
+#: embeddings x sqrt(D); about 1 when spread over the sphere).
+MIN_EMBEDDING_SPREAD = 0.02
+
+
+def collapse_verdict(row: dict, embed_dim: int) -> str:
+    """A one-line warning when a step's metrics show collapse, else "".
+
+    - ``teacher_batch_entropy - teacher_entropy`` (DINO) is the mutual information between a slice
+      and its prototype target: ~0 both when every target is uniform (too much centering or too hot a
+      teacher) and when every slice gets the same prototype (no centering), the two DINO failure modes [0].
+    - ``embedding_std`` (every objective): all slices mapped to one point.
+    """
+    problems = []
+    if "teacher_entropy" in row:
+        information = row["teacher_batch_entropy"] - row["teacher_entropy"]
+        if information < MIN_TARGET_INFORMATION:
+            kind = "uniform" if row["teacher_entropy"] > 0.5 * row["teacher_batch_entropy"] else "one-prototype"
+            problems.append(
+                f"teacher targets carry {information:.1e} nats about the input ({kind} collapse; "
+                f"check centering and teacher temperature)"
+            )
+    spread = row["embedding_std"] * embed_dim**0.5
+    if spread < MIN_EMBEDDING_SPREAD:
+        problems.append(f"embeddings of different slices nearly identical (spread {spread:.1e})")
+    return "collapse: " + "; ".join(problems) if problems else ""
 
 
 def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:

@@ -10,7 +10,7 @@ same files as an uninterrupted one. Unreadable volumes are skipped and listed, n
 Layout of an index folder::
 
     index.json        format, preprocessing spec (with the filter thresholds), counts
-    volumes.json      one entry per volume: path, shard, slices, kept, status
+    volumes.json      one entry per volume: path, shard, slices, kept, status, numeric labels
     slices.npy        structured array, one row per slice of every volume (`RECORD_DTYPE`)
     shards/NNNNNN.npy (kept slices, canvas, canvas) float16 per volume
     records/          per-volume work records (kept for resuming)
@@ -60,6 +60,7 @@ class IndexJob:
     path: str
     folder: str
     spec: dict
+    labels: dict
 
 
 def _atomic_save(array: np.ndarray, path: Path) -> None:
@@ -74,6 +75,7 @@ def index_volume(job: IndexJob) -> dict:
     record_path = folder / "records" / f"{job.volume:06d}.json"
     shard = f"shards/{job.volume:06d}.npy"
     summary = {"volume": job.volume, "path": job.path, "shard": None, "slices": 0, "kept": 0, "status": "ok"}
+    summary["labels"] = job.labels
     spec = PreprocessSpec.from_dict(job.spec)
     try:
         volume = load_volume(job.path)
@@ -106,12 +108,17 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core
 
 
-def collect_volumes(sources: Sequence[str | Path]) -> list[Path]:
-    """Image files of every dataset given (manifests, folders, BIDS, BraTS), masks excluded, de-duplicated."""
-    paths: list[Path] = []
+def collect_volumes(sources: Sequence[str | Path]) -> dict[Path, dict[str, float]]:
+    """Image files of every dataset given (manifests, folders, BIDS, BraTS), masks excluded, de-duplicated,
+    each with its scan's numeric labels (subject descriptors such as age for weakly-supervised objectives)."""
+    volumes: dict[Path, dict[str, float]] = {}
     for source in sources:
-        paths += load_manifest(source).image_paths()
-    return list(dict.fromkeys(p.resolve() for p in paths))
+        for entry in load_manifest(source).entries:
+            numeric = {k: float(v) for k, v in entry.labels.items() if isinstance(v, int | float)}
+            for modality, path in entry.images.items():
+                if modality != "seg":
+                    volumes.setdefault(path.resolve(), numeric)
+    return volumes
 
 
 def build_index(
@@ -139,7 +146,8 @@ def build_index(
     """
     out_dir = Path(out_dir)
     spec = spec or PreprocessSpec()
-    volumes = collect_volumes(sources)
+    labels = collect_volumes(sources)
+    volumes = list(labels)
     if not volumes:
         raise BrainDINOError("no volumes to index")
     config = {"format": INDEX_FORMAT, "preprocessing": spec.to_dict(), "volumes": [str(p) for p in volumes]}
@@ -154,7 +162,9 @@ def build_index(
     (out_dir / "shards").mkdir(exist_ok=True)
     (out_dir / "records").mkdir(exist_ok=True)
     done = {i for i in range(len(volumes)) if (out_dir / "records" / f"{i:06d}.json").is_file()}
-    todo = [IndexJob(i, str(p), str(out_dir), spec.to_dict()) for i, p in enumerate(volumes) if i not in done]
+    todo = [
+        IndexJob(i, str(p), str(out_dir), spec.to_dict(), labels[p]) for i, p in enumerate(volumes) if i not in done
+    ]
     if stop_after is not None:
         todo = todo[:stop_after]
     finished = len(done)
@@ -226,7 +236,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.spec = PreprocessSpec.from_dict(self.info["preprocessing"])
         records = np.load(self.index_dir / "slices.npy")
         self.records = records[records["kept"]]
-        self.shards = {s["volume"]: s["shard"] for s in json.loads((self.index_dir / "volumes.json").read_text())}
+        self.volumes = json.loads((self.index_dir / "volumes.json").read_text())
+        self.shards = {v["volume"]: v["shard"] for v in self.volumes}
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -246,6 +257,29 @@ class SliceDataset(torch.utils.data.Dataset):
         record = self.records[i]
         canvas = np.asarray(self._shard(int(record["volume"]))[int(record["row"])], dtype=np.float32)
         return torch.from_numpy(canvas)[None].expand(self.spec.in_chans, -1, -1)
+
+    def descriptors(self, names: Sequence[str]) -> np.ndarray:
+        """(slices, len(names)) float32 subject descriptors of every kept slice, standardised over the volumes.
+
+        Raises:
+            BrainDINOError: a volume of the index has no value for one of ``names``.
+        """
+        table = {}
+        for volume in self.volumes:
+            if volume["status"] != "ok":
+                continue
+            missing = [n for n in names if n not in volume.get("labels", {})]
+            if missing:
+                raise BrainDINOError(
+                    f"{self.index_dir}: {volume['path']} has no {', '.join(missing)}; build the index from a "
+                    f"manifest (CSV) with numeric columns {', '.join(names)}"
+                )
+            table[volume["volume"]] = [volume["labels"][n] for n in names]
+        ids = sorted(table)
+        values = np.array([table[i] for i in ids], dtype=np.float64).reshape(len(ids), len(names))
+        values = (values - values.mean(axis=0)) / np.where(values.std(axis=0) > 0, values.std(axis=0), 1.0)
+        rows = np.searchsorted(ids, self.records["volume"])
+        return values[rows].astype(np.float32)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -1,18 +1,19 @@
 """The pretraining loop: optimizer, schedules, precision, checkpoints and logs around an objective.
 
-The objective (`objectives.dino.DINOObjective`) returns loss terms and owns its EMA teacher and
-centering; this loop owns everything else (the dinov2 split):
+The objective (``objective: dino | moco | mae | jepa | anatcl``, see `objectives.common.Objective`)
+makes its views, returns loss terms and owns its EMA teacher, centers and heads; this loop owns
+everything else (the dinov2 split):
 
 - AdamW with per-step cosine schedules (learning rate with linear warm-up, weight decay, teacher
   momentum) and a teacher-temperature warm-up, all precomputed and indexed by step;
 - parameter groups: no weight decay on biases, norms, LayerScale, tokens; layer-wise learning-rate
-  decay; patch embedding at a reduced rate; the prototype layer frozen during the first epoch;
+  decay; patch embedding at a reduced rate;
 - gradient clipping; bf16 autocast on GPU;
 - atomic checkpoints every N steps with model, optimizer, step, RNG states and resolved config,
   so ``resume`` continues exactly where the run stopped (data order included);
 - a non-finite loss stops the run with a clear message, leaving the last good checkpoint intact;
 - CSV and TensorBoard logs of every loss term, lr, wd, momentum, teacher temperature and collapse
-  monitors.
+  monitors, with a collapse verdict (`monitor.collapse_verdict`) at every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +35,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from BrainDINOLib.bundle import ModelCard, save_bundle
-from BrainDINOLib.encoder import encoder_config
+from BrainDINOLib.encoder import BrainEncoder, encoder_config
 from BrainDINOLib.engine import autocast_dtype, resolve_device
 from BrainDINOLib.errors import BrainDINOError
 
-from .augment import MultiCropConfig, multi_crop
-from .monitor import ProbeSet
+from .augment import MultiCropConfig
+from .monitor import ProbeSet, collapse_verdict
+from .objectives import OBJECTIVES
+from .objectives.anatcl import AnatCLConfig
 from .objectives.centering import is_distributed
-from .objectives.dino import DINOConfig, DINOObjective, encode_tokens
-from .objectives.masking import batch_masks
+from .objectives.common import Objective
+from .objectives.dino import DINOConfig
+from .objectives.jepa import JEPAConfig
+from .objectives.mae import MAEConfig
+from .objectives.moco import MoCoConfig
 from .slice_index import SliceDataset
 
 CHECKPOINT = "checkpoint.pt"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,9 @@ class TrainConfig:
 
     data: str = ""
     out_dir: str = "runs/pretrain"
+    objective: str = "dino"  # dino, moco, mae, jepa, anatcl (settings in the section of that name)
     encoder: str = "vit-tiny16-dinov3"
+    layer_scale_init: float = 1e-5  # DINOv2/v3's; larger (0.1) gives a fresh ViT input-dependent tokens sooner
     epochs: int = 2
     steps_per_epoch: int = 0  # 0: one pass over the index per epoch
     batch_size: int = 16
@@ -64,20 +74,25 @@ class TrainConfig:
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0
-    teacher_momentum: tuple[float, float] = (0.992, 1.0)
+    teacher_momentum: tuple[float, float] = (0.992, 1.0)  # also MoCo's momentum encoder, JEPA's target encoder
     teacher_temperature: tuple[float, float] = (0.04, 0.07)
     teacher_temperature_warmup_epochs: float = 1.0
-    freeze_last_layer_epochs: float = 1.0
-    mask_probability: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
     checkpoint_every: int = 50
     workers: int = 2  # data-loading processes (0: read in the training process)
     probe: str = ""  # labelled dataset for online kNN accuracy at every checkpoint (optional)
     probe_label: str = ""
     seed: int = 0
     device: str = "auto"
-    dino: DINOConfig = field(default_factory=DINOConfig)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    jepa: JEPAConfig = field(default_factory=JEPAConfig)
+    anatcl: AnatCLConfig = field(default_factory=AnatCLConfig)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise BrainDINOError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +101,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         values = dict(values)
         try:
-            nested = {"dino": DINOConfig, "crops": MultiCropConfig}
+            nested = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not MISSING}
             for key, kind in nested.items():
                 if key in values:
                     values[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values[key].items()})
@@ -162,19 +177,17 @@ class Schedules:
         )
 
 
-def parameter_groups(objective: DINOObjective, config: TrainConfig) -> list[dict]:
-    """AdamW groups: decay or not, layer-wise lr scale (blocks.i), patch embedding at a reduced rate."""
-    depth = objective.encoder_config.depth
+def parameter_groups(objective: Objective, config: TrainConfig) -> list[dict]:
+    """AdamW groups: decay or not, layer-wise lr scale (backbone blocks.i; heads, decoders and predictors
+    at the top rate), patch embedding at a reduced rate."""
+    depth = encoder_config(config.encoder).depth
     groups: dict[tuple[bool, float], list] = {}
-    named = [(f"backbone.{n}", p) for n, p in objective.student["backbone"].named_parameters()]
-    named += [(f"head.{n}", p) for n, p in objective.student["head"].named_parameters()]
-    named += [("mask_token", objective.mask_token)]
-    for name, parameter in named:
+    for name, parameter in objective.named_parameters():
         if not parameter.requires_grad:
             continue
         no_decay = parameter.ndim == 1 or name.endswith(".bias") or "token" in name or "gamma" in name
-        match = re.search(r"blocks\.(\d+)\.", name)
-        layer = int(match.group(1)) + 1 if match else (0 if name.startswith("backbone.") else depth + 1)
+        match = re.search(r"(?:^|\.)backbone\.blocks\.(\d+)\.", name)
+        layer = int(match.group(1)) + 1 if match else (0 if re.search(r"(?:^|\.)backbone\.", name) else depth + 1)
         scale = config.layer_decay ** (depth + 1 - layer)
         if "patch_embed" in name:
             scale *= config.patch_embed_lr_mult
@@ -206,9 +219,10 @@ class Trainer:
     """Runs, checkpoints and resumes one pretraining run in ``config.out_dir``.
 
     Under ``torchrun`` every process takes its share of each global batch (``batch_size`` is the
-    global batch), gradients are averaged by DDP, centering statistics are reduced across ranks,
-    and rank 0 writes checkpoints, logs and the exported bundle. KoLeo is computed within each
-    rank's share, as in DINOv2.
+    global batch), gradients are averaged by DDP, DINO's centering statistics are reduced and
+    MoCo's keys gathered across ranks, and rank 0 writes checkpoints, logs and the exported bundle.
+    KoLeo, JEPA's variance-covariance terms and AnatCL's contrast are computed within each rank's
+    share (as DINOv2 does for KoLeo); BatchNorm in MoCo's MLPs is synchronised across CUDA ranks.
     """
 
     def __init__(self, config: TrainConfig):
@@ -228,9 +242,23 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedules = Schedules.build(config, self.steps_per_epoch)
         torch.manual_seed(config.seed)
-        self.objective = DINOObjective(encoder_config(config.encoder), config.dino, spec.image_size, spec.in_chans)
+        objective_class, _, self.objective_title = OBJECTIVES[config.objective]
+        settings = getattr(config, config.objective)
+        self.objective: Objective = objective_class(
+            encoder_config(config.encoder), settings, config.crops, spec.image_size, spec.in_chans
+        )
+        with torch.no_grad():  # every ViT copy (student, teacher) starts with the same LayerScale
+            for module in self.objective.modules():
+                for gamma in (getattr(module, "gamma_1", None), getattr(module, "gamma_2", None)):
+                    if isinstance(gamma, torch.nn.Parameter):
+                        gamma.fill_(config.layer_scale_init)
+        if self.world > 1 and self.device.type == "cuda":
+            self.objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
         self.objective.to(self.device)
-        self.model = (  # the mask token sits out steps without masked patches, hence find_unused_parameters
+        self.descriptors = None
+        if self.objective.descriptor_names:
+            self.descriptors = torch.from_numpy(self.dataset.descriptors(self.objective.descriptor_names))
+        self.model = (  # DINO's mask token sits out steps without masked patches, hence find_unused_parameters
             DistributedDataParallel(self.objective, broadcast_buffers=False, find_unused_parameters=True)
             if self.world > 1
             else self.objective
@@ -238,7 +266,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective, config), betas=(0.9, 0.999))
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
         self.step = 0
-        self.grid = encoder_config(config.encoder).patch_grid(config.crops.global_size)
+        self.embed_dim = encoder_config(config.encoder).embed_dim
         self.probe = None
         if config.probe:
             if not config.probe_label:
@@ -303,18 +331,16 @@ class Trainer:
         )
 
     def train_step(self, images: torch.Tensor) -> dict:
-        """One optimisation step on (local batch, C, H, W) slices."""
+        """One optimisation step on this rank's (local batch, C, H, W) slices of step ``self.step``."""
         config, step = self.config, self.step
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules.lr[step]) * group["lr_scale"]  # plain floats: checkpoints stay loadable
             group["weight_decay"] = float(self.schedules.weight_decay[step]) if group["apply_wd"] else 0.0
-        global_crops, local_crops = multi_crop(images.to(self.device, non_blocking=True), config.crops, self.generator)
-        masks = batch_masks(
-            2 * self.local_batch, self.grid, self.generator, config.mask_probability, config.mask_ratio
-        ).to(self.device)
+        descriptors = None if self.descriptors is None else self.descriptors[self.step_indices(step)]
+        inputs = self.objective.make_inputs(images.to(self.device, non_blocking=True), self.generator, descriptors)
         dtype = autocast_dtype(self.device)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            output = self.model(global_crops, local_crops, masks, float(self.schedules.teacher_temperature[step]))
+            output = self.model(inputs, float(self.schedules.teacher_temperature[step]))
         loss = output.losses["loss"]
         if not torch.isfinite(loss):
             raise BrainDINOError(
@@ -323,14 +349,12 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if step < config.freeze_last_layer_epochs * self.steps_per_epoch:
-            for parameter in self.objective.student["head"].last_layer.parameters():
-                parameter.grad = None
+        self.objective.after_backward(step / self.steps_per_epoch)
         if config.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.objective.student.parameters(), config.clip_grad)
+            trained = [p for p in self.objective.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(trained, config.clip_grad)
         self.optimizer.step()
-        self.objective.update_teacher(float(self.schedules.momentum[step]))
-        self.objective.update_centers(output)
+        self.objective.after_step(output, float(self.schedules.momentum[step]))
         self.step += 1
         names = list(output.losses) + list(output.metrics)
         values = torch.tensor(
@@ -374,6 +398,9 @@ class Trainer:
             checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == stop
             if self.probe is not None:  # a fixed column, filled at checkpoints (rank 0 only)
                 row["knn_accuracy"] = self._probe_accuracy() if checkpoint_now and self.rank == 0 else ""
+            row["collapse"] = collapse_verdict(row, self.embed_dim) if checkpoint_now else ""
+            if row["collapse"] and self.rank == 0:
+                logger.warning("step %d: %s", self.step, row["collapse"])
             rows.append(row)
             if board is not None:
                 new = not log_path.exists()
@@ -383,7 +410,7 @@ class Trainer:
                         writer.writeheader()
                     writer.writerow(row)
                 for name, value in row.items():
-                    if name != "step" and value != "":
+                    if name not in ("step", "collapse") and value != "":
                         board.add_scalar(name, value, self.step)
             if checkpoint_now:
                 self.save_checkpoint()
@@ -394,25 +421,39 @@ class Trainer:
         return rows
 
     def _probe_accuracy(self) -> float:
-        teacher = self.objective.teacher["backbone"]
-        return self.probe.accuracy(lambda x: encode_tokens(teacher, x)[0], self.dataset.spec.in_chans, self.device)
+        return self.probe.accuracy(self.objective.embed, self.dataset.spec.in_chans, self.device)
 
-    def export(self, directory: str | Path) -> Path:
-        """The teacher backbone as a model bundle with a card describing this run."""
+    def export(self, directory: str | Path, command: str = "") -> Path:
+        """The exported backbone (DINO's teacher, ...) as a model bundle with a card describing this run.
+
+        Args:
+            command: the command line that started the run (recorded in the model card).
+        """
         last = {}
         log_path = self.out_dir / "log.csv"
         if log_path.is_file():
             with open(log_path) as handle:
                 rows = list(csv.DictReader(handle))
                 last = rows[-1] if rows else {}
+        config = self.config
         card = ModelCard(
             name=Path(directory).name,
-            description=f"{self.config.encoder} pretrained with DINO + iBOT + KoLeo on {self.config.data}",
-            encoder=encoder_config(self.config.encoder),
+            description=f"{config.encoder} pretrained with {self.objective_title} on {config.data}",
+            encoder=encoder_config(config.encoder),
             preprocessing=self.dataset.spec,
             random_init=False,
             intended_use="research on brain MRI features; not a medical device, not for clinical decisions",
-            training={"data": self.config.data, "steps": self.step, "config": self.config.to_dict()},
-            metrics={k: float(v) for k, v in last.items() if k != "step" and v != ""},
+            training={
+                "objective": config.objective,
+                "pooling": self.objective.pooling,
+                "data": config.data,
+                "slices": len(self.dataset),
+                "steps": self.step,
+                "command": command,
+                "config": config.to_dict(),
+            },
+            metrics={k: float(v) for k, v in last.items() if k not in ("step", "collapse") and v != ""},
         )
-        return save_bundle(directory, self.objective.teacher_encoder(), card, overwrite=True).path
+        encoder = BrainEncoder(encoder_config(config.encoder), self.dataset.spec.image_size, self.dataset.spec.in_chans)
+        encoder.load_weights(self.objective.export_backbone().state_dict(), f"{config.objective} run {config.out_dir}")
+        return save_bundle(directory, encoder.eval(), card, overwrite=True).path

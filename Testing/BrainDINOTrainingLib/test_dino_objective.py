@@ -8,7 +8,6 @@ import torch
 from BrainDINOLib.encoder import encoder_config
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
 from BrainDINOTrainingLib.objectives.dino import DINOConfig, DINOObjective
-from BrainDINOTrainingLib.objectives.masking import batch_masks
 from BrainDINOTrainingLib.slice_index import SliceDataset
 
 CROPS = MultiCropConfig(global_size=64, local_size=32, local_crops=2)
@@ -33,7 +32,7 @@ def test_multi_crop_shapes_and_determinism(slices):
 def _objective(**overrides) -> DINOObjective:
     torch.manual_seed(0)
     config = DINOConfig(prototypes=256, head_hidden_dim=128, head_bottleneck_dim=64, **overrides)
-    return DINOObjective(encoder_config("vit-tiny16-dinov3"), config, image_size=64)
+    return DINOObjective(encoder_config("vit-tiny16-dinov3"), config, CROPS, image_size=64)
 
 
 def test_teacher_is_a_separate_copy():
@@ -47,29 +46,26 @@ def test_a_few_steps_reduce_the_loss_and_export_a_working_encoder(slices):
     objective = _objective()
     generator = torch.Generator().manual_seed(1)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=5e-4)
-    global_crops, local_crops = multi_crop(slices, CROPS, generator)
-    masks = batch_masks(32, (4, 4), generator)
+    inputs = objective.make_inputs(slices, generator)
+    assert inputs["masks"].shape == (32, 4, 4) and inputs["masks"].any()
     losses = []
     for _ in range(12):
-        step = objective(global_crops, local_crops, masks, teacher_temperature=0.04)
+        step = objective(inputs, teacher_temperature=0.04)
         optimizer.zero_grad()
         step.losses["loss"].backward()
         optimizer.step()
-        objective.update_teacher(0.9)
-        objective.update_centers(step)
+        objective.after_step(step, 0.9)
         losses.append(step.losses["loss"].item())
     assert set(step.losses) == {"dino", "ibot", "koleo", "loss"}
     assert losses[-1] < losses[0]
     assert torch.count_nonzero(objective.cls_center.center) > 0
-    encoder = objective.teacher_encoder()
-    with torch.no_grad():
-        out = encoder(slices[:2])
-    assert out.cls.shape == (2, 96) and out.attention.shape == (2, 3, 4, 4)
+    assert objective.embed(slices[:2]).shape == (2, 96)
 
 
 def test_terms_switch_off_by_weight_and_sinkhorn_runs(slices):
     objective = _objective(ibot_weight=0.0, koleo_weight=0.0, centering="sinkhorn")
-    global_crops, local_crops = multi_crop(slices, CROPS, torch.Generator().manual_seed(2))
-    step = objective(global_crops, local_crops, torch.zeros(32, 4, 4, dtype=torch.bool), teacher_temperature=0.04)
+    inputs = objective.make_inputs(slices, torch.Generator().manual_seed(2))
+    assert not inputs["masks"].any()  # no iBOT term, no masks
+    step = objective(inputs, teacher_temperature=0.04)
     assert set(step.losses) == {"dino", "loss"} and torch.isfinite(step.losses["loss"])
     assert 0 < step.metrics["teacher_entropy"] <= torch.log(torch.tensor(256.0)).item() + 1e-4

@@ -33,7 +33,7 @@ DETERMINISTIC = [
     "crops.bias_probability=0",
     "crops.blur_probability=0",
     "crops.noise_probability=0",
-    "mask_probability=0",
+    "dino.mask_probability=0",
     "dino.koleo_weight=0",
     "steps_per_epoch=3",
 ]

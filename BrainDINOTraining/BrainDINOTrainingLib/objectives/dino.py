@@ -2,7 +2,7 @@
 
 The objective owns student, teacher (a separate EMA copy, never sharing parameters), heads,
 mask token and centering; ``forward`` computes the loss terms and metrics without changing any
-state; the trainer then calls `DINOObjective.update_teacher` and `DINOObjective.update_centers`.
+state; `DINOObjective.after_step` then moves the teacher and the centers.
 
 [0] Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
 [1] Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022.
@@ -15,22 +15,24 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from BrainDINOLib.encoder import BrainEncoder, EncoderConfig, build_vit
+from BrainDINOLib.encoder import EncoderConfig, build_vit
 from BrainDINOLib.errors import BrainDINOError
 
+from ..augment import MultiCropConfig, multi_crop
 from .centering import EMACenter, sinkhorn_knopp
+from .common import Objective, StepOutput, ema_update, embedding_std, encode_tokens
 from .dino_loss import DINOLoss
 from .heads import DINOHead
 from .ibot_loss import IBOTPatchLoss
 from .koleo_loss import KoLeoLoss
+from .masking import batch_masks
 
 
 @dataclass(frozen=True)
 class DINOConfig:
-    """Loss weights (a term is on when its weight is > 0) and head/centering settings."""
+    """Loss weights (a term is on when its weight is > 0), head, centering and masking settings."""
 
     prototypes: int = 4096
     head_hidden_dim: int = 2048
@@ -41,20 +43,13 @@ class DINOConfig:
     centering: str = "ema"  # "ema", "sinkhorn", or "none" (no centering: collapses; for demonstrations)
     center_momentum: float = 0.9
     student_temperature: float = 0.1
+    mask_probability: float = 0.5  # share of global crops with iBOT masks
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    freeze_last_layer_epochs: float = 1.0
 
     def __post_init__(self):
         if self.centering not in ("ema", "sinkhorn", "none"):
             raise BrainDINOError(f"centering must be 'ema', 'sinkhorn' or 'none', got '{self.centering}'")
-
-
-@dataclass
-class StepOutput:
-    """Loss terms (``loss`` is their weighted sum), metrics, and the teacher logits for centering."""
-
-    losses: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-    teacher_cls_logits: torch.Tensor
-    teacher_patch_logits: torch.Tensor | None
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -67,57 +62,38 @@ def collapse_metrics(teacher_probs: torch.Tensor, embeddings: torch.Tensor) -> d
 
     - ``teacher_entropy``: mean per-sample entropy of the targets; ln(K) = uniform collapse.
     - ``teacher_batch_entropy``: entropy of the batch-mean target; near 0 = one prototype for all.
-    - ``embedding_std``: mean per-dimension std of L2-normalised embeddings; ~1/sqrt(D) when
-      healthy, 0 when every sample maps to the same point.
+    - ``embedding_std``: see `common.embedding_std`.
     """
-    normalized = F.normalize(embeddings.float(), dim=-1)
     return {
         "teacher_entropy": float(entropy(teacher_probs).mean()),
         "teacher_batch_entropy": float(entropy(teacher_probs.mean(dim=0))),
-        "embedding_std": float(normalized.std(dim=0).mean()),
+        "embedding_std": embedding_std(embeddings),
     }
 
 
-def encode_tokens(
-    model: nn.Module, images: torch.Tensor, mask_token: torch.Tensor | None = None, masks: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a timm DINOv3-family ViT (``Eva``) with masked patches replaced by a mask token.
-
-    Args:
-        images: (B, C, H, W).
-        mask_token: (D,) learnable embedding for masked patches.
-        masks: (B, h, w) bool, True where the patch is masked.
-
-    Returns:
-        (cls, patches): (B, D) and (B, h*w, D), final-normed.
-    """
-    x = model.patch_embed(images)  # (B, h, w, D) for dynamic-size models
-    if masks is not None and masks.any():  # index_put is ~3x cheaper than torch.where here (fwd + bwd)
-        x = x.clone()
-        x[masks] = mask_token.to(x.dtype)
-    x, rope = model._pos_embed(x)
-    x = model.norm_pre(x)
-    for block in model.blocks:
-        x = block(x, rope=rope)
-    x = model.norm(x)
-    return x[:, 0], x[:, model.num_prefix_tokens :]
-
-
-class DINOObjective(nn.Module):
-    """Student/teacher pair trained with the DINOv2 recipe.
+class DINOObjective(Objective):
+    """Student/teacher pair trained with the DINOv2 recipe on 2 global + N local crops.
 
     Args:
         encoder: architecture of the student backbone (DINOv3 family); the teacher is a deep copy.
-        config: loss weights and head sizes.
-        image_size, in_chans: global crop size and channels.
+        config: loss weights, head sizes, centering, iBOT masking.
+        crops: multi-crop recipe.
+        image_size, in_chans: canvas size and channels of the slices.
     """
 
-    def __init__(self, encoder: EncoderConfig, config: DINOConfig, image_size: int = 224, in_chans: int = 3):
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        config: DINOConfig,
+        crops: MultiCropConfig,
+        image_size: int = 224,
+        in_chans: int = 3,
+    ):
         super().__init__()
         if encoder.family != "dinov3":
             raise BrainDINOError(f"pretraining needs a DINOv3-family encoder, got {encoder.name}")
-        self.config = config
-        self.encoder_config, self.image_size, self.in_chans = encoder, image_size, in_chans
+        self.config, self.crops = config, crops
+        self.grid = encoder.patch_grid(crops.global_size)
         dim = encoder.embed_dim
         self.student = nn.ModuleDict(
             {
@@ -134,6 +110,12 @@ class DINOObjective(nn.Module):
         self.ibot_loss = IBOTPatchLoss(config.student_temperature)
         self.koleo_loss = KoLeoLoss()
 
+    def make_inputs(self, images, generator, descriptors=None) -> dict:
+        global_crops, local_crops = multi_crop(images, self.crops, generator)
+        probability = self.config.mask_probability if self.config.ibot_weight > 0 else 0.0
+        masks = batch_masks(2 * images.shape[0], self.grid, generator, probability, self.config.mask_ratio)
+        return {"global_crops": global_crops, "local_crops": local_crops, "masks": masks.to(images.device)}
+
     def _targets(self, logits: torch.Tensor, center: EMACenter, temperature: float) -> torch.Tensor:
         if self.config.centering == "sinkhorn":
             return sinkhorn_knopp(logits, temperature)
@@ -141,20 +123,14 @@ class DINOObjective(nn.Module):
             return torch.softmax(logits.float() / temperature, dim=-1)
         return center.probabilities(logits, temperature)
 
-    def forward(
-        self,
-        global_crops: list[torch.Tensor],
-        local_crops: list[torch.Tensor],
-        masks: torch.Tensor,
-        teacher_temperature: float,
-    ) -> StepOutput:
+    def forward(self, inputs: dict, teacher_temperature: float) -> StepOutput:
         """
         Args:
-            global_crops: 2 tensors (B, C, G, G).
-            local_crops: tensors (B, C, L, L).
-            masks: (2B, g, g) bool iBOT masks for the global crops (in ``torch.cat(global_crops)`` order).
+            inputs: from `make_inputs`: ``global_crops`` 2 x (B, C, G, G), ``local_crops`` N x (B, C, L, L),
+                ``masks`` (2B, g, g) bool iBOT masks in ``torch.cat(global_crops)`` order.
             teacher_temperature: current teacher softmax temperature.
         """
+        global_crops, local_crops, masks = inputs["global_crops"], inputs["local_crops"], inputs["masks"]
         batch = global_crops[0].shape[0]
         config = self.config
         globals_ = torch.cat(global_crops)
@@ -188,25 +164,27 @@ class DINOObjective(nn.Module):
         losses["loss"] = sum(weights[name] * value for name, value in losses.items())
 
         with torch.no_grad():
-            metrics = collapse_metrics(teacher_probs, student_cls[:batch])
-        return StepOutput(losses, metrics, teacher_cls_logits, teacher_patch_logits if use_patches else None)
+            metrics = collapse_metrics(teacher_probs, teacher_cls[:batch])
+        state = {"teacher_cls_logits": teacher_cls_logits}
+        if use_patches:
+            state["teacher_patch_logits"] = teacher_patch_logits
+        return StepOutput(losses, metrics, state)
+
+    def after_backward(self, epoch: float) -> None:
+        """The prototypes stay fixed during the first epoch(s): an unstable start otherwise [0]."""
+        if epoch < self.config.freeze_last_layer_epochs:
+            for parameter in self.student["head"].last_layer.parameters():
+                parameter.grad = None
 
     @torch.no_grad()
-    def update_centers(self, step: StepOutput) -> None:
-        """EMA centering: fold this step's teacher logits into the centers (no-op with Sinkhorn-Knopp)."""
+    def after_step(self, output: StepOutput, momentum: float) -> None:
+        """Teacher EMA, then EMA centering (no-op with Sinkhorn-Knopp or no centering)."""
+        ema_update(self.teacher, self.student, momentum)
         if self.config.centering == "ema":
-            self.cls_center.update(step.teacher_cls_logits)
-            if step.teacher_patch_logits is not None and len(step.teacher_patch_logits):
-                self.patch_center.update(step.teacher_patch_logits)
+            self.cls_center.update(output.state["teacher_cls_logits"])
+            patch_logits = output.state.get("teacher_patch_logits")
+            if patch_logits is not None and len(patch_logits):
+                self.patch_center.update(patch_logits)
 
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student."""
-        for teacher, student in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
-            teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
-
-    def teacher_encoder(self) -> BrainEncoder:
-        """The teacher backbone as a `BrainEncoder` (for export as a bundle and for inference)."""
-        encoder = BrainEncoder(self.encoder_config, self.image_size, self.in_chans)
-        encoder.load_weights(self.teacher["backbone"].state_dict(), "teacher")
-        return encoder.eval()
+    def export_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
