@@ -99,15 +99,50 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        values = dict(values)
+        """Checked against the field types: ``1e-5`` (a string to YAML) becomes a float, a wrong type is an error."""
+        return _build(cls, values, "")
+
+
+_SCALARS = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+def _convert(name: str, value, annotation: str):
+    """``value`` as the annotated type (``float``, ``tuple[float, float]``, ...), or a BrainDINOError."""
+    if annotation.startswith("tuple["):
+        if not isinstance(value, list | tuple):
+            raise BrainDINOError(f"invalid training configuration: {name} must be a list, got {value!r}")
+        items = [a.strip() for a in annotation[6:-1].split(",")]
+        if items[-1] != "...":
+            if len(items) != len(value):
+                raise BrainDINOError(f"invalid training configuration: {name} needs {len(items)} values, got {value!r}")
+            return tuple(_convert(name, v, a) for v, a in zip(value, items, strict=True))
+        return tuple(_convert(name, v, items[0]) for v in value)
+    kind = _SCALARS[annotation]
+    if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
         try:
-            nested = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not MISSING}
-            for key, kind in nested.items():
-                if key in values:
-                    values[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values[key].items()})
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-        except TypeError as error:
-            raise BrainDINOError(f"invalid training configuration: {error}") from error
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BrainDINOError(f"invalid training configuration: {name} must be {annotation}, got {value!r}")
+    return value
+
+
+def _build(kind, values: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise BrainDINOError(f"invalid training configuration: unknown setting {prefix}{unknown[0]}")
+    converted = {}
+    for name, value in values.items():
+        field_ = fields[name]
+        if field_.default_factory is not MISSING:  # a nested section
+            if not isinstance(value, dict):
+                raise BrainDINOError(f"invalid training configuration: {prefix}{name} must be a section")
+            converted[name] = _build(field_.default_factory, value, f"{prefix}{name}.")
+        else:
+            converted[name] = _convert(prefix + name, value, field_.type)
+    return kind(**converted)
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"

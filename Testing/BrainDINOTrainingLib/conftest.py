@@ -17,15 +17,18 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def index64(tmp_path_factory, cohort):
-    """A slice index (64-px canvases) of two cohort subjects, for the training tests."""
+    """A slice index (64-px canvases) of three cohort subjects with their manifest labels, for the training tests."""
     import shutil
 
     from BrainDINOLib.preprocess import PreprocessSpec
     from BrainDINOTrainingLib.slice_index import build_index
 
     folder = tmp_path_factory.mktemp("train-data")
-    for subject in ("phantom-0000", "phantom-0001"):
+    subjects = ("phantom-0000", "phantom-0001", "phantom-0002")
+    for subject in subjects:
         shutil.copytree(cohort / subject, folder / subject)
+    lines = (cohort / "manifest.csv").read_text().splitlines(keepends=True)
+    (folder / "manifest.csv").write_text("".join([lines[0]] + [line for line in lines if line.startswith(subjects)]))
     out = tmp_path_factory.mktemp("train-index") / "idx"
-    build_index([folder], out, PreprocessSpec(image_size=64))
+    build_index([folder / "manifest.csv"], out, PreprocessSpec(image_size=64))
     return out

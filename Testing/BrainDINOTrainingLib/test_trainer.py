@@ -120,8 +120,8 @@ def test_pretrain_command_exports_a_bundle_that_infer_uses(tmp_path, index, coho
     assert "teacher exported to" in capsys.readouterr().out
     assert (run / "checkpoint.pt").is_file() and (run / "log.csv").read_text().count("\n") == 4
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
-    scan = cohort / "phantom-0002" / "phantom-0002_t1.nii.gz"
+    scan = cohort / "phantom-0005" / "phantom-0005_t1.nii.gz"
     assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(run / "bundle"), "-q"]) == 0
-    assert (tmp_path / "out" / "phantom-0002_t1_attention.nii.gz").is_file()
+    assert (tmp_path / "out" / "phantom-0005_t1_attention.nii.gz").is_file()
     assert main(["pretrain", "--config", "no-such-config", "--data", str(index)]) == 2
     assert "no training config 'no-such-config'" in capsys.readouterr().err
