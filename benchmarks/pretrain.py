@@ -1,17 +1,20 @@
-"""Pretraining throughput: our DINO step vs the `lightly` package's, same backbone, crops and batch.
+"""Pretraining throughput per objective, and our DINO step vs the `lightly` package's.
 
-For each config, in its own process (so ``peak_rss_mb`` is its own): axial slices of the MNI
-template are cropped once (2 global + local crops); then, timed over the same crops:
+For each config and objective, in its own process (so ``peak_rss_mb`` is its own): axial slices of
+the MNI template are turned into the objective's inputs once (crops, masks; augmentation is not
+timed), then full training steps are timed on them: forward, backward, AdamW step, EMA/centering
+updates.
 
-- ``dino``: our `DINOObjective` with only the DINO term (EMA centering), AdamW step, EMA update,
-  timed interleaved with the peer;
-- ``dino+ibot+koleo``: our default objective (iBOT masks on half the global crops, KoLeo);
-- the peer: lightly's ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum`` around the same
-  timm backbone (CLS token), AdamW step.
+- ``dino``: our `DINOObjective` with only the DINO term (EMA centering), timed interleaved with the
+  peer: lightly's ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum`` around the same timm
+  backbone (CLS token), same crops and batch, AdamW step;
+- ``dino+ibot+koleo`` (our default), ``moco``, ``mae``, ``jepa``, ``anatcl``: the objectives with the
+  settings of the config file (tiny-cpu.yaml sections; paper defaults for vit-s16).
 
-One JSON object per objective and config; ``ratio`` = ours / peer images per second (DINO only).
+``images_per_s`` counts input slices (one slice makes 2 + local crops views for DINO, 2 for MoCo
+and AnatCL, 1 for MAE and JEPA); ``ratio`` = ours / peer (DINO only). One JSON object per line.
 
-    python benchmarks/pretrain.py [--config tiny-cpu --config vit-s16] [--steps 3]
+    python benchmarks/pretrain.py [--config tiny-cpu --config vit-s16] [--objective mae] [--steps 3]
 """
 
 from __future__ import annotations
@@ -25,24 +28,21 @@ import time
 
 import torch
 
-CONFIGS = {  # encoder, batch, local crops, prototypes
+CONFIGS = {  # encoder, batch, local crops, DINO prototypes (smaller than the YAMLs' so a CPU can time them)
     "tiny-cpu": ("vit-tiny16-dinov3", 16, 4, 1024),
     "vit-s16": ("vit-s16-dinov3", 8, 4, 4096),
 }
+OBJECTIVES = ["dino", "dino+ibot+koleo", "moco", "mae", "jepa", "anatcl"]
 
 
-def _crops(batch: int, local_crops: int):
+def _slices(batch: int) -> torch.Tensor:
     from BrainDINOLib.preprocess import PreprocessSpec, prepare
     from BrainDINOLib.sample_data import mni_path
     from BrainDINOLib.volume import load_volume
-    from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
 
     prepared = prepare(load_volume(mni_path("t1")), PreprocessSpec())
     chosen = prepared.slices[torch.linspace(0, len(prepared.slices) - 1, batch).long().numpy()]
-    crops = multi_crop(
-        prepared.model_input(chosen), MultiCropConfig(local_crops=local_crops), torch.Generator().manual_seed(0)
-    )
-    return crops
+    return prepared.model_input(chosen)
 
 
 def _time(*steps, rounds: int) -> list[float]:
@@ -58,34 +58,36 @@ def _time(*steps, rounds: int) -> list[float]:
     return [t / rounds for t in totals]
 
 
-def ours(encoder: str, prototypes: int, crops, full: bool):
-    """One training step of our objective (a closure)."""
+def ours(config_name: str, objective_name: str, slices: torch.Tensor):
+    """One training step of our objective on fixed inputs (a closure)."""
     from BrainDINOLib.encoder import encoder_config
-    from BrainDINOTrainingLib.objectives.dino import DINOConfig, DINOObjective
-    from BrainDINOTrainingLib.objectives.masking import batch_masks
+    from BrainDINOTrainingLib.trainer import OBJECTIVES as CLASSES
+    from BrainDINOTrainingLib.trainer import load_config
 
+    encoder, _, local_crops, prototypes = CONFIGS[config_name]
+    name = "dino" if objective_name.startswith("dino") else objective_name
+    assignments = [f"crops.local_crops={local_crops}", "crops.global_size=224", "crops.local_size=96"]
+    assignments += [f"dino.prototypes={prototypes}", "dino.head_hidden_dim=2048", "dino.head_bottleneck_dim=256"]
+    if objective_name == "dino":
+        assignments += ["dino.ibot_weight=0", "dino.koleo_weight=0"]
+    config = load_config(config_name, {"encoder": encoder, "objective": name}, assignments)
     torch.manual_seed(0)
-    config = DINOConfig(prototypes=prototypes, ibot_weight=1.0 if full else 0.0, koleo_weight=0.1 if full else 0.0)
-    objective = DINOObjective(encoder_config(encoder), config)
+    objective = CLASSES[name](encoder_config(encoder), getattr(config, name), config.crops)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
-    global_crops, local_crops = crops
-    grid = encoder_config(encoder).patch_grid(224)
-    masks = batch_masks(
-        2 * global_crops[0].shape[0], grid, torch.Generator().manual_seed(1), probability=0.5 if full else 0.0
-    )
+    descriptors = torch.randn(len(slices), 3, generator=torch.Generator().manual_seed(2))
+    inputs = objective.make_inputs(slices, torch.Generator().manual_seed(1), descriptors)
 
     def step():
-        output = objective(global_crops, local_crops, masks, 0.04)
+        output = objective(inputs, 0.04)
         optimizer.zero_grad(set_to_none=True)
         output.losses["loss"].backward()
         optimizer.step()
-        objective.update_teacher(0.996)
-        objective.update_centers(output)
+        objective.after_step(output, 0.996)
 
-    return step
+    return step, inputs
 
 
-def peer(encoder: str, prototypes: int, crops):
+def peer(encoder: str, prototypes: int, global_crops: list, local_crops: list):
     """One training step of lightly's DINO around the same backbone (a closure)."""
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
@@ -106,7 +108,6 @@ def peer(encoder: str, prototypes: int, crops):
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=prototypes, warmup_teacher_temp=0.04, teacher_temp=0.04)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    global_crops, local_crops = crops
 
     def embed(modules, x):
         return modules["head"](modules["backbone"].forward_features(x)[:, 0])
@@ -126,28 +127,22 @@ def peer(encoder: str, prototypes: int, crops):
 
 def run_one(config: str, objective: str) -> dict:
     encoder, batch, local_crops, prototypes = CONFIGS[config]
-    crops = _crops(batch, local_crops)
-    images = batch * (2 + local_crops)
-    row = {
-        "objective": objective,
-        "config": config,
-        "encoder": encoder,
-        "batch": batch,
-        "crops": f"2x224 + {local_crops}x96",
-        "prototypes": prototypes,
-    }
+    slices = _slices(batch)
+    row = {"objective": objective, "config": config, "encoder": encoder, "batch": batch}
+    step, inputs = ours(config, objective, slices)
     if objective == "dino":
-        seconds, peer_seconds = _time(
-            ours(encoder, prototypes, crops, full=False), peer(encoder, prototypes, crops), rounds=ARGS.steps
-        )
+        peer_step = peer(encoder, prototypes, inputs["global_crops"], inputs["local_crops"])
+        seconds, peer_seconds = _time(step, peer_step, rounds=ARGS.steps)
         row.update(
-            images_per_s=round(images / seconds, 2),
-            peer_images_per_s=round(images / peer_seconds, 2),
+            crops=f"2x224 + {local_crops}x96",
+            prototypes=prototypes,
+            images_per_s=round(batch / seconds, 2),
+            peer_images_per_s=round(batch / peer_seconds, 2),
             ratio=round(peer_seconds / seconds, 3),
         )
     else:
-        (seconds,) = _time(ours(encoder, prototypes, crops, full=True), rounds=ARGS.steps)
-        row.update(images_per_s=round(images / seconds, 2))
+        (seconds,) = _time(step, rounds=ARGS.steps)
+        row.update(images_per_s=round(batch / seconds, 2))
     row.update(
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         threads=torch.get_num_threads(),
@@ -159,13 +154,13 @@ def run_one(config: str, objective: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, action="append")
-    parser.add_argument("--objective", choices=["dino", "dino+ibot+koleo"], action="append")
+    parser.add_argument("--objective", choices=OBJECTIVES, action="append")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     global ARGS
     ARGS = parser.parse_args()
     configs = ARGS.config or list(CONFIGS)
-    objectives = ARGS.objective or ["dino", "dino+ibot+koleo"]
+    objectives = ARGS.objective or OBJECTIVES
     if ARGS.in_process:
         print(json.dumps(run_one(configs[0], objectives[0])), flush=True)
         return

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from BrainDINOLib import cli
 from BrainDINOLib.errors import BrainDINOError
+
+from .objectives import TITLES
 
 
 def _default_workers() -> int:
@@ -77,16 +81,20 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
     """``pretrain``."""
     pretrain = subparsers.add_parser(
         "pretrain",
-        help="self-supervised pretraining (DINO + iBOT + KoLeo) on a slice index",
-        description="Pretrain an encoder on the slices of an index ('braindino index'): DINO CLS loss, iBOT "
-        "masked-patch loss and KoLeo, EMA teacher, multi-crop MRI augmentation. Checkpoints are "
-        "written atomically to OUT_DIR; --resume continues exactly. At the end the teacher is "
-        "exported as a model bundle (OUT_DIR/bundle) that 'braindino infer --bundle' uses.",
+        help="self-supervised pretraining (DINO + iBOT + KoLeo, or a baseline) on a slice index",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain an encoder on the slices of an index ('braindino index'). Objectives:\n"
+        + "\n".join(f"  {name:7} {title}" for name, title in TITLES.items())
+        + "\nCheckpoints are written atomically to OUT_DIR; --resume continues exactly. log.csv and TensorBoard\n"
+        "hold every loss term and the collapse monitors. At the end the encoder (DINO's teacher) is exported\n"
+        "as a model bundle (OUT_DIR/bundle) that 'braindino infer --bundle' uses.\n"
+        "Many GPUs: torchrun --nproc_per_node=N -m BrainDINOTrainingLib pretrain ... (batch_size is global).",
     )
     pretrain.add_argument(
         "--config", default="tiny-cpu", help="tiny-cpu (default), vit-s16, vit-b16-braindino or a YAML"
     )
     pretrain.add_argument("--data", help="slice index folder")
+    pretrain.add_argument("--objective", choices=list(TITLES), help="default: the config's (dino)")
     pretrain.add_argument("-o", "--out-dir", help="run folder (checkpoint.pt, log.csv, config.json, bundle/)")
     pretrain.add_argument(
         "--set",
@@ -103,15 +111,16 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
 def _pretrain(args) -> None:
     from .trainer import Trainer, load_config
 
-    config = load_config(args.config, {"data": args.data, "out_dir": args.out_dir, "device": args.device}, args.set)
+    overrides = {"data": args.data, "out_dir": args.out_dir, "device": args.device, "objective": args.objective}
+    config = load_config(args.config, overrides, args.set)
     if not config.data:
         raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")
     trainer = Trainer(config)
     with cli.ProgressBar("pretraining", "step") as progress:
         trainer.fit(resume=args.resume, progress=progress)
     if trainer.rank == 0:
-        bundle = trainer.export(Path(config.out_dir) / "bundle")
-        print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; teacher exported to {bundle}")
+        bundle = trainer.export(Path(config.out_dir) / "bundle", command=shlex.join(["braindino", *sys.argv[1:]]))
+        print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; encoder exported to {bundle}")
 
 
 def _cohort_make(args) -> None:

@@ -31,6 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -41,17 +47,25 @@ from BrainDINOLib.errors import BrainDINOError
 
 from .augment import MultiCropConfig
 from .monitor import ProbeSet, collapse_verdict
-from .objectives import OBJECTIVES
-from .objectives.anatcl import AnatCLConfig
+from .objectives import TITLES
+from .objectives.anatcl import AnatCLConfig, AnatCLObjective
 from .objectives.centering import is_distributed
 from .objectives.common import Objective
-from .objectives.dino import DINOConfig
-from .objectives.jepa import JEPAConfig
-from .objectives.mae import MAEConfig
-from .objectives.moco import MoCoConfig
+from .objectives.dino import DINOConfig, DINOObjective
+from .objectives.jepa import JEPAConfig, JEPAObjective
+from .objectives.mae import MAEConfig, MAEObjective
+from .objectives.moco import MoCoConfig, MoCoObjective
 from .slice_index import SliceDataset
 
 CHECKPOINT = "checkpoint.pt"
+OBJECTIVES = {
+    "dino": DINOObjective,
+    "moco": MoCoObjective,
+    "mae": MAEObjective,
+    "jepa": JEPAObjective,
+    "anatcl": AnatCLObjective,
+}
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, on rank 0's CPU
 logger = logging.getLogger(__name__)
 
 
@@ -79,6 +93,7 @@ class TrainConfig:
     teacher_temperature_warmup_epochs: float = 1.0
     checkpoint_every: int = 50
     workers: int = 2  # data-loading processes (0: read in the training process)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (parameters sharded, FSDP2)
     probe: str = ""  # labelled dataset for online kNN accuracy at every checkpoint (optional)
     probe_label: str = ""
     seed: int = 0
@@ -93,6 +108,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise BrainDINOError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise BrainDINOError(f"parallel must be 'ddp' or 'fsdp', got '{self.parallel}'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,9 +294,8 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedules = Schedules.build(config, self.steps_per_epoch)
         torch.manual_seed(config.seed)
-        objective_class, _, self.objective_title = OBJECTIVES[config.objective]
         settings = getattr(config, config.objective)
-        self.objective: Objective = objective_class(
+        self.objective: Objective = OBJECTIVES[config.objective](
             encoder_config(config.encoder), settings, config.crops, spec.image_size, spec.in_chans
         )
         with torch.no_grad():  # every ViT copy (student, teacher) starts with the same LayerScale
@@ -293,11 +309,9 @@ class Trainer:
         self.descriptors = None
         if self.objective.descriptor_names:
             self.descriptors = torch.from_numpy(self.dataset.descriptors(self.objective.descriptor_names))
-        self.model = (  # DINO's mask token sits out steps without masked patches, hence find_unused_parameters
-            DistributedDataParallel(self.objective, broadcast_buffers=False, find_unused_parameters=True)
-            if self.world > 1
-            else self.objective
-        )
+        names = {id(module): name for name, module in self.objective.named_modules()}
+        self.export_prefix = names[id(self.objective.export_backbone())] + "."
+        self.model = self._parallel()
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective, config), betas=(0.9, 0.999))
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
         self.step = 0
@@ -308,24 +322,51 @@ class Trainer:
                 raise BrainDINOError("a probe set needs probe_label (the label column to classify)")
             self.probe = ProbeSet.load(config.probe, config.probe_label, spec)
 
+    def _parallel(self) -> torch.nn.Module:
+        """The module the step calls: the objective itself, or wrapped for DDP, or sharded in place by FSDP2."""
+        if self.world == 1:
+            return self.objective
+        if self.config.parallel == "ddp":  # DINO's mask token sits out steps without masks: find_unused_parameters
+            return DistributedDataParallel(self.objective, broadcast_buffers=False, find_unused_parameters=True)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for name, module in list(self.objective.named_modules()):
+            if name.endswith("blocks"):  # every transformer block is its own all-gather unit
+                for block in module:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(self.objective, mesh=mesh)  # the rest (embeddings, heads, norms) as one unit
+        return self.objective
+
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write atomically: the file is either the previous complete checkpoint or the new one."""
+    def checkpoint_state(self) -> dict | None:
+        """Everything a resume needs, gathered by every process; the dict on rank 0, None elsewhere.
+
+        Model and optimizer state are gathered in full (unsharded, keyed by parameter name): one file
+        format for one process, DDP and FSDP, and the exported encoder is read from it.
+        """
         generators = [self.generator.get_state()]
         if is_distributed():
             generators = [None] * self.world
             dist.all_gather_object(generators, self.generator.get_state())
+        model_state, optimizer_state = get_state_dict(self.objective, self.optimizer, options=FULL_STATE)
+        if self.rank != 0:
+            return None
+        return {
+            "objective": model_state,
+            "optimizer": optimizer_state,
+            "step": self.step,
+            "generators": generators,
+            "torch_rng": torch.get_rng_state(),
+            "config": json.dumps(self.config.to_dict()),
+        }
+
+    def save_checkpoint(self, state: dict | None) -> Path:
+        """Write atomically (rank 0): the file is either the previous complete checkpoint or the new one."""
         path = self.out_dir / CHECKPOINT
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            state = {
-                "objective": self.objective.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "generators": generators,
-                "torch_rng": torch.get_rng_state(),
-                "config": json.dumps(self.config.to_dict()),
-            }
             tmp = path.with_name(path.name + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, path)
@@ -340,8 +381,18 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         if json.loads(state["config"]) != json.loads(json.dumps(self.config.to_dict())):
             raise BrainDINOError(f"{path}: written with another configuration; resume with the same settings")
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_model_state_dict(self.objective, state["objective"], options=StateDictOptions(full_state_dict=True))
+        # Parameters that never had a gradient yet (DINO's prototypes, frozen early) have no saved state:
+        # load without them, then drop the zero state the loader made up, so their first step stays a first step.
+        set_optimizer_state_dict(
+            self.objective,
+            self.optimizer,
+            state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+        for name, parameter in self.objective.named_parameters():
+            if name not in state["optimizer"]["state"]:
+                self.optimizer.state.pop(parameter, None)
         if len(state["generators"]) != self.world:
             raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
         self.step = int(state["step"])
@@ -431,8 +482,9 @@ class Trainer:
         for images in self.loader(self.step, stop):
             row = self.train_step(images)
             checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == stop
+            state = self.checkpoint_state() if checkpoint_now else None
             if self.probe is not None:  # a fixed column, filled at checkpoints (rank 0 only)
-                row["knn_accuracy"] = self._probe_accuracy() if checkpoint_now and self.rank == 0 else ""
+                row["knn_accuracy"] = self._probe_accuracy(state["objective"]) if state is not None else ""
             row["collapse"] = collapse_verdict(row, self.embed_dim) if checkpoint_now else ""
             if row["collapse"] and self.rank == 0:
                 logger.warning("step %d: %s", self.step, row["collapse"])
@@ -448,22 +500,40 @@ class Trainer:
                     if name not in ("step", "collapse") and value != "":
                         board.add_scalar(name, value, self.step)
             if checkpoint_now:
-                self.save_checkpoint()
+                self.save_checkpoint(state)
             if progress and self.rank == 0:
                 progress(self.step, self.total_steps)
         if board is not None:
             board.close()
         return rows
 
-    def _probe_accuracy(self) -> float:
-        return self.probe.accuracy(self.objective.embed, self.dataset.spec.in_chans, self.device)
+    def _exported_encoder(self, objective_state: dict) -> BrainEncoder:
+        """The exported backbone (DINO's teacher, MoCo's query encoder, ...) of a full objective state dict."""
+        spec, prefix = self.dataset.spec, self.export_prefix
+        encoder = BrainEncoder(encoder_config(self.config.encoder), spec.image_size, spec.in_chans)
+        weights = {k[len(prefix) :]: v for k, v in objective_state.items() if k.startswith(prefix)}
+        encoder.load_weights(weights, f"{self.config.objective} run in {self.out_dir}")
+        return encoder.to(self.device).eval()
+
+    def _probe_accuracy(self, objective_state: dict) -> float:
+        """kNN accuracy of the exported encoder's embeddings (pooled as the objective pools them)."""
+        encoder = self._exported_encoder(objective_state)
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            output = encoder(images)
+            return output.cls if self.objective.pooling == "cls" else output.patch_tokens.mean(dim=(1, 2))
+
+        return round(self.probe.accuracy(embed, self.dataset.spec.in_chans, self.device), 4)
 
     def export(self, directory: str | Path, command: str = "") -> Path:
-        """The exported backbone (DINO's teacher, ...) as a model bundle with a card describing this run.
+        """The run's last checkpoint as a model bundle (the objective's exported backbone) with a model card.
+
+        Reads the checkpoint file, so one process can export a run that many trained.
 
         Args:
             command: the command line that started the run (recorded in the model card).
         """
+        state = torch.load(self.out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
         last = {}
         log_path = self.out_dir / "log.csv"
         if log_path.is_file():
@@ -473,7 +543,7 @@ class Trainer:
         config = self.config
         card = ModelCard(
             name=Path(directory).name,
-            description=f"{config.encoder} pretrained with {self.objective_title} on {config.data}",
+            description=f"{config.encoder} pretrained with {TITLES[config.objective]} on {config.data}",
             encoder=encoder_config(config.encoder),
             preprocessing=self.dataset.spec,
             random_init=False,
@@ -483,12 +553,11 @@ class Trainer:
                 "pooling": self.objective.pooling,
                 "data": config.data,
                 "slices": len(self.dataset),
-                "steps": self.step,
+                "steps": int(state["step"]),
                 "command": command,
                 "config": config.to_dict(),
             },
             metrics={k: float(v) for k, v in last.items() if k not in ("step", "collapse") and v != ""},
         )
-        encoder = BrainEncoder(encoder_config(config.encoder), self.dataset.spec.image_size, self.dataset.spec.in_chans)
-        encoder.load_weights(self.objective.export_backbone().state_dict(), f"{config.objective} run {config.out_dir}")
-        return save_bundle(directory, encoder.eval(), card, overwrite=True).path
+        encoder = self._exported_encoder(state["objective"]).cpu()
+        return save_bundle(directory, encoder, card, overwrite=True).path

@@ -1,4 +1,5 @@
-"""Real processes: a 2-process torchrun (gloo, CPU) run matches one process; SIGKILL then resume is exact."""
+"""Real processes: 2-process torchrun (gloo, CPU) runs with DDP and with FSDP match one process;
+SIGKILL then resume is exact."""
 
 from __future__ import annotations
 
@@ -58,9 +59,16 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_two_process_torchrun_matches_one_process(tmp_path, index):
-    single = _command(index, tmp_path / "one", COMMON + DETERMINISTIC, [sys.executable, "-m", "BrainDINOTrainingLib"])
+@pytest.fixture(scope="module")
+def single_process_log(tmp_path_factory, index):
+    out = tmp_path_factory.mktemp("single") / "one"
+    single = _command(index, out, COMMON + DETERMINISTIC, [sys.executable, "-m", "BrainDINOTrainingLib"])
     subprocess.run(single, check=True, capture_output=True, env=_env(), timeout=300)
+    return _log(out)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_torchrun_matches_one_process(tmp_path, index, single_process_log, parallel):
     torchrun = [
         str(Path(sys.executable).with_name("torchrun")),
         "--standalone",
@@ -69,7 +77,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, index):
         "BrainDINOTrainingLib",
     ]
     done = subprocess.run(
-        _command(index, tmp_path / "two", COMMON + DETERMINISTIC, torchrun),
+        _command(index, tmp_path / "two", COMMON + DETERMINISTIC + [f"parallel={parallel}"], torchrun),
         capture_output=True,
         encoding="utf-8",
         errors="replace",
@@ -77,7 +85,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, index):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    one, two = single_process_log, _log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-4)  # stated tolerance: float sum order

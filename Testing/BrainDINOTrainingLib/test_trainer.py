@@ -117,7 +117,7 @@ def test_pretrain_command_exports_a_bundle_that_infer_uses(tmp_path, index, coho
     ]
     args = ["pretrain", "--config", "tiny-cpu", "--data", str(index), "-o", str(run), "--device", "cpu"]
     assert main(args + [a for s in settings for a in ("--set", s)]) == 0
-    assert "teacher exported to" in capsys.readouterr().out
+    assert "encoder exported to" in capsys.readouterr().out
     assert (run / "checkpoint.pt").is_file() and (run / "log.csv").read_text().count("\n") == 4
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     scan = cohort / "phantom-0005" / "phantom-0005_t1.nii.gz"

@@ -34,7 +34,7 @@ class Objective(nn.Module):
 
     #: subject descriptors (manifest label columns) each slice must carry, e.g. ("age",).
     descriptor_names: tuple[str, ...] = ()
-    #: how the probe and the exported encoder's embedding pool tokens: "cls" or "mean" (of patches).
+    #: how the exported encoder's tokens pool to one embedding (kNN probe, model card): "cls" or "mean" patch.
     pooling: str = "cls"
 
     def make_inputs(
@@ -52,12 +52,6 @@ class Objective(nn.Module):
     def export_backbone(self) -> nn.Module:
         """The ViT exported as the model bundle's encoder."""
         raise NotImplementedError
-
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) embeddings of the exported backbone (for the kNN probe)."""
-        cls, patches = encode_tokens(self.export_backbone(), images)
-        return cls if self.pooling == "cls" else patches.mean(dim=1)
 
 
 def encode_tokens(
