@@ -7,7 +7,8 @@ updates.
 
 - ``dino``: our `DINOObjective` with only the DINO term (EMA centering), timed interleaved with the
   peer: lightly's ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum`` around the same timm
-  backbone (CLS token), same crops and batch, AdamW step;
+  backbone (CLS token), same crops and batch, torch's default AdamW step (ours: the trainer's
+  optimizer, fused AdamW over its parameter groups);
 - ``dino+ibot+koleo`` (our default), ``moco``, ``mae``, ``jepa``, ``anatcl``: the objectives with the
   settings of the config file (tiny-cpu.yaml sections; paper defaults for vit-s16).
 
@@ -62,7 +63,7 @@ def ours(config_name: str, objective_name: str, slices: torch.Tensor):
     """One training step of our objective on fixed inputs (a closure)."""
     from BrainDINOLib.encoder import encoder_config
     from BrainDINOTrainingLib.trainer import OBJECTIVES as CLASSES
-    from BrainDINOTrainingLib.trainer import load_config
+    from BrainDINOTrainingLib.trainer import build_optimizer, load_config
 
     encoder, _, local_crops, prototypes = CONFIGS[config_name]
     name = "dino" if objective_name.startswith("dino") else objective_name
@@ -73,7 +74,7 @@ def ours(config_name: str, objective_name: str, slices: torch.Tensor):
     config = load_config(config_name, {"encoder": encoder, "objective": name}, assignments)
     torch.manual_seed(0)
     objective = CLASSES[name](encoder_config(encoder), getattr(config, name), config.crops)
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(objective, config)  # the trainer's: parameter groups, fused AdamW
     descriptors = torch.randn(len(slices), 3, generator=torch.Generator().manual_seed(2))
     inputs = objective.make_inputs(slices, torch.Generator().manual_seed(1), descriptors)
 

@@ -116,8 +116,17 @@ def _pretrain(args) -> None:
     if not config.data:
         raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")
     trainer = Trainer(config)
-    with cli.ProgressBar("pretraining", "step") as progress:
-        trainer.fit(resume=args.resume, progress=progress)
+    try:
+        with cli.ProgressBar("pretraining", "step") as progress:
+            trainer.fit(resume=args.resume, progress=progress)
+    except KeyboardInterrupt:
+        every = config.checkpoint_every
+        print(
+            f"braindino: stopped at step {trainer.step}; the checkpoint of step {trainer.step // every * every} "
+            f"is in {config.out_dir}: run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        raise
     if trainer.rank == 0:
         bundle = trainer.export(Path(config.out_dir) / "bundle", command=shlex.join(["braindino", *sys.argv[1:]]))
         print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; encoder exported to {bundle}")

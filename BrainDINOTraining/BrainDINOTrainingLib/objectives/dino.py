@@ -145,8 +145,9 @@ class DINOObjective(Objective):
             teacher_probs = self._targets(teacher_cls_logits, self.cls_center, teacher_temperature)
 
         student_cls, student_patches = encode_tokens(self.student["backbone"], globals_, self.mask_token, masks)
-        local_cls = [encode_tokens(self.student["backbone"], crop)[0] for crop in local_crops]
-        student_tokens = [student_cls, *local_cls] + ([student_patches[flat_masks]] if use_patches else [])
+        local_cls = encode_tokens(self.student["backbone"], torch.cat(local_crops))[0] if local_crops else None
+        student_tokens = [student_cls] + ([local_cls] if local_crops else [])
+        student_tokens += [student_patches[flat_masks]] if use_patches else []
         student_logits = self.student["head"](torch.cat(student_tokens))
         views = 2 + len(local_crops)
         cls_logits = list(student_logits[: views * batch].split(batch))  # one (B, K) per crop
