@@ -35,7 +35,9 @@ class ProgressBar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit=self.unit, desc=self.description, disable=self.disable, file=sys.stderr)
+            self._bar = tqdm(  # starts at ``done``: a resumed run's rate and ETA count only this run's work
+                total=total, initial=done, unit=self.unit, desc=self.description, disable=self.disable, file=sys.stderr
+            )
         self._bar.update(done - self._bar.n)
 
     def __enter__(self) -> ProgressBar:

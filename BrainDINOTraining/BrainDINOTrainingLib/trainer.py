@@ -547,7 +547,7 @@ class Trainer:
                 last = rows[-1] if rows else {}
         config = self.config
         card = ModelCard(
-            name=Path(directory).name,
+            name=f"{self.out_dir.name}-{config.objective}",
             description=f"{config.encoder} pretrained with {TITLES[config.objective]} on {config.data}",
             encoder=encoder_config(config.encoder),
             preprocessing=self.dataset.spec,
