@@ -120,13 +120,14 @@ def _pretrain(args) -> None:
         with cli.ProgressBar("pretraining", "step") as progress:
             trainer.fit(resume=args.resume, progress=progress)
     except KeyboardInterrupt:
-        last = trainer.step // config.checkpoint_every * config.checkpoint_every
-        hint = (
-            f"the checkpoint of step {last} is in {config.out_dir}: run the same command with --resume to continue"
-            if last
-            else f"no checkpoint yet (the first is written at step {config.checkpoint_every})"
-        )
-        print(f"braindino: stopped at step {trainer.step}; {hint}", file=sys.stderr)
+        if trainer.rank == 0:
+            last = trainer.last_checkpoint
+            hint = (
+                f"the checkpoint of step {last} is in {config.out_dir}: run the same command with --resume"
+                if last
+                else f"no checkpoint yet (the first is written at step {config.checkpoint_every})"
+            )
+            print(f"braindino: stopped at step {trainer.step}; {hint}", file=sys.stderr)
         raise
     if trainer.rank == 0:
         bundle = trainer.export(Path(config.out_dir) / "bundle", command=shlex.join(["braindino", *sys.argv[1:]]))

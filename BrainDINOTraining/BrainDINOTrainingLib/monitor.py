@@ -8,6 +8,7 @@ leave-one-out weighted kNN (k = 20, temperature 0.07, as in DINO's evaluation [0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,19 +28,22 @@ MIN_TARGET_INFORMATION = 2e-3
 MIN_EMBEDDING_SPREAD = 0.02
 
 
-def collapse_verdict(row: dict, embed_dim: int) -> str:
+def collapse_verdict(row: dict, embed_dim: int, prototypes: int | None = None) -> str:
     """A one-line warning when a step's metrics show collapse, else "".
 
     - ``teacher_batch_entropy - teacher_entropy`` (DINO) is the mutual information between a slice
       and its prototype target: ~0 both when every target is uniform (too much centering or too hot a
       teacher) and when every slice gets the same prototype (no centering), the two DINO failure modes [0].
     - ``embedding_std`` (every objective): all slices mapped to one point.
+
+    Args:
+        prototypes: K of a DINO head (uniform collapse has per-sample entropy near ln K).
     """
     problems = []
     if "teacher_entropy" in row:
         information = row["teacher_batch_entropy"] - row["teacher_entropy"]
         if information < MIN_TARGET_INFORMATION:
-            kind = "uniform" if row["teacher_entropy"] > 0.5 * row["teacher_batch_entropy"] else "one-prototype"
+            kind = "uniform" if row["teacher_entropy"] > 0.5 * math.log(prototypes) else "one-prototype"
             problems.append(
                 f"teacher targets carry {information:.1e} nats about the input ({kind} collapse; "
                 f"check centering and teacher temperature)"

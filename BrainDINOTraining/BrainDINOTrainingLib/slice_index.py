@@ -18,6 +18,7 @@ Layout of an index folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -39,7 +40,7 @@ from .data import load_manifest
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: volumes.json holds each volume's numeric labels
 RECORD_DTYPE = np.dtype(
     [
         ("volume", "<i4"),
@@ -150,12 +151,21 @@ def build_index(
     volumes = list(labels)
     if not volumes:
         raise BrainDINOError("no volumes to index")
-    config = {"format": INDEX_FORMAT, "preprocessing": spec.to_dict(), "volumes": [str(p) for p in volumes]}
+    labels_digest = hashlib.sha256(json.dumps([labels[p] for p in volumes], sort_keys=True).encode()).hexdigest()
+    config = {
+        "format": INDEX_FORMAT,
+        "preprocessing": spec.to_dict(),
+        "volumes": [str(p) for p in volumes],
+        "labels_sha256": labels_digest,  # changed manifest labels make another index, never a stale one
+    }
     config = json.loads(json.dumps(config))  # as it reads back from config.json
     config_path = out_dir / "config.json"
     if config_path.is_file():
         if json.loads(config_path.read_text()) != config:
-            raise BrainDINOError(f"{out_dir}: holds an index of other volumes or settings; choose a new folder")
+            raise BrainDINOError(
+                f"{out_dir}: holds an index of other volumes, labels or settings (or an older format); "
+                "choose a new folder"
+            )
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(config, indent=1))
@@ -264,6 +274,8 @@ class SliceDataset(torch.utils.data.Dataset):
         Raises:
             BrainDINOError: a volume of the index has no value for one of ``names``.
         """
+        if self.info["format"] < 2:
+            raise BrainDINOError(f"{self.index_dir}: indexed before labels were recorded; rebuild it in a new folder")
         table = {}
         for volume in self.volumes:
             if volume["status"] != "ok":

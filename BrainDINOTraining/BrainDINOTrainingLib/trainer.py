@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,7 @@ class TrainConfig:
 
 
 _SCALARS = {"float": float, "int": int, "str": str, "bool": bool}
+MOVED_TO_DINO = ("freeze_last_layer_epochs", "mask_probability", "mask_ratio")  # top-level in older configs
 
 
 def _convert(name: str, value, annotation: str):
@@ -149,7 +152,8 @@ def _build(kind, values: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise BrainDINOError(f"invalid training configuration: unknown setting {prefix}{unknown[0]}")
+        moved = " (it moved to dino." + unknown[0] + ")" if not prefix and unknown[0] in MOVED_TO_DINO else ""
+        raise BrainDINOError(f"invalid training configuration: unknown setting {prefix}{unknown[0]}{moved}")
     converted = {}
     for name, value in values.items():
         field_ = fields[name]
@@ -192,6 +196,8 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
         target = values
         for parent in parents:
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise BrainDINOError(f"--set {key}: '{parent}' is a setting, not a section")
         target[leaf] = yaml.safe_load(text)
     return TrainConfig.from_dict(values)
 
@@ -252,9 +258,27 @@ def build_optimizer(objective: Objective, config: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(parameter_groups(objective, config), betas=(0.9, 0.999), fused=True)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(length: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of an epoch, a pure function of (seed, epoch): resuming needs only the step."""
+    """The data order of an epoch, a pure function of (seed, epoch): resuming needs only the step.
+    Cached: every step of an epoch reads the same permutation (do not modify the array)."""
     return np.random.default_rng([seed, epoch]).permutation(length)
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """The index lists of steps ``start`` to ``stop - 1``, made as the loader asks for them
+    (a long run's full list would not fit in memory)."""
+
+    indices: Callable[[int], list[int]]
+    start: int
+    stop: int
+
+    def __iter__(self):
+        return (self.indices(step) for step in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -299,6 +323,11 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedules = Schedules.build(config, self.steps_per_epoch)
         torch.manual_seed(config.seed)
+        if encoder_config(config.encoder).family != "dinov3":
+            raise BrainDINOError(
+                f"pretraining needs a DINOv3-family encoder (RoPE, registers), got {config.encoder}: "
+                "vit-tiny16-dinov3, vit-s16-dinov3, vit-b16-dinov3 or vit-l16-dinov3"
+            )
         settings = getattr(config, config.objective)
         self.objective: Objective = OBJECTIVES[config.objective](
             encoder_config(config.encoder), settings, config.crops, spec.image_size, spec.in_chans
@@ -320,7 +349,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.objective, config)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank)  # own augmentations
         self.step = 0
+        self.last_checkpoint: int | None = None  # step of the checkpoint on disk (rank 0 knows)
         self.embed_dim = encoder_config(config.encoder).embed_dim
+        self.prototypes = config.dino.prototypes if config.objective == "dino" else None
         self.probe = None
         if config.probe:
             if not config.probe_label:
@@ -375,6 +406,7 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, path)
+            self.last_checkpoint = state["step"]
         if is_distributed():
             dist.barrier()
         return path
@@ -383,9 +415,14 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             raise BrainDINOError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # FSDP then keeps only its shard on the GPU
+        if len(state["generators"]) != self.world:
+            raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
         if json.loads(state["config"]) != json.loads(json.dumps(self.config.to_dict())):
-            raise BrainDINOError(f"{path}: written with another configuration; resume with the same settings")
+            raise BrainDINOError(
+                f"{path}: written with other settings (or by another BrainDINO version); resume with the "
+                "same config and --set values, or start a new run in another folder"
+            )
         set_model_state_dict(self.objective, state["objective"], options=StateDictOptions(full_state_dict=True))
         # Parameters that never had a gradient yet (DINO's prototypes, frozen early) have no saved state:
         # load without them, then drop the zero state the loader made up, so their first step stays a first step.
@@ -398,9 +435,7 @@ class Trainer:
         for name, parameter in self.objective.named_parameters():
             if name not in state["optimizer"]["state"]:
                 self.optimizer.state.pop(parameter, None)
-        if len(state["generators"]) != self.world:
-            raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
-        self.step = int(state["step"])
+        self.step = self.last_checkpoint = int(state["step"])
         self.generator.set_state(state["generators"][self.rank])
         torch.set_rng_state(state["torch_rng"])
 
@@ -416,7 +451,7 @@ class Trainer:
         """Batches of steps ``start`` to ``stop - 1``, read by ``config.workers`` processes in step order."""
         return DataLoader(
             self.dataset,
-            batch_sampler=[self.step_indices(s) for s in range(start, stop)],
+            batch_sampler=StepBatches(self.step_indices, start, stop),
             num_workers=self.config.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -433,10 +468,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             output = self.model(inputs, float(self.schedules.teacher_temperature[step]))
         loss = output.losses["loss"]
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if is_distributed():  # every rank stops together, or the others would wait for it forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
             raise BrainDINOError(
-                f"step {step}: the loss is {loss.item()} (not finite); stopped. The last good checkpoint "
-                f"{self.out_dir / CHECKPOINT} is intact: lower the learning rate or use fp32, then resume"
+                f"step {step}: the loss is not finite ({loss.item()} in this process); stopped. The last good "
+                f"checkpoint {self.out_dir / CHECKPOINT} is intact: lower the learning rate or use fp32, then resume"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -474,6 +512,8 @@ class Trainer:
                 log_path.write_text("".join(lines[: 1 + self.step]))
         elif (self.out_dir / CHECKPOINT).exists():
             raise BrainDINOError(f"{self.out_dir}: holds a run already; pass --resume or choose another folder")
+        elif self.rank == 0:
+            log_path.unlink(missing_ok=True)  # a run stopped before its first checkpoint starts over
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
@@ -483,14 +523,14 @@ class Trainer:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            board = SummaryWriter(str(self.out_dir / "tensorboard"))
+            board = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1 if resume else None)
         for images in self.loader(self.step, stop):
             row = self.train_step(images)
             checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == stop
             state = self.checkpoint_state() if checkpoint_now else None
             if self.probe is not None:  # a fixed column, filled at checkpoints (rank 0 only)
                 row["knn_accuracy"] = self._probe_accuracy(state["objective"]) if state is not None else ""
-            row["collapse"] = collapse_verdict(row, self.embed_dim) if checkpoint_now else ""
+            row["collapse"] = collapse_verdict(row, self.embed_dim, self.prototypes) if checkpoint_now else ""
             if row["collapse"] and self.rank == 0:
                 logger.warning("step %d: %s", self.step, row["collapse"])
             rows.append(row)

@@ -14,6 +14,8 @@ import torch
 from BrainDINOLib.bundle import load_bundle
 from BrainDINOLib.encoder import build_vit, encoder_config
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.preprocess import PreprocessSpec
+from BrainDINOTrainingLib.monitor import collapse_verdict
 from BrainDINOTrainingLib.objectives.anatcl import y_aware_infonce
 from BrainDINOTrainingLib.objectives.common import encode_tokens
 from BrainDINOTrainingLib.objectives.jepa import JEPAConfig, jepa_blocks
@@ -173,3 +175,58 @@ def test_jepa_blocks_context_excludes_targets():
     assert 0.1 <= area <= 0.25
     again = jepa_blocks(8, (14, 14), config, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], context) and torch.equal(again[1], targets)
+
+
+def test_collapse_verdict_names_the_kind():
+    healthy = {"teacher_entropy": 5.40, "teacher_batch_entropy": 5.45, "embedding_std": 0.05}
+    assert collapse_verdict(healthy, 96, prototypes=256) == ""
+    uniform = {"teacher_entropy": 5.5450, "teacher_batch_entropy": 5.5451, "embedding_std": 0.05}
+    assert "uniform collapse" in collapse_verdict(uniform, 96, prototypes=256)
+    one_prototype = {"teacher_entropy": 0.001, "teacher_batch_entropy": 0.0015, "embedding_std": 0.05}
+    assert "one-prototype collapse" in collapse_verdict(one_prototype, 96, prototypes=256)
+    assert "nearly identical" in collapse_verdict({"embedding_std": 1e-4}, 96)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["encoder.x=1"], "'encoder' is a setting, not a section"),
+        (["data.x=1"], "data must be str"),
+        (["mask_ratio=[0.1, 0.2]"], r"unknown setting mask_ratio \(it moved to dino.mask_ratio\)"),
+        (["anatcl.descriptors=[]"], "anatcl.descriptors is empty"),
+        (["epochs=two"], "epochs must be int"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(settings, message):
+    with pytest.raises(BrainDINOError, match=message):
+        load_config("tiny-cpu", {}, settings)
+
+
+def test_wrong_encoder_family_and_too_small_jepa_grid_are_clear_errors(tmp_path, index64):
+    with pytest.raises(BrainDINOError, match="needs a DINOv3-family encoder"):
+        _trainer(index64, tmp_path / "a", "encoder=vit-s14-dinov2", "objective=moco", "steps_per_epoch=1")
+    with pytest.raises(BrainDINOError, match="patch grid leaves fewer than 4 context patches"):
+        jepa_blocks(4, (2, 2), JEPAConfig(), torch.Generator().manual_seed(0))
+
+
+def test_changed_manifest_labels_make_a_new_index_not_a_stale_one(tmp_path, cohort):
+    manifest = tmp_path / "manifest.csv"
+    lines = (cohort / "manifest.csv").read_text().splitlines(keepends=True)
+    manifest.write_text(lines[0] + lines[1].replace("phantom-0000/", f"{cohort}/phantom-0000/"))
+    out = tmp_path / "idx"
+    build_index([manifest], out, PreprocessSpec(image_size=64))
+    ages = [v["labels"]["age"] for v in SliceDataset(out).volumes]
+    assert len(set(ages)) == 1 and ages[0] > 0
+    manifest.write_text(manifest.read_text().replace(f",{ages[0]:g},", ",99,"))
+    with pytest.raises(BrainDINOError, match="other volumes, labels or settings"):
+        build_index([manifest], out, PreprocessSpec(image_size=64))
+
+
+def test_a_fresh_run_replaces_the_log_of_a_run_that_never_checkpointed(tmp_path, index64):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("step,loss\n1,5.0\n2,4.0\n")
+    rows = _trainer(index64, run, "objective=mae", "steps_per_epoch=2", "batch_size=4").fit()
+    assert (
+        len(rows) == 2 and (run / "log.csv").read_text().count("\n") == 3 and "pixel" in (run / "log.csv").read_text()
+    )

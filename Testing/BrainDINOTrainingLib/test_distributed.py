@@ -120,3 +120,28 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, index):
     assert _log(tmp_path / "killed") == _log(tmp_path / "straight")  # bit-exact: every logged value equal
     weights = "bundle/encoder.safetensors"
     assert (tmp_path / "killed" / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
+
+
+def test_ranks_without_masked_patches_stay_in_step(tmp_path, index):
+    """With one slice per process and small iBOT masks, some steps leave a process with no masked
+    patch: EMA centering and FSDP's gradient reduction must still run on every process alike."""
+    settings = COMMON + [
+        "batch_size=2",
+        "steps_per_epoch=8",
+        "checkpoint_every=8",
+        "crops.local_crops=0",
+        "dino.koleo_weight=0",
+        "dino.mask_ratio=[0.1, 0.3]",
+        "parallel=fsdp",
+    ]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        _command(index, tmp_path / "run", settings, torchrun + ["-m", "BrainDINOTrainingLib"]),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(_log(tmp_path / "run")) == 8

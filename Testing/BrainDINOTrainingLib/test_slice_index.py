@@ -57,7 +57,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_cohort, in
     assert not (tmp_path / "resumed" / "index.json").exists()
     build_index([small_cohort], tmp_path / "resumed", SPEC, workers=2)
     _same_tree(index, tmp_path / "resumed")
-    with pytest.raises(BrainDINOError, match="other volumes or settings"):
+    with pytest.raises(BrainDINOError, match="other volumes, labels or settings"):
         build_index([small_cohort], tmp_path / "resumed", PreprocessSpec(image_size=96))
 
 

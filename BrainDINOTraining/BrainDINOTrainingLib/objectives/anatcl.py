@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from BrainDINOLib.encoder import EncoderConfig, build_vit
+from BrainDINOLib.errors import BrainDINOError
 
 from ..augment import MultiCropConfig, global_views
 from .common import Objective, StepOutput, bn_mlp, embedding_std, encode_tokens
@@ -36,6 +37,10 @@ class AnatCLConfig:
     kernel_sigma: float = 1.0
     hidden_dim: int = 2048
     out_dim: int = 128
+
+    def __post_init__(self):
+        if not self.descriptors:
+            raise BrainDINOError("anatcl.descriptors is empty: name at least one numeric manifest column (e.g. age)")
 
 
 def y_aware_infonce(embeddings: torch.Tensor, descriptors: torch.Tensor, temperature: float, sigma: float):

@@ -45,10 +45,14 @@ class EMACenter(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """Move the center towards the batch mean of (N, K) logits, averaged over all ranks."""
+        """Move the center towards the batch mean of (N, K) logits, averaged over all ranks.
+
+        Every rank must call it, also with N = 0 (no masked patches here): the sums are collectives.
+        """
         total = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
         count = all_reduce_sum(torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device))
-        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+        if count.item() > 0:
+            self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
 
 
 @torch.no_grad()
@@ -56,7 +60,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     """Equipartitioned targets: (N, K) logits -> (N, K) probabilities whose prototype marginals are
     uniform over the global batch (all ranks) and whose rows sum to 1."""
     logits = teacher_logits.float()
-    peak = logits.max().reshape(1)  # one stabilising shift for all ranks, or their scales would differ
+    # one stabilising shift for all ranks, or their scales would differ (a rank may hold no rows)
+    peak = logits.max().reshape(1) if logits.numel() else torch.full((1,), -torch.inf, device=logits.device)
     if is_distributed():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     q = torch.exp((logits - peak) / temperature).t()  # (K, N)

@@ -65,16 +65,19 @@ def encode_tokens(
 
     Args:
         images: (B, C, H, W).
-        mask_token, masks: (D,) embedding put in place of the patches where masks (B, h, w) is True.
+        mask_token, masks: (D,) embedding put in place of the patches where masks (B, h, w) is True
+            (the token gets a zero gradient when nothing is masked, so every rank has one).
         keep: (B, n) indices (row-major in the patch grid) of the only patches to encode (MAE, JEPA).
 
     Returns:
         (cls, patches): (B, D) and (B, h*w or n, D), final-normed.
     """
     x = model.patch_embed(images)  # (B, h, w, D) for dynamic-size models
-    if masks is not None and masks.any():  # index_put is ~3x cheaper than torch.where here (fwd + bwd)
+    if mask_token is not None and masks.any():  # index_put is ~3x cheaper than torch.where here (fwd + bwd)
         x = x.clone()
         x[masks] = mask_token.to(x.dtype)
+    elif mask_token is not None:  # keep the token in the graph: FSDP reduce-scatters only what has a gradient
+        x = x + 0 * mask_token.to(x.dtype)
     x, rope = model._pos_embed(x)
     if keep is not None:
         prefix = model.num_prefix_tokens
@@ -116,8 +119,8 @@ def sincos_positions(grid: tuple[int, int], dim: int) -> torch.Tensor:
     return torch.from_numpy(np.pad(table, ((0, 0), (0, dim - table.shape[1])))).float()
 
 
-def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int) -> nn.Sequential:
-    """Linear-BN-ReLU blocks, then Linear and an affine-free BN on the output (MoCo v3's MLPs).
+def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU blocks, then Linear and (``last_bn``) an affine-free BN on the output (MoCo v3's MLPs).
 
     BatchNorm across the batch also breaks the symmetry of a fresh ViT whose CLS tokens are still
     almost identical for every image (LayerScale starts near 0), so contrastive losses get a gradient.
@@ -126,7 +129,9 @@ def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int) -> nn.Sequen
     for _ in range(layers - 1):
         modules += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         dim = hidden_dim
-    modules += [nn.Linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)]
+    modules.append(nn.Linear(dim, out_dim, bias=False))
+    if last_bn:
+        modules.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*modules)
 
 

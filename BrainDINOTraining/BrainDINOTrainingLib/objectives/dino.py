@@ -90,8 +90,6 @@ class DINOObjective(Objective):
         in_chans: int = 3,
     ):
         super().__init__()
-        if encoder.family != "dinov3":
-            raise BrainDINOError(f"pretraining needs a DINOv3-family encoder, got {encoder.name}")
         self.config, self.crops = config, crops
         self.grid = encoder.patch_grid(crops.global_size)
         dim = encoder.embed_dim
@@ -183,9 +181,8 @@ class DINOObjective(Objective):
         ema_update(self.teacher, self.student, momentum)
         if self.config.centering == "ema":
             self.cls_center.update(output.state["teacher_cls_logits"])
-            patch_logits = output.state.get("teacher_patch_logits")
-            if patch_logits is not None and len(patch_logits):
-                self.patch_center.update(patch_logits)
+            if "teacher_patch_logits" in output.state:  # on every rank, even one without masked patches
+                self.patch_center.update(output.state["teacher_patch_logits"])
 
     def export_backbone(self) -> nn.Module:
         return self.teacher["backbone"]

@@ -10,8 +10,9 @@ as in [0]). Loss = mean squared prediction error + VICReg-style terms [1] on the
 encoder from collapsing to a constant, which the EMA target alone only delays.
 
 Block sampling as in [0]: one size per batch for the targets (area 15-20 %, aspect 0.75-1.5) and
-for the context (85-100 %, square), positions per sample; every sample keeps the same number of
-context patches (a random subset, the batch minimum). Predictor 384 wide, 6 blocks, 12 heads.
+for the context (85-100 %, square), positions per sample, drawn again until every sample keeps at
+least ``min_context`` (4) context patches; every sample keeps the same number of context patches (a
+random subset, the batch minimum). Predictor 384 wide, 6 blocks, 12 heads.
 The exported encoder is the target encoder; its embedding is the mean patch token.
 
 [0] Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture", CVPR 2023.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from BrainDINOLib.encoder import EncoderConfig, build_vit
+from BrainDINOLib.errors import BrainDINOError
 
 from ..augment import MultiCropConfig, augmented_crop
 from .common import Objective, StepOutput, TokenTransformer, ema_update, embedding_std, encode_tokens
@@ -41,6 +43,7 @@ class JEPAConfig:
     target_scale: tuple[float, float] = (0.15, 0.2)
     target_aspect: tuple[float, float] = (0.75, 1.5)
     context_scale: tuple[float, float] = (0.85, 1.0)
+    min_context: int = 4
     predictor_dim: int = 384
     predictor_depth: int = 6
     predictor_heads: int = 12
@@ -75,18 +78,32 @@ def _place(grid, size, count, generator) -> torch.Tensor:
     return masks
 
 
-def jepa_blocks(batch: int, grid: tuple[int, int], config: JEPAConfig, generator: torch.Generator):
+def jepa_blocks(batch: int, grid: tuple[int, int], config: JEPAConfig, generator: torch.Generator, tries: int = 20):
     """Context and target patch indices for a batch.
+
+    Blocks are drawn again until every sample keeps at least ``config.min_context`` context patches
+    outside the targets (as I-JEPA does).
 
     Returns:
         context: (B, n) indices in the context block outside every target block.
         targets: (T, B, t) indices of each target block.
+
+    Raises:
+        BrainDINOError: the grid is too small for the targets and a context.
     """
-    target_size = _block_size(grid, config.target_scale, config.target_aspect, generator)
-    target_masks = _place(grid, target_size, config.targets * batch, generator).view(config.targets, batch, -1)
-    context_masks = _place(grid, _block_size(grid, config.context_scale, (1.0, 1.0), generator), batch, generator)
-    context_masks = context_masks.view(batch, -1) & ~target_masks.any(dim=0)
-    keep = max(1, int(context_masks.sum(dim=1).min()))
+    for _ in range(tries):
+        target_size = _block_size(grid, config.target_scale, config.target_aspect, generator)
+        target_masks = _place(grid, target_size, config.targets * batch, generator).view(config.targets, batch, -1)
+        context_masks = _place(grid, _block_size(grid, config.context_scale, (1.0, 1.0), generator), batch, generator)
+        context_masks = context_masks.view(batch, -1) & ~target_masks.any(dim=0)
+        keep = int(context_masks.sum(dim=1).min())
+        if keep >= config.min_context:
+            break
+    else:
+        raise BrainDINOError(
+            f"JEPA: a {grid[0]}x{grid[1]} patch grid leaves fewer than {config.min_context} context patches "
+            f"beside {config.targets} target blocks; use larger crops or fewer targets (jepa.targets)"
+        )
     scores = torch.rand(context_masks.shape, generator=generator) + context_masks  # >= 1 inside the context
     context = scores.topk(keep, dim=1).indices.sort(dim=1).values  # a random subset of equal size
     targets = target_masks.nonzero()[:, 2].view(config.targets, batch, -1)

@@ -5,8 +5,9 @@ volumes: two global crops of each slice, symmetric InfoNCE with the keys of ever
 negatives, momentum encoder = EMA of backbone + projector. As in [0] for ViTs, the patch
 embedding stays at its random initialisation (``freeze_patch_embed``), which stabilises training.
 
-Defaults from [0] (ViT): temperature 0.2, projector 3 layers 4096 -> 256, predictor 2 layers
-4096 -> 256, BatchNorm in the MLPs (SyncBatchNorm across CUDA ranks), momentum 0.99 -> 1.
+Defaults from [0] (ViT): temperature 0.2, projector 3 layers 4096 -> 256 (BatchNorm on its output
+too), predictor 2 layers 4096 -> 256, BatchNorm statistics per view (SyncBatchNorm across CUDA
+ranks), momentum 0.99 -> 1.
 
 [0] Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV 2021.
 """
@@ -66,7 +67,7 @@ class MoCoObjective(Objective):
         )
         if config.freeze_patch_embed:
             self.student["backbone"].patch_embed.requires_grad_(False)
-        self.predictor = bn_mlp(config.out_dim, config.hidden_dim, config.out_dim, layers=2)
+        self.predictor = bn_mlp(config.out_dim, config.hidden_dim, config.out_dim, layers=2, last_bn=False)
         self.momentum_encoder = copy.deepcopy(self.student)
         self.momentum_encoder.requires_grad_(False)
 
@@ -85,12 +86,12 @@ class MoCoObjective(Objective):
         """inputs["views"]: 2 x (B, C, G, G). ``teacher_temperature`` is not used."""
         views = inputs["views"]
         batch = views[0].shape[0]
-        both = torch.cat(views)
+        both = torch.cat(views)  # the backbones see both views at once; BatchNorm statistics stay per view
         cls = encode_tokens(self.student["backbone"], both)[0]
-        q1, q2 = self.predictor(self.student["projector"](cls)).split(batch)
+        q1, q2 = [self.predictor(self.student["projector"](c)) for c in cls.split(batch)]
         with torch.no_grad():
             keys = encode_tokens(self.momentum_encoder["backbone"], both)[0]
-            k1, k2 = self.momentum_encoder["projector"](keys).split(batch)
+            k1, k2 = [self.momentum_encoder["projector"](k) for k in keys.split(batch)]
         loss = self._contrast(q1, k2) + self._contrast(q2, k1)
         return StepOutput({"contrastive": loss, "loss": loss}, {"embedding_std": embedding_std(cls[:batch])})
 
