@@ -67,17 +67,10 @@ def single_process_log(tmp_path_factory, index):
     return _log(out)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_torchrun_matches_one_process(tmp_path, index, single_process_log, parallel):
-    torchrun = [
-        str(Path(sys.executable).with_name("torchrun")),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "BrainDINOTrainingLib",
-    ]
+def _torchrun_two_processes(index: Path, out: Path, settings: list[str]) -> None:
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
     done = subprocess.run(
-        _command(index, tmp_path / "two", COMMON + DETERMINISTIC + [f"parallel={parallel}"], torchrun),
+        _command(index, out, settings, torchrun + ["-m", "BrainDINOTrainingLib"]),
         capture_output=True,
         encoding="utf-8",
         errors="replace",
@@ -85,6 +78,11 @@ def test_two_process_torchrun_matches_one_process(tmp_path, index, single_proces
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_torchrun_matches_one_process(tmp_path, index, single_process_log, parallel):
+    _torchrun_two_processes(index, tmp_path / "two", COMMON + DETERMINISTIC + [f"parallel={parallel}"])
     one, two = single_process_log, _log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
@@ -134,14 +132,5 @@ def test_ranks_without_masked_patches_stay_in_step(tmp_path, index):
         "dino.mask_ratio=[0.1, 0.3]",
         "parallel=fsdp",
     ]
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        _command(index, tmp_path / "run", settings, torchrun + ["-m", "BrainDINOTrainingLib"]),
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        env=_env(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    _torchrun_two_processes(index, tmp_path / "run", settings)
     assert len(_log(tmp_path / "run")) == 8
