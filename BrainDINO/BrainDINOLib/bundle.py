@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .encoder import BrainEncoder, EncoderConfig, encoder_config
 from .errors import BrainDINOError, describe
+from .heads import HeadSpec, build_head
 from .preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
 CARD_FILE = "model.json"
 ENCODER_FILE = "encoder.safetensors"
+HEADS_DIR = "heads"
 CATALOG_DIR = Path(__file__).parent / "models"
 DEFAULT_MODELS_DIR = Path.home() / ".braindino" / "models"
 
@@ -78,6 +81,8 @@ class ModelCard:
             values["encoder"] = EncoderConfig.from_dict(values["encoder"])
             values["preprocessing"] = PreprocessSpec.from_dict(values["preprocessing"])
             values["heads"] = tuple(values.get("heads", ()))
+            for entry in values["heads"]:
+                HeadSpec.from_dict(entry)  # every head entry must describe a head
             return cls(**values)
         except (KeyError, TypeError, ValueError, AttributeError) as error:  # BrainDINOError is a ValueError
             raise BrainDINOError(f"{source}: incomplete or invalid model card ({describe(error)})") from error
@@ -95,6 +100,30 @@ class Bundle:
         encoder = BrainEncoder(self.card.encoder, self.card.preprocessing.image_size, self.card.preprocessing.in_chans)
         encoder.load_weights(load_file(self.path / ENCODER_FILE), str(self.path / ENCODER_FILE))
         return encoder.eval()
+
+    @property
+    def head_specs(self) -> list[HeadSpec]:
+        return [HeadSpec.from_dict(entry) for entry in self.card.heads]
+
+    def load_head(self, spec: HeadSpec) -> torch.nn.Module:
+        """The head's module with its weights (CPU, eval mode).
+
+        Raises:
+            BrainDINOError: the head was fitted on other encoder weights than this bundle's.
+        """
+        if spec.encoder_sha256 != self.card.files[ENCODER_FILE]:
+            raise BrainDINOError(
+                f"{self.path}: head '{spec.name}' was fitted on another encoder (sha256 "
+                f"{spec.encoder_sha256[:12]}…, this bundle's is {self.card.files[ENCODER_FILE][:12]}…); "
+                "fit it again on this bundle"
+            )
+        module = build_head(spec, self.card.encoder.embed_dim, self.card.encoder.patch_size)
+        path = self.path / HEADS_DIR / f"{spec.name}.safetensors"
+        try:
+            module.load_state_dict(load_file(path))
+        except RuntimeError as error:
+            raise BrainDINOError(f"{path}: weights do not fit head '{spec.name}' ({describe(error)})") from error
+        return module.eval()
 
 
 def sha256(path: Path) -> str:
@@ -169,6 +198,31 @@ def save_bundle(directory: str | Path, encoder: BrainEncoder, card: ModelCard, *
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Bundle(directory, card)
+
+
+def add_head(directory: str | Path, spec: HeadSpec, module: torch.nn.Module) -> Bundle:
+    """Store a fitted head in a bundle (replacing one of the same name); the card is rewritten atomically.
+
+    Raises:
+        BrainDINOError: ``spec.encoder_sha256`` is not this bundle's encoder.
+    """
+    bundle = load_bundle(directory)
+    if spec.encoder_sha256 != bundle.card.files[ENCODER_FILE]:
+        raise BrainDINOError(f"{directory}: head '{spec.name}' was fitted on another encoder; refusing to add it")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
+        raise BrainDINOError(f"head name '{spec.name}' must be letters, digits, '_', '-' or '.'")
+    relative = f"{HEADS_DIR}/{spec.name}.safetensors"
+    path = bundle.path / relative
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    heads = [entry for entry in bundle.card.heads if entry.get("name") != spec.name] + [spec.to_dict()]
+    card = dataclasses.replace(bundle.card, heads=tuple(heads), files={**bundle.card.files, relative: sha256(path)})
+    card_path = bundle.path / CARD_FILE
+    card_path.with_name(CARD_FILE + ".tmp").write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    os.replace(card_path.with_name(CARD_FILE + ".tmp"), card_path)
+    return Bundle(bundle.path, card)
 
 
 def create_random_bundle(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -231,7 +232,9 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
 
 def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdder] = ()) -> int:
     """Run one command; user errors print one line and return 2, interruption returns 130."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(extra_commands).parse_args(argv)
+    args.command_line = shlex.join(["braindino", *argv])  # recorded in model cards
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args.func(args)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,7 +130,7 @@ def _pretrain(args) -> None:
             print(f"braindino: stopped at step {trainer.step}; {hint}", file=sys.stderr)
         raise
     if trainer.rank == 0:
-        bundle = trainer.export(Path(config.out_dir) / "bundle", command=shlex.join(["braindino", *sys.argv[1:]]))
+        bundle = trainer.export(Path(config.out_dir) / "bundle", command=args.command_line)
         print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; encoder exported to {bundle}")
 
 
@@ -167,8 +167,81 @@ def _index(args) -> None:
     )
 
 
+def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``fit-head``."""
+    fit = subparsers.add_parser(
+        "fit-head",
+        help="fit a task head on the frozen encoder and measure it under label scarcity",
+        description="Fit a volume head (cls: classes of a label column; reg: a number such as age; surv: "
+        "time to event; seq: MRI sequence type) on a manifest's scans with the bundle's frozen encoder. "
+        "Subjects are split train/val/test (60/20/20, by subject); each label fraction keeps that share "
+        "of the training subjects, each seed draws it anew. The head and linear, kNN and majority/mean "
+        "baselines are measured on the test subjects; the table goes to REPORT (metrics.md, .csv, .png, "
+        "and kaplan_meier.png for surv). The head fitted on the largest fraction with the first seed is "
+        "stored in the bundle (heads/NAME.safetensors + model.json) and used by 'braindino infer'. "
+        "Encoder features are cached per scan (see --cache).",
+    )
+    fit.add_argument("--task", required=True, choices=["cls", "reg", "surv", "seq"])
+    fit.add_argument("--manifest", required=True, help="manifest table, folder with manifest.csv, BIDS or BraTS")
+    fit.add_argument("--target", default="", help="label column (cls: required; reg: age; surv: survival_days)")
+    fit.add_argument("--event", default="event", help="surv: event column, 1 = observed (default %(default)s)")
+    fit.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
+    fit.add_argument("-o", "--out-bundle", type=Path, help="write a copy of the bundle with the head here")
+    fit.add_argument("--name", help="head name (default: the target, or 'sequence')")
+    fit.add_argument("--modality", nargs="+", default=["t1"], help="scans read per subject (default t1)")
+    fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
+    fit.add_argument("--label-fraction", nargs="+", type=float, default=[1.0], help="e.g. 0.01 0.1 1.0")
+    fit.add_argument("--seeds", nargs="+", type=int, default=[0], help="e.g. 0 1 2")
+    fit.add_argument("--epochs", type=int, default=300, help="full-batch epochs (default %(default)s)")
+    fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
+    fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
+    fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    fit.set_defaults(func=_fit_head)
+
+
+def _fit_head(args) -> None:
+    import shutil
+
+    from BrainDINOLib.bundle import CATALOG_DIR, add_head, find_bundle, load_bundle
+
+    from .data import load_manifest
+    from .evaluation import fit_and_evaluate, write_report
+    from .features import FeatureCache
+    from .fit_heads import FitOptions
+
+    options = FitOptions(
+        task=args.task,
+        target=args.target,
+        event=args.event,
+        modalities=tuple(args.modality),
+        aggregation=args.aggregation,
+        label_fractions=tuple(args.label_fraction),
+        seeds=tuple(args.seeds),
+        epochs=args.epochs,
+    )
+    source = find_bundle(args.bundle)
+    if args.out_bundle is None and source.resolve().is_relative_to(CATALOG_DIR.resolve()):
+        raise BrainDINOError(f"{source} ships with BrainDINO and stays unchanged: pass -o NEW_BUNDLE for a copy")
+    if args.out_bundle is not None and args.out_bundle.exists():
+        raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
+    name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
+    manifest = load_manifest(args.manifest)
+    cache = FeatureCache(load_bundle(source), args.cache, device=args.device)
+    with cli.ProgressBar("features", "scan") as progress:
+        result = fit_and_evaluate(manifest, cache, options, name, progress=progress)
+    target = source
+    if args.out_bundle is not None:
+        shutil.copytree(source, args.out_bundle)
+        target = args.out_bundle
+    training = {**result.spec.training, "command": args.command_line}
+    add_head(target, dataclasses.replace(result.spec, training=training), result.head)
+    written = write_report(result, args.report or Path("reports") / name)
+    print((Path(written[1])).read_text())
+    print(f"head '{name}' stored in {target}; report in {written[0].parent}")
+
+
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.
-TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands, add_pretrain_command)
+TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands, add_pretrain_command, add_head_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

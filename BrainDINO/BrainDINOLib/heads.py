@@ -1,0 +1,189 @@
+"""Task heads on the frozen encoder's features, stored inside a model bundle.
+
+Volume heads (classification, regression, survival risk, sequence type) read the slice CLS tokens
+of one or more of a subject's scans, pool them over the volume (mean, or learned attention
+weights) and apply LayerNorm -> Linear(D, D) -> GELU -> Linear(K), as the BrainDINO paper's heads
+do. The segmentation decoder reads the patch tokens of several encoder blocks (concatenated,
+optionally for several MRI sequences, fused by a 1x1 convolution) and upsamples them x2 per stage
+back to the canvas.
+
+A head lives in the bundle as ``heads/<name>.safetensors`` plus an entry of the model card
+(`HeadSpec`), which records the sha256 of the encoder weights it was fitted on: a head refuses to
+load on any other encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import BrainDINOError
+
+HEAD_KINDS = ("seg", "cls", "reg", "surv", "seq")
+VOLUME_KINDS = ("cls", "reg", "surv", "seq")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head predicts and how to rebuild it (one entry of the model card's ``heads``).
+
+    Attributes:
+        name: file stem under ``heads/`` and the key of its predictions.
+        kind: seg | cls | reg | surv | seq.
+        target: the manifest column it predicts (``seg`` for masks, ``modality`` for sequence type).
+        modalities: the scans of a subject it reads (e.g. ("t1ce", "flair")); empty: the scan given.
+        classes: class names (cls, seq) or segment names (seg, in label order 1..K).
+        label_values: seg only: the label value written for each segment (e.g. BraTS 1, 2, 3).
+        units: regression units (``years``); survival: what the risk means.
+        target_mean, target_std: regression targets are fitted standardised; predictions undo it.
+        aggregation: volume heads: ``mean`` or ``attention`` pooling over slices.
+        layers: seg only: encoder blocks whose patch tokens are concatenated.
+        width: hidden width (volume heads: the encoder dim; seg: channels after fusion).
+        encoder_sha256: sha256 of the encoder weights the head was fitted on.
+        metrics: held-out metrics measured when it was fitted.
+        training: how it was fitted (data, label fraction, seed, epochs, command).
+    """
+
+    name: str
+    kind: str
+    target: str
+    modalities: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    label_values: tuple[int, ...] = ()
+    units: str = ""
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    aggregation: str = "mean"
+    layers: tuple[int, ...] = ()
+    width: int = 0
+    encoder_sha256: str = ""
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise BrainDINOError(f"head '{self.name}': kind must be one of {', '.join(HEAD_KINDS)}, got '{self.kind}'")
+        if self.aggregation not in ("mean", "attention"):
+            raise BrainDINOError(f"head '{self.name}': aggregation must be mean or attention")
+        if self.kind in ("cls", "seq", "seg") and len(self.classes) < (1 if self.kind == "seg" else 2):
+            raise BrainDINOError(f"head '{self.name}': a {self.kind} head needs class names")
+        if self.kind == "seg" and (len(self.label_values) != len(self.classes) or not self.layers):
+            raise BrainDINOError(f"head '{self.name}': a seg head needs one label value per class and its layers")
+
+    @property
+    def outputs(self) -> int:
+        """Output channels: classes (+ background for seg), or one value (regression, risk)."""
+        if self.kind == "seg":
+            return len(self.classes) + 1
+        return len(self.classes) if self.kind in ("cls", "seq") else 1
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> HeadSpec:
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - fields
+            if unknown:
+                raise BrainDINOError(f"unknown fields {sorted(unknown)}")
+            tuples = ("modalities", "classes", "label_values", "layers")
+            return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+        except TypeError as error:
+            raise BrainDINOError(f"invalid head entry ({error})") from error
+
+
+def json_ready(values):
+    """Tuples as lists, recursively (what JSON reads back)."""
+    if isinstance(values, dict):
+        return {k: json_ready(v) for k, v in values.items()}
+    if isinstance(values, list | tuple):
+        return [json_ready(v) for v in values]
+    return values
+
+
+class AttentionPool(nn.Module):
+    """Softmax-weighted mean of slice tokens with one learned scoring vector (attention-based MIL)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) tokens, (B, S) bool mask of real slices -> (B, D)."""
+        scores = self.score(tokens).squeeze(-1).masked_fill(~mask, -torch.inf)
+        return (torch.softmax(scores, dim=1)[..., None] * tokens).sum(dim=1)
+
+
+class VolumeHead(nn.Module):
+    """Standardise slice CLS tokens, pool them over the volume, then LayerNorm -> Linear -> GELU -> Linear.
+
+    The per-dimension standardisation (fixed buffers from the training volumes) comes first because
+    encoder tokens can share a large common offset (a fresh or lightly trained ViT's CLS tokens differ
+    little between images), which LayerNorm alone would leave dominating.
+    """
+
+    def __init__(self, dim: int, outputs: int, aggregation: str = "mean"):
+        super().__init__()
+        self.register_buffer("token_mean", torch.zeros(dim))
+        self.register_buffer("token_std", torch.ones(dim))
+        self.pool = AttentionPool(dim) if aggregation == "attention" else None
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, outputs))
+
+    @torch.no_grad()
+    def fit_standardisation(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Set the shift and scale from (B, S, D) training volumes so that their mean-pooled embeddings
+        have zero mean and unit std per dimension (what separates volumes, not slices)."""
+        weights = mask.to(tokens.dtype)[..., None]
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+        self.token_mean.copy_(pooled.mean(dim=0))
+        self.token_std.copy_(pooled.std(dim=0).clamp_min(1e-6) if len(pooled) > 1 else torch.ones_like(pooled[0]))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) slice tokens (zero-padded), (B, S) bool mask -> (B, outputs)."""
+        tokens = (tokens - self.token_mean) / self.token_std
+        if self.pool is not None:
+            pooled = self.pool(tokens, mask)
+        else:
+            weights = mask.to(tokens.dtype)[..., None]
+            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+        return self.mlp(pooled)
+
+
+class SegmentationDecoder(nn.Module):
+    """Multi-layer patch tokens -> per-pixel class logits on the canvas.
+
+    A 1x1 convolution fuses the concatenated tokens (all chosen layers of all sequences) to
+    ``width`` channels; ``log2(patch)`` stages of (x2 transposed convolution, GroupNorm, GELU)
+    halve the channels and double the resolution; a 1x1 convolution gives the class logits.
+    """
+
+    def __init__(self, in_channels: int, classes: int, patch_size: int = 16, width: int = 256):
+        super().__init__()
+        stages = int(round(math.log2(patch_size)))
+        if 2**stages != patch_size:
+            raise BrainDINOError(f"the decoder upsamples by powers of 2; patch size {patch_size} is not one")
+        self.fuse = nn.Conv2d(in_channels, width, kernel_size=1)
+        blocks, channels = [], width
+        for _ in range(stages):
+            out = max(channels // 2, 16)
+            blocks += [nn.ConvTranspose2d(channels, out, 2, stride=2), nn.GroupNorm(1, out), nn.GELU()]
+            channels = out
+        self.up = nn.Sequential(*blocks)
+        self.classify = nn.Conv2d(channels, classes, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, h, w) -> (B, classes, h * patch, w * patch)."""
+        return self.classify(self.up(self.fuse(features)))
+
+
+def build_head(spec: HeadSpec, embed_dim: int, patch_size: int) -> nn.Module:
+    """The untrained module a spec describes."""
+    if spec.kind == "seg":
+        channels = embed_dim * len(spec.layers) * max(1, len(spec.modalities))
+        return SegmentationDecoder(channels, spec.outputs, patch_size, spec.width or 256)
+    return VolumeHead(embed_dim, spec.outputs, spec.aggregation)

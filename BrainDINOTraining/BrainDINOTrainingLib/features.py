@@ -1,0 +1,112 @@
+"""Per-volume feature cache shared by every head: encode a scan once, fit and evaluate many heads.
+
+One file per (scan, encoder weights, preprocessing, layers): the key hashes the encoder's sha256,
+the preprocessing spec, the intermediate layers kept, and the scan's resolved path, size and
+modification time, so features of a changed scan, another encoder or other settings are never
+reused. Files are safetensors (no pickle), written atomically.
+
+Stored per volume: ``cls`` (S, D) slice CLS tokens, ``pooled`` (D,) their mean (the volume
+embedding), ``slices`` (S,) canonical slice indices, and ``layer_<i>`` (S, h, w, D) patch tokens of
+each kept block, all float16 except the indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from BrainDINOLib import __version__
+from BrainDINOLib.bundle import ENCODER_FILE, Bundle
+from BrainDINOLib.engine import encode_volume, resolve_device
+from BrainDINOLib.preprocess import prepare
+from BrainDINOLib.volume import load_volume
+
+DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
+
+
+@dataclass(frozen=True)
+class VolumeFeatures:
+    cls: np.ndarray
+    pooled: np.ndarray
+    slices: np.ndarray
+    layers: dict[int, np.ndarray]
+
+
+class FeatureCache:
+    """Features of scans under one bundle's encoder, computed on first use and kept on disk.
+
+    Args:
+        bundle: the encoder (and preprocessing) to use.
+        folder: where feature files live (default ``~/.braindino/cache/features``).
+        layers: encoder blocks whose patch tokens are kept (segmentation heads need them).
+        device, batch_size: passed to `encode_volume`.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        folder: str | Path | None = None,
+        layers: Sequence[int] = (),
+        device: str = "auto",
+        batch_size: int | None = None,
+    ):
+        self.bundle, self.layers = bundle, tuple(sorted(layers))
+        self.folder = Path(folder) if folder else DEFAULT_CACHE_DIR
+        self.device, self.batch_size = resolve_device(device), batch_size
+        self._encoder = None
+
+    def key(self, scan: str | Path) -> str:
+        """Hash of everything the features depend on."""
+        path = Path(scan).resolve()
+        status = path.stat()
+        identity = {
+            "format": 1,
+            "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
+            "preprocessing": self.bundle.card.preprocessing.to_dict(),
+            "layers": list(self.layers),
+            "scan": str(path),
+            "size": status.st_size,
+            "mtime_ns": status.st_mtime_ns,
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, scan: str | Path) -> VolumeFeatures:
+        """The scan's features, from the cache or computed now (and stored)."""
+        path = self.folder / f"{self.key(scan)}.safetensors"
+        if path.is_file():
+            arrays = load_file(path)
+        else:
+            arrays = self._compute(scan)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            save_file(arrays, tmp)
+            os.replace(tmp, path)
+        return VolumeFeatures(
+            cls=arrays["cls"],
+            pooled=arrays["pooled"],
+            slices=arrays["slices"],
+            layers={i: arrays[f"layer_{i}"] for i in self.layers},
+        )
+
+    def _compute(self, scan: str | Path) -> dict[str, np.ndarray]:
+        if self._encoder is None:
+            self._encoder = self.bundle.load_encoder()
+        prepared = prepare(load_volume(scan), self.bundle.card.preprocessing)
+        encoded = encode_volume(
+            prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=self.layers
+        )
+        arrays = {
+            "cls": encoded.cls.astype(np.float16),
+            "pooled": encoded.cls.mean(axis=0).astype(np.float16),
+            "slices": encoded.slices.astype(np.int32),
+        }
+        arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in self.layers})
+        return arrays

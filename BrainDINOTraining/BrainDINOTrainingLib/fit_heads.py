@@ -1,0 +1,215 @@
+"""Fit volume heads (classification, regression, survival, sequence type) on a frozen encoder.
+
+Samples come from a manifest: one per scan group of a subject (the chosen modalities' slice CLS
+tokens together) for cls/reg/surv, one per image for sequence type. The split is by subject
+(`Manifest.split`, stratified for classification); label scarcity is simulated by keeping a
+fraction of the training subjects (stratified, seeded). Each head is fitted full-batch with AdamW
+for a fixed number of epochs at a few weight decays, and the one with the best validation loss is
+kept (heads are small and data often tiny: strong decoupled weight decay is the regulariser).
+Baselines on the pooled embedding (logistic regression / ridge, kNN) and a mean or majority
+predictor are measured on the same split (`evaluation`).
+
+Losses: cross-entropy (cls, seq), mean squared error on standardised targets (reg), negative Cox
+partial log-likelihood with Breslow handling of ties (surv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead
+
+from .data import Manifest
+from .features import FeatureCache
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """A head-fitting run.
+
+    Attributes:
+        task: cls | reg | surv | seq.
+        target: manifest column (cls: required; reg: ``age``; surv: the time column, default
+            ``survival_days``); seq predicts the modality and ignores it.
+        event: surv: the event column (1 = event observed, 0 = censored).
+        modalities: scans read per subject (cls, reg, surv); seq uses every image.
+    """
+
+    task: str
+    target: str = ""
+    event: str = "event"
+    modalities: tuple[str, ...] = ("t1",)
+    aggregation: str = "mean"
+    label_fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decays: tuple[float, ...] = (0.1, 1.0, 10.0)
+    split: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in VOLUME_KINDS:
+            raise BrainDINOError(f"task must be one of {', '.join(VOLUME_KINDS)}, got '{self.task}'")
+        if self.task == "cls" and not self.target:
+            raise BrainDINOError("a classification head needs --target (the label column)")
+        if any(not 0 < f <= 1 for f in self.label_fractions):
+            raise BrainDINOError(f"label fractions must lie in (0, 1], got {list(self.label_fractions)}")
+
+    @property
+    def column(self) -> str:
+        return self.target or {"reg": "age", "surv": "survival_days", "seq": "modality"}.get(self.task, "")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Volumes of one split: padded slice tokens, targets, events, subjects."""
+
+    tokens: torch.Tensor  # (N, S, D) float32, zero-padded
+    mask: torch.Tensor  # (N, S) bool
+    targets: torch.Tensor  # (N,) long class index or float value
+    events: torch.Tensor  # (N,) float, surv only (else ones)
+    subjects: list[str]
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def pooled(self) -> np.ndarray:
+        weights = self.mask.float()[..., None]
+        return ((self.tokens * weights).sum(1) / weights.sum(1).clamp_min(1)).numpy()
+
+    def subset(self, keep: np.ndarray) -> Samples:
+        keep_t = torch.as_tensor(keep)
+        return Samples(
+            self.tokens[keep_t], self.mask[keep_t], self.targets[keep_t], self.events[keep_t],
+            [self.subjects[i] for i in keep],
+        )  # fmt: skip
+
+
+def collect(
+    manifest: Manifest, options: FitOptions, cache: FeatureCache, progress=None
+) -> tuple[dict[str, Samples], tuple]:
+    """Samples of every split and the class names (empty for reg/surv); ``progress(done, total)`` per scan.
+
+    Raises:
+        BrainDINOError: no usable scans, a split without samples, or fewer than two classes.
+    """
+    rows = []  # (split, subject, tokens, raw target, event)
+    for done, entry in enumerate(manifest.entries):
+        if progress:
+            progress(done, len(manifest.entries))
+        split = manifest.splits.get(entry.subject_id)
+        if options.task == "seq":
+            for modality, path in entry.images.items():
+                if modality != "seg":
+                    rows.append((split, entry.subject_id, cache.get(path).cls, modality, 1.0))
+            continue
+        if options.column not in entry.labels or not all(m in entry.images for m in options.modalities):
+            continue
+        event = 1.0
+        if options.task == "surv":
+            if options.event not in entry.labels:
+                continue
+            event = float(entry.labels[options.event])
+        tokens = np.concatenate([cache.get(entry.images[m]).cls for m in options.modalities])
+        rows.append((split, entry.subject_id, tokens, entry.labels[options.column], event))
+    if not rows:
+        wanted = "images" if options.task == "seq" else f"'{options.column}' and scans {list(options.modalities)}"
+        raise BrainDINOError(f"{manifest.source}: no scan has {wanted}")
+    classes = ()
+    if options.task in ("cls", "seq"):
+        classes = tuple(sorted({str(r[3]) for r in rows}))
+        if len(classes) < 2:
+            raise BrainDINOError(f"{manifest.source}: '{options.column}' has a single class ({classes[0]})")
+    length = max(len(r[2]) for r in rows)
+    samples = {}
+    for split in ("train", "val", "test"):
+        chosen = [r for r in rows if r[0] == split]
+        if not chosen:
+            raise BrainDINOError(f"{manifest.source}: no '{split}' subjects with usable scans; use more subjects")
+        tokens = torch.zeros(len(chosen), length, chosen[0][2].shape[1])
+        mask = torch.zeros(len(chosen), length, dtype=torch.bool)
+        for i, row in enumerate(chosen):
+            tokens[i, : len(row[2])] = torch.from_numpy(row[2].astype(np.float32))
+            mask[i, : len(row[2])] = True
+        if classes:
+            targets = torch.tensor([classes.index(str(r[3])) for r in chosen])
+        else:
+            targets = torch.tensor([float(r[3]) for r in chosen])
+        events = torch.tensor([r[4] for r in chosen])
+        samples[split] = Samples(tokens, mask, targets, events, [r[1] for r in chosen])
+    return samples, classes
+
+
+def label_subset(train: Samples, fraction: float, seed: int, classification: bool) -> Samples:
+    """A seeded ``fraction`` of the training samples (stratified for classes; at least one per class)."""
+    rng = np.random.default_rng(seed)
+    if fraction >= 1:
+        return train
+    groups = (
+        [np.flatnonzero(train.targets.numpy() == c) for c in np.unique(train.targets)]
+        if classification
+        else [np.arange(len(train))]
+    )
+    keep = [rng.choice(g, max(1, int(round(fraction * len(g)))), replace=False) for g in groups]
+    return train.subset(np.sort(np.concatenate(keep)))
+
+
+def cox_loss(risk: torch.Tensor, times: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood (Breslow), averaged over events."""
+    order = torch.argsort(times, descending=True)
+    risk, events = risk[order], events[order]
+    log_risk_set = torch.logcumsumexp(risk, dim=0)  # over everyone still at risk (time >= own time)
+    return -((risk - log_risk_set) * events).sum() / events.sum().clamp_min(1)
+
+
+def head_loss(task: str, outputs: torch.Tensor, samples: Samples, mean: float, std: float) -> torch.Tensor:
+    if task in ("cls", "seq"):
+        return F.cross_entropy(outputs, samples.targets)
+    if task == "reg":
+        return F.mse_loss(outputs[:, 0], (samples.targets - mean) / std)
+    return cox_loss(outputs[:, 0], samples.targets, samples.events)
+
+
+def fit_volume_head(
+    spec: HeadSpec, splits: dict[str, Samples], options: FitOptions, seed: int
+) -> tuple[VolumeHead, float]:
+    """Full-batch AdamW on ``splits['train']`` for ``options.epochs``, once per weight decay of
+    ``options.weight_decays``; returns the head with the lowest validation loss and its weight decay.
+
+    Choosing among a few fully trained candidates is steadier than picking an epoch when the
+    validation set holds only a handful of subjects.
+    """
+    train, val = splits["train"], splits["val"]
+    best = (float("inf"), None, 0.0)
+    for weight_decay in options.weight_decays:
+        torch.manual_seed(seed)
+        head = VolumeHead(train.tokens.shape[-1], spec.outputs, spec.aggregation)
+        head.fit_standardisation(train.tokens, train.mask)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=weight_decay)
+        for _ in range(options.epochs):
+            loss = head_loss(spec.kind, head(train.tokens, train.mask), train, spec.target_mean, spec.target_std)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            val_loss = float(head_loss(spec.kind, head(val.tokens, val.mask), val, spec.target_mean, spec.target_std))
+        if val_loss < best[0]:
+            best = (val_loss, head, weight_decay)
+    return best[1], best[2]
+
+
+def predict(spec: HeadSpec, head: VolumeHead, samples: Samples) -> np.ndarray:
+    """Class probabilities (N, K), values in units (N,), or risk scores (N,)."""
+    with torch.no_grad():
+        outputs = head(samples.tokens, samples.mask)
+    if spec.kind in ("cls", "seq"):
+        return torch.softmax(outputs, dim=1).numpy()
+    values = outputs[:, 0].numpy()
+    return values * spec.target_std + spec.target_mean if spec.kind == "reg" else values

@@ -1,0 +1,124 @@
+"""Volume heads on a frozen encoder: fitting under label scarcity, baselines, storage in the bundle,
+the encoder check, the feature cache, and the survival statistics."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from BrainDINOLib.bundle import create_random_bundle, load_bundle
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.preprocess import PreprocessSpec
+from BrainDINOTrainingLib.cli import main
+from BrainDINOTrainingLib.data import load_manifest
+from BrainDINOTrainingLib.evaluation import c_index, fit_and_evaluate, kaplan_meier
+from BrainDINOTrainingLib.features import FeatureCache
+from BrainDINOTrainingLib.fit_heads import FitOptions, cox_loss, predict
+from BrainDINOTrainingLib.phantoms import make_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort40(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("heads") / "cohort"
+    make_cohort(40, folder, seed=5, resolution=2, workers=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle64(tmp_path_factory):
+    """A random tiny encoder on 64-px canvases (fast); its CLS tokens still carry intensity and shape cues."""
+    return create_random_bundle(tmp_path_factory.mktemp("b") / "tiny64", "vit-tiny16-dinov3",
+                                preprocessing=PreprocessSpec(image_size=64)).path  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(bundle64, tmp_path_factory):
+    return FeatureCache(load_bundle(bundle64), tmp_path_factory.mktemp("features"), device="cpu")
+
+
+def _primary(rows, model, metric):
+    return [r[metric] for r in rows if r["model"] == model]
+
+
+def test_sequence_head_beats_the_majority_class(cohort40, cache):
+    result = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="seq"), "sequence")
+    assert result.spec.classes == ("flair", "t1", "t1ce", "t2") and len(result.test) == 32  # 8 subjects x 4
+    assert _primary(result.rows, "head", "accuracy")[0] > _primary(result.rows, "majority", "accuracy")[0] + 0.2
+
+
+def test_regression_head_beats_the_mean_predictor_in_ml(cohort40, cache):
+    result = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="reg", target="csf_ml"), "csf")
+    assert result.spec.units == "" and result.spec.target_std > 1
+    assert _primary(result.rows, "head", "mae")[0] < _primary(result.rows, "mean", "mae")[0]
+
+
+def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
+    options = FitOptions(task="cls", target="diagnosis", label_fractions=(0.25, 1.0), seeds=(0, 1))
+    result = fit_and_evaluate(load_manifest(cohort40), cache, options, "diagnosis")
+    assert {(r["label_fraction"], r["seed"]) for r in result.rows} == {(f, s) for f in (0.25, 1.0) for s in (0, 1)}
+    sizes = {r["label_fraction"]: r["train_samples"] for r in result.rows}
+    assert sizes[1.0] == 24 and 6 <= sizes[0.25] <= 8  # stratified: a quarter of each class, rounded
+    assert {"head", "linear", "knn", "majority"} == {r["model"] for r in result.rows}
+    assert result.spec.training["label_fraction"] == 1.0 and set(result.spec.metrics) >= {"auc", "accuracy"}
+
+
+def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache):
+    out = tmp_path / "with-heads"
+    args = ["fit-head", "--task", "surv", "--modality", "t1ce", "--manifest", str(cohort40), "--bundle"]
+    args += [str(bundle64), "-o", str(out), "--report", str(tmp_path / "report"), "--cache", str(cache.folder)]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "kaplan_meier.png", "metrics.csv", "metrics.md", "metrics.png"
+    ]  # fmt: skip
+    bundle = load_bundle(out)
+    (spec,) = bundle.head_specs
+    assert spec.kind == "surv" and spec.target == "survival_days" and spec.modalities == ("t1ce",)
+    assert "braindino fit-head --task surv" in spec.training["command"] and 0 <= spec.metrics["c_index"] <= 1
+    again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
+    assert np.allclose(predict(spec, bundle.load_head(spec), again.test), again.test_predictions, atol=1e-5)
+    assert not load_bundle(bundle64).head_specs  # the source bundle is unchanged
+
+
+def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(tmp_path, cohort40, bundle64):
+    bundle = load_bundle(bundle64)
+    other = create_random_bundle(tmp_path / "other", "vit-tiny16-dinov3", seed=1,
+                                 preprocessing=PreprocessSpec(image_size=64))  # fmt: skip
+    cache = FeatureCache(bundle, tmp_path / "features", device="cpu")
+    result = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="seq"), "sequence")
+    with pytest.raises(BrainDINOError, match="fitted on another encoder"):
+        other.load_head(result.spec)
+    assert main(["fit-head", "--task", "seq", "--manifest", str(cohort40)]) == 2  # default bundle, no -o
+
+
+def test_feature_cache_reuses_only_identical_inputs(tmp_path, cohort40, bundle64):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes((cohort40 / "phantom-0000" / "phantom-0000_t1.nii.gz").read_bytes())
+    cache = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu", layers=[1, 5])
+    first = cache.get(scan)
+    assert first.cls.shape[1] == 96 and first.layers[5].shape[1:] == (4, 4, 96) and len(os.listdir(cache.folder)) == 1
+    assert np.array_equal(cache.get(scan).cls, first.cls) and len(os.listdir(cache.folder)) == 1
+    scan.write_bytes((cohort40 / "phantom-0001" / "phantom-0001_t1.nii.gz").read_bytes())  # the scan changed
+    assert not np.array_equal(cache.get(scan).cls[:3], first.cls[:3]) and len(os.listdir(cache.folder)) == 2
+    other = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu")  # other layers
+    assert other.key(scan) != cache.key(scan)
+
+
+def test_survival_statistics_by_hand():
+    times, events = np.array([2.0, 4.0, 6.0, 8.0]), np.array([1, 0, 1, 1])
+    assert c_index(np.array([4.0, 3.0, 2.0, 1.0]), times, events) == 1.0  # riskier always dies first
+    assert c_index(np.array([1.0, 2.0, 3.0, 4.0]), times, events) == 0.0
+    x, survival = kaplan_meier(times, events)
+    assert x.tolist() == [0, 2, 4, 6, 8] and np.allclose(survival, [1, 0.75, 0.75, 0.375, 0.0])
+    risk = torch.tensor([0.5, -0.2, 0.1, 0.0])
+    expected = (
+        -(
+            (0.5 - torch.logsumexp(risk, 0))
+            + (0.1 - torch.logsumexp(risk[2:], 0))
+            + (0.0 - torch.logsumexp(risk[3:], 0))
+        )
+        / 3
+    )
+    assert torch.allclose(cox_loss(risk, torch.from_numpy(times), torch.from_numpy(events).float()), expected)
