@@ -39,7 +39,7 @@ def test_core_never_imports_slicer_or_qt():
     for path in (ROOT / "BrainDINO" / "BrainDINOLib").rglob("*.py"):
         if path.name == "mrml.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module]

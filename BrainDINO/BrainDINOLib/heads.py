@@ -18,6 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -187,3 +188,38 @@ def build_head(spec: HeadSpec, embed_dim: int, patch_size: int) -> nn.Module:
         channels = embed_dim * len(spec.layers) * max(1, len(spec.modalities))
         return SegmentationDecoder(channels, spec.outputs, patch_size, spec.width or 256)
     return VolumeHead(embed_dim, spec.outputs, spec.aggregation)
+
+
+def decode_outputs(spec: HeadSpec, outputs: torch.Tensor) -> np.ndarray:
+    """(N, outputs) head outputs -> class probabilities (N, K), values in the target's units (N,), or risks (N,)."""
+    if spec.kind in ("cls", "seq"):
+        return torch.softmax(outputs.float(), dim=1).numpy()
+    values = outputs[:, 0].float().numpy()
+    return values * spec.target_std + spec.target_mean if spec.kind == "reg" else values
+
+
+def predict_volume(spec: HeadSpec, head: VolumeHead, cls_tokens: np.ndarray) -> dict:
+    """The prediction of a volume head for one scan's (S, D) slice CLS tokens, as ``result.json`` keeps it."""
+    tokens = torch.from_numpy(np.asarray(cls_tokens, dtype=np.float32))[None]
+    with torch.no_grad():
+        decoded = decode_outputs(spec, head(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)))[0]
+    result = {"kind": spec.kind, "target": spec.target}
+    if spec.kind in ("cls", "seq"):
+        result["prediction"] = spec.classes[int(decoded.argmax())]
+        result["probabilities"] = {c: round(float(p), 4) for c, p in zip(spec.classes, decoded, strict=True)}
+    else:
+        result["value"] = round(float(decoded), 4)
+        result["units"] = spec.units
+    result["test_metrics"] = spec.metrics
+    return result
+
+
+def prediction_text(name: str, prediction: dict) -> str:
+    """One line for the report: ``diagnosis: AD (0.62; CN 0.20, MCI 0.18)``, ``age: 54.3 years``."""
+    if "probabilities" in prediction:
+        chosen, probabilities = prediction["prediction"], prediction["probabilities"]
+        others = ", ".join(f"{c} {p:.2f}" for c, p in probabilities.items() if c != chosen)
+        return f"{name}: {chosen} ({probabilities[chosen]:.2f}; {others})"
+    if prediction["kind"] == "surv":
+        return f"{name}: risk score {prediction['value']:+.2f} (log hazard relative to the training cohort)"
+    return f"{name}: {prediction['value']:.1f} {prediction['units']}".rstrip()

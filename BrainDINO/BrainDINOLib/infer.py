@@ -32,6 +32,7 @@ from .featuremaps import (
     similarity_map,
     to_volume,
 )
+from .heads import predict_volume, prediction_text
 from .preprocess import prepare
 from .report import write_report
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_volume, save_like
@@ -119,6 +120,18 @@ def run_inference(
     )
     lap("encode")
 
+    predictions, head_warnings = {}, []
+    for spec in bundle.head_specs:
+        if spec.kind == "seg":
+            continue
+        if len(spec.modalities) > 1:
+            head_warnings.append(f"head '{spec.name}' reads {'+'.join(spec.modalities)} together; infer reads one scan")
+            continue
+        predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), encoded.cls)
+        if spec.modalities:
+            predictions[spec.name]["reads_scan_as"] = spec.modalities[0]
+    lap("heads")
+
     attention_grid = mean_attention(encoded.attention)
     attention = to_volume(prepared, attention_grid)
     attention_threshold = dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True))
@@ -157,12 +170,13 @@ def run_inference(
                 pca,
                 similarity,
                 query_xyz,
+                [prediction_text(name, p) for name, p in predictions.items()],
             )
         for job in jobs:
             job.result()
     lap("write")
 
-    warnings = list(volume.warnings)
+    warnings = list(volume.warnings) + head_warnings
     if bundle.card.random_init:
         warnings.append(
             f"model '{bundle.card.name}' is randomly initialised: "
@@ -200,6 +214,7 @@ def run_inference(
         },
         "device": str(device),
         "query_voxel": list(options.query) if options.query else None,
+        "predictions": predictions,
         "outputs": outputs,
         "timings_s": {**timings, "total": round(sum(timings.values()), 3)},
         "warnings": warnings,

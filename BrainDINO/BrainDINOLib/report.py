@@ -21,6 +21,7 @@ CELL_HEIGHT = 200
 LABEL_WIDTH = 130
 HEADER_HEIGHT = 64
 GAP = 4
+LINE_HEIGHT = 22
 WARNING_COLOUR = (255, 85, 85)
 MASK_COLOUR = (0, 255, 255)
 
@@ -71,6 +72,7 @@ def write_report(
     pca: np.ndarray,
     similarity: np.ndarray | None = None,
     query_xyz: tuple[int, int, int] | None = None,
+    predictions: list[str] = (),
     columns: int = 6,
 ) -> Path:
     """Render the montage.
@@ -82,6 +84,7 @@ def write_report(
         pca: (X, Y, Z, 3) canonical uint8 PCA colours.
         similarity: (X, Y, Z) canonical cosine similarity to the query patch, if any.
         query_xyz: canonical voxel of the similarity query.
+        predictions: one line per task head, listed under the montage.
     """
     picks = choose_slices(prepared, columns, query_xyz[2] if query_xyz else None)
     size_x, size_y = volume.data.shape[:2]
@@ -95,9 +98,9 @@ def write_report(
     attention_range = np.percentile(attention[prepared.foreground], [1, 99.5])
     inferno, coolwarm = _lut("inferno"), _lut("coolwarm")
 
-    canvas = Image.new(
-        "RGB", (LABEL_WIDTH + len(picks) * (cell_width + GAP), HEADER_HEIGHT + len(rows) * (CELL_HEIGHT + GAP))
-    )
+    montage_height = HEADER_HEIGHT + len(rows) * (CELL_HEIGHT + GAP)
+    panel_height = 12 + LINE_HEIGHT * (len(predictions) + 1) if predictions else 0
+    canvas = Image.new("RGB", (LABEL_WIDTH + len(picks) * (cell_width + GAP), montage_height + panel_height))
     draw = ImageDraw.Draw(canvas)
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
     for c, z in enumerate(picks):
@@ -142,5 +145,9 @@ def write_report(
             fill=WARNING_COLOUR,
             font=small,
         )
+    if predictions:
+        draw.text((8, montage_height + 6), "Predictions (task heads of the bundle)", fill="white", font=font)
+        for i, line in enumerate(predictions):
+            draw.text((24, montage_height + 6 + LINE_HEIGHT * (i + 1)), line, fill=(200, 230, 255), font=font)
     canvas.save(path, optimize=False, compress_level=3)
     return Path(path)

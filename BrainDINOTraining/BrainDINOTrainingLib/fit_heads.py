@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead
+from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead, decode_outputs
 
 from .data import Manifest
 from .features import FeatureCache
@@ -208,8 +208,4 @@ def fit_volume_head(
 def predict(spec: HeadSpec, head: VolumeHead, samples: Samples) -> np.ndarray:
     """Class probabilities (N, K), values in units (N,), or risk scores (N,)."""
     with torch.no_grad():
-        outputs = head(samples.tokens, samples.mask)
-    if spec.kind in ("cls", "seq"):
-        return torch.softmax(outputs, dim=1).numpy()
-    values = outputs[:, 0].numpy()
-    return values * spec.target_std + spec.target_mean if spec.kind == "reg" else values
+        return decode_outputs(spec, head(samples.tokens, samples.mask))

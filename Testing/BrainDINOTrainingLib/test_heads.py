@@ -3,6 +3,7 @@ the encoder check, the feature cache, and the survival statistics."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -80,6 +81,11 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
     assert np.allclose(predict(spec, bundle.load_head(spec), again.test), again.test_predictions, atol=1e-5)
     assert not load_bundle(bundle64).head_specs  # the source bundle is unchanged
+    scan = cohort40 / "phantom-0007" / "phantom-0007_t1ce.nii.gz"
+    assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    prediction = result["predictions"]["survival_days"]
+    assert prediction["kind"] == "surv" and np.isfinite(prediction["value"]) and prediction["reads_scan_as"] == "t1ce"
 
 
 def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(tmp_path, cohort40, bundle64):
