@@ -220,6 +220,45 @@ def prediction_text(name: str, prediction: dict) -> str:
         chosen, probabilities = prediction["prediction"], prediction["probabilities"]
         others = ", ".join(f"{c} {p:.2f}" for c, p in probabilities.items() if c != chosen)
         return f"{name}: {chosen} ({probabilities[chosen]:.2f}; {others})"
+    if prediction["kind"] == "seg":
+        parts = ", ".join(f"{c} {v:.1f} mL" for c, v in prediction["volumes_ml"].items())
+        return f"{name}: {prediction['total_ml']:.1f} mL segmented ({parts})"
     if prediction["kind"] == "surv":
         return f"{name}: risk score {prediction['value']:+.2f} (log hazard relative to the training cohort)"
     return f"{name}: {prediction['value']:.1f} {prediction['units']}".rstrip()
+
+
+def segmentation_input(per_modality: list[dict[int, np.ndarray]], layers: tuple[int, ...]) -> torch.Tensor:
+    """(S, M*L*D, h, w) decoder input from each modality's ``{block: (S, h, w, D)}`` patch tokens."""
+    parts = [torch.from_numpy(np.asarray(tokens[i])) for tokens in per_modality for i in layers]
+    return torch.cat(parts, dim=-1).permute(0, 3, 1, 2)
+
+
+def segment_slices(
+    spec: HeadSpec, decoder: SegmentationDecoder, features: torch.Tensor, plane, batch_size: int = 8
+) -> np.ndarray:
+    """Label values (S, X, Y) of the encoded slices: canvas class probabilities are sampled back at every
+    voxel of the slice (`PlaneGeometry.from_canvas`), then the most probable class is taken."""
+    values = torch.tensor((0, *spec.label_values), dtype=torch.int16)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            probabilities = torch.softmax(decoder(features[start : start + batch_size].float()), dim=1)
+            out.append(values[plane.from_canvas(probabilities).argmax(dim=1)])
+    return torch.cat(out).numpy()
+
+
+def segmentation_summary(spec: HeadSpec, labels: np.ndarray, spacing: tuple[float, float, float]) -> dict:
+    """Volume of each segment in mL, as ``result.json`` keeps it."""
+    voxel_ml = float(np.prod(spacing)) / 1000
+    volumes = {
+        c: round(float((labels == v).sum()) * voxel_ml, 3) for c, v in zip(spec.classes, spec.label_values, strict=True)
+    }
+    total = round(sum(volumes.values()), 3)
+    return {
+        "kind": "seg",
+        "target": spec.target,
+        "volumes_ml": volumes,
+        "total_ml": total,
+        "test_metrics": spec.metrics,
+    }

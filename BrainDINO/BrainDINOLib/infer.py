@@ -32,7 +32,7 @@ from .featuremaps import (
     similarity_map,
     to_volume,
 )
-from .heads import predict_volume, prediction_text
+from .heads import predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
 from .preprocess import prepare
 from .report import write_report
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_volume, save_like
@@ -115,19 +115,34 @@ def run_inference(
     except OSError as error:
         raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
     lap("prepare")
+    heads, head_warnings = [], []
+    for spec in bundle.head_specs:
+        if len(spec.modalities) > 1:
+            head_warnings.append(f"head '{spec.name}' reads {'+'.join(spec.modalities)} together; infer reads one scan")
+        else:
+            heads.append((spec, bundle.load_head(spec)))
+    layers = sorted({i for spec, _ in heads for i in spec.layers})
     encoded = encode_volume(
-        prepared, encoder, device=device, batch_size=options.batch_size, progress=progress, cancel=cancel
+        prepared,
+        encoder,
+        device=device,
+        batch_size=options.batch_size,
+        layers=layers,
+        progress=progress,
+        cancel=cancel,
     )
     lap("encode")
 
-    predictions, head_warnings = {}, []
-    for spec in bundle.head_specs:
+    predictions, segmentations = {}, {}
+    for spec, head in heads:
         if spec.kind == "seg":
-            continue
-        if len(spec.modalities) > 1:
-            head_warnings.append(f"head '{spec.name}' reads {'+'.join(spec.modalities)} together; infer reads one scan")
-            continue
-        predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), encoded.cls)
+            labels = np.zeros(volume.data.shape, dtype=np.int16)
+            features = segmentation_input([encoded.layers], spec.layers)
+            labels[:, :, prepared.slices] = segment_slices(spec, head, features, prepared.plane).transpose(1, 2, 0)
+            segmentations[spec.name] = labels
+            predictions[spec.name] = segmentation_summary(spec, labels, volume.spacing)
+        else:
+            predictions[spec.name] = predict_volume(spec, head, encoded.cls)
         if spec.modalities:
             predictions[spec.name]["reads_scan_as"] = spec.modalities[0]
     lap("heads")
@@ -150,6 +165,10 @@ def run_inference(
     }
     if similarity is not None:
         outputs["similarity"] = f"{stem}_similarity.nii.gz"
+    for name in segmentations:
+        outputs[f"segmentation:{name}"] = (
+            f"{stem}_seg.nii.gz" if len(segmentations) == 1 else f"{stem}_seg_{name}.nii.gz"
+        )
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
         jobs = [
             pool.submit(save_like, volume, attention, out_dir / outputs["attention"]),
@@ -158,6 +177,8 @@ def run_inference(
         ]
         if similarity is not None:
             jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
+        for name, labels in segmentations.items():
+            jobs.append(pool.submit(save_like, volume, labels, out_dir / outputs[f"segmentation:{name}"]))
         if options.report:
             outputs["report"] = "report.png"
             write_report(
@@ -171,6 +192,7 @@ def run_inference(
                 similarity,
                 query_xyz,
                 [prediction_text(name, p) for name, p in predictions.items()],
+                next(iter(segmentations.values()), None),
             )
         for job in jobs:
             job.result()

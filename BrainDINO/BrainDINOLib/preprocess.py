@@ -115,6 +115,13 @@ class PlaneGeometry:
         pad = (self.col0, self.canvas - self.cols - self.col0, self.row0, self.canvas - self.rows - self.row0)
         return F.pad(resized, pad)[:, 0]
 
+    def labels_to_canvas(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, X, Y) integer label slices -> (B, canvas, canvas) labels, nearest neighbour (0 outside)."""
+        view = torch.flip(labels, dims=(1, 2)).transpose(1, 2)[:, None].float()
+        resized = F.interpolate(view, size=(self.rows, self.cols), mode="nearest-exact")
+        pad = (self.col0, self.canvas - self.cols - self.col0, self.row0, self.canvas - self.rows - self.row0)
+        return F.pad(resized, pad)[:, 0].round().to(labels.dtype)
+
     def from_canvas(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) maps covering the whole canvas (any resolution) -> (B, C, X, Y) per slice.
 

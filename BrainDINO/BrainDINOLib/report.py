@@ -22,6 +22,8 @@ LABEL_WIDTH = 130
 HEADER_HEIGHT = 64
 GAP = 4
 LINE_HEIGHT = 22
+#: segment colours by label value (BraTS: 1 necrotic core red, 2 oedema green, 3 enhancing yellow).
+LABEL_COLOURS = np.array([(0, 0, 0), (230, 50, 50), (60, 200, 80), (250, 220, 40), (80, 140, 255)], dtype=np.uint8)
 WARNING_COLOUR = (255, 85, 85)
 MASK_COLOUR = (0, 255, 255)
 
@@ -73,6 +75,7 @@ def write_report(
     similarity: np.ndarray | None = None,
     query_xyz: tuple[int, int, int] | None = None,
     predictions: list[str] = (),
+    segmentation: np.ndarray | None = None,
     columns: int = 6,
 ) -> Path:
     """Render the montage.
@@ -85,6 +88,7 @@ def write_report(
         similarity: (X, Y, Z) canonical cosine similarity to the query patch, if any.
         query_xyz: canonical voxel of the similarity query.
         predictions: one line per task head, listed under the montage.
+        segmentation: (X, Y, Z) canonical label values of a segmentation head, drawn in colour over the MRI.
     """
     picks = choose_slices(prepared, columns, query_xyz[2] if query_xyz else None)
     size_x, size_y = volume.data.shape[:2]
@@ -93,6 +97,8 @@ def write_report(
     rows = ["MRI", "attention\n(cyan: 60 % of\nits mass)", "PCA of features"] + (
         ["similarity"] if similarity is not None else []
     )
+    if segmentation is not None:
+        rows.append("segmentation\n(red core, green\noedema, yellow\nenhancing)")
     brain_values = volume.data[prepared.foreground]
     grey_range = np.percentile(brain_values, [0.5, 99.5])  # background (below the brain) clips to black
     attention_range = np.percentile(attention[prepared.foreground], [1, 99.5])
@@ -114,6 +120,10 @@ def write_report(
         ]
         if similarity is not None:
             cells.append(_blend(grey, coolwarm[_scaled(_view(similarity[:, :, z]), -1, 1)], brain, 0.7))
+        if segmentation is not None:
+            labels = _view(segmentation[:, :, z])
+            colours = LABEL_COLOURS[np.clip(labels, 0, len(LABEL_COLOURS) - 1)]
+            cells.append(_blend(grey, colours, labels > 0, 0.6))
         left = LABEL_WIDTH + c * (cell_width + GAP)
         draw.text(
             (left + cell_width // 2, HEADER_HEIGHT - 4), f"axial slice {z}", fill="white", font=small, anchor="md"

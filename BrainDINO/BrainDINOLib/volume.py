@@ -83,13 +83,16 @@ class Volume:
         return tuple(int(round(c)) for c in xyz[:3])
 
 
-def load_volume(path: str | Path, *, volume_index: int | None = None, dicom_series: str | None = None) -> Volume:
+def load_volume(
+    path: str | Path, *, volume_index: int | None = None, dicom_series: str | None = None, allow_constant: bool = False
+) -> Volume:
     """Read a 3D scan (NIfTI, MGZ, NRRD, MHA, or a DICOM series folder) as a canonical `Volume`.
 
     Args:
         path: image file or a folder holding one DICOM series.
         volume_index: which volume of a 4D image to use (required for 4D images).
         dicom_series: SeriesInstanceUID to read when a folder holds several series.
+        allow_constant: accept a constant image (an empty label mask is one).
 
     Raises:
         BrainDINOError: one line naming the file and the problem (missing, corrupt, not an image,
@@ -107,7 +110,21 @@ def load_volume(path: str | Path, *, volume_index: int | None = None, dicom_seri
     else:
         known = ", ".join(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES)
         raise BrainDINOError(f"{path}: not a recognised image file (expected {known} or a DICOM folder)")
-    return _canonical_volume(array, affine, path)
+    return _canonical_volume(array, affine, path, allow_constant)
+
+
+def load_labels(path: str | Path, like: Volume) -> np.ndarray:
+    """A label mask (e.g. BraTS segmentation) as (X, Y, Z) int16 in ``like``'s canonical grid.
+
+    Raises:
+        BrainDINOError: unreadable, or not on the same voxel grid as ``like``.
+    """
+    labels = load_volume(path, allow_constant=True)
+    if labels.data.shape != like.data.shape or not np.allclose(labels.affine, like.affine, atol=1e-3):
+        raise BrainDINOError(
+            f"{path}: the mask is not on the voxel grid of {like.path}; resample it to the image first"
+        )
+    return np.rint(labels.data).astype(np.int16)
 
 
 def _check_shape(path: Path, shape: tuple[int, ...], volume_index: int | None) -> tuple[int, ...]:
@@ -237,7 +254,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
 
 
-def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
+def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path, allow_constant: bool = False) -> Volume:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is degenerate (zero or non-finite spacing)")
     warnings = []
@@ -249,7 +266,7 @@ def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volu
         array = np.where(finite, array, 0.0).astype(np.float32)
         warnings.append(f"{n_bad:,} NaN/Inf voxels were set to 0")
     low, high = float(array.min()), float(array.max())
-    if low == high:
+    if low == high and not allow_constant:
         raise BrainDINOError(f"{path}: a constant image (every voxel is {low:g}); nothing to analyse")
     to_canonical = ornt_transform(io_orientation(affine), _RAS)
     data = np.ascontiguousarray(apply_orientation(array, to_canonical), dtype=np.float32)

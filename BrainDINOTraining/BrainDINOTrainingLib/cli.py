@@ -172,27 +172,29 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit = subparsers.add_parser(
         "fit-head",
         help="fit a task head on the frozen encoder and measure it under label scarcity",
-        description="Fit a volume head (cls: classes of a label column; reg: a number such as age; surv: "
-        "time to event; seq: MRI sequence type) on a manifest's scans with the bundle's frozen encoder. "
+        description="Fit a head on a manifest's scans with the bundle's frozen encoder: seg (a tumour "
+        "segmentation decoder on multi-layer patch tokens of the given sequences, BraTS labels 1/2/3 from the "
+        "manifest's seg masks; Dice and HD95), or a volume head (cls: classes of a label column; reg: a "
+        "number such as age; surv: time to event; seq: MRI sequence type). "
         "Subjects are split train/val/test (60/20/20, by subject); each label fraction keeps that share "
-        "of the training subjects, each seed draws it anew. The head and linear, kNN and majority/mean "
-        "baselines are measured on the test subjects; the table goes to REPORT (metrics.md, .csv, .png, "
+        "of the training subjects, each seed draws it anew. The head (and for volume heads linear, kNN and "
+        "majority/mean baselines) is measured on the test subjects; the table goes to REPORT (metrics.md, .csv, .png, "
         "and kaplan_meier.png for surv). The head fitted on the largest fraction with the first seed is "
         "stored in the bundle (heads/NAME.safetensors + model.json) and used by 'braindino infer'. "
         "Encoder features are cached per scan (see --cache).",
     )
-    fit.add_argument("--task", required=True, choices=["cls", "reg", "surv", "seq"])
+    fit.add_argument("--task", required=True, choices=["seg", "cls", "reg", "surv", "seq"])
     fit.add_argument("--manifest", required=True, help="manifest table, folder with manifest.csv, BIDS or BraTS")
     fit.add_argument("--target", default="", help="label column (cls: required; reg: age; surv: survival_days)")
     fit.add_argument("--event", default="event", help="surv: event column, 1 = observed (default %(default)s)")
     fit.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
     fit.add_argument("-o", "--out-bundle", type=Path, help="write a copy of the bundle with the head here")
     fit.add_argument("--name", help="head name (default: the target, or 'sequence')")
-    fit.add_argument("--modality", nargs="+", default=["t1"], help="scans read per subject (default t1)")
+    fit.add_argument("--modality", nargs="+", help="scans read per subject (default: t1; seg: t1 t1ce t2 flair, fused)")
     fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
     fit.add_argument("--label-fraction", nargs="+", type=float, default=[1.0], help="e.g. 0.01 0.1 1.0")
     fit.add_argument("--seeds", nargs="+", type=int, default=[0], help="e.g. 0 1 2")
-    fit.add_argument("--epochs", type=int, default=300, help="full-batch epochs (default %(default)s)")
+    fit.add_argument("--epochs", type=int, help="epochs (default: 300 full-batch; seg: 30 over all slices)")
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -208,27 +210,40 @@ def _fit_head(args) -> None:
     from .evaluation import fit_and_evaluate, write_report
     from .features import FeatureCache
     from .fit_heads import FitOptions
+    from .fit_segmentation import SegOptions, default_layers, fit_and_evaluate_segmentation
 
-    options = FitOptions(
-        task=args.task,
-        target=args.target,
-        event=args.event,
-        modalities=tuple(args.modality),
-        aggregation=args.aggregation,
-        label_fractions=tuple(args.label_fraction),
-        seeds=tuple(args.seeds),
-        epochs=args.epochs,
-    )
     source = find_bundle(args.bundle)
     if args.out_bundle is None and source.resolve().is_relative_to(CATALOG_DIR.resolve()):
         raise BrainDINOError(f"{source} ships with BrainDINO and stays unchanged: pass -o NEW_BUNDLE for a copy")
     if args.out_bundle is not None and args.out_bundle.exists():
         raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
-    name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
-    manifest = load_manifest(args.manifest)
-    cache = FeatureCache(load_bundle(source), args.cache, device=args.device)
+    manifest, bundle = load_manifest(args.manifest), load_bundle(source)
+    if args.task == "seg":
+        options = SegOptions(
+            modalities=tuple(args.modality or SegOptions.modalities),
+            label_fractions=tuple(args.label_fraction),
+            seeds=tuple(args.seeds),
+            epochs=args.epochs or SegOptions.epochs,
+        )
+        name = args.name or "tumor"
+        cache = FeatureCache(bundle, args.cache, default_layers(bundle.card.encoder.depth), args.device)
+        fit = fit_and_evaluate_segmentation
+    else:
+        options = FitOptions(
+            task=args.task,
+            target=args.target,
+            event=args.event,
+            modalities=tuple(args.modality or FitOptions.modalities),
+            aggregation=args.aggregation,
+            label_fractions=tuple(args.label_fraction),
+            seeds=tuple(args.seeds),
+            epochs=args.epochs or FitOptions.epochs,
+        )
+        name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
+        cache = FeatureCache(bundle, args.cache, device=args.device)
+        fit = fit_and_evaluate
     with cli.ProgressBar("features", "scan") as progress:
-        result = fit_and_evaluate(manifest, cache, options, name, progress=progress)
+        result = fit(manifest, cache, options, name, progress=progress)
     target = source
     if args.out_bundle is not None:
         shutil.copytree(source, args.out_bundle)

@@ -25,14 +25,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from BrainDINOLib.bundle import ENCODER_FILE
-from BrainDINOLib.heads import HeadSpec, VolumeHead
+from BrainDINOLib.heads import HeadSpec
 
 from .data import Manifest
 from .features import FeatureCache
 from .fit_heads import FitOptions, Samples, collect, cox_loss, fit_volume_head, label_subset, predict
 
 #: the metric that decides "better" per task (higher is better except for MAE).
-PRIMARY = {"cls": "auc", "seq": "accuracy", "reg": "mae", "surv": "c_index"}
+PRIMARY = {"cls": "auc", "seq": "accuracy", "reg": "mae", "surv": "c_index", "seg": "dice_whole_tumor"}
 
 
 def c_index(risk: np.ndarray, times: np.ndarray, events: np.ndarray) -> float:
@@ -128,13 +128,14 @@ def _linear_cox(train: Samples, test: Samples, seed: int, epochs: int = 300) -> 
 
 @dataclass(frozen=True)
 class FitResult:
-    """The head to keep (largest label fraction, first seed), its test predictions, and every row."""
+    """The head to keep (largest label fraction, first seed), every row, and for volume heads the
+    test samples with the kept head's predictions."""
 
     spec: HeadSpec
-    head: VolumeHead
+    head: torch.nn.Module
     rows: list[dict]
-    test: Samples
-    test_predictions: np.ndarray
+    test: Samples | None = None
+    test_predictions: np.ndarray | None = None
 
 
 def fit_and_evaluate(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from BrainDINOTrainingLib.data import load_manifest
 from BrainDINOTrainingLib.evaluation import c_index, fit_and_evaluate, kaplan_meier
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, cox_loss, predict
+from BrainDINOTrainingLib.fit_segmentation import SegOptions
 from BrainDINOTrainingLib.phantoms import make_cohort
 
 
@@ -128,3 +130,30 @@ def test_survival_statistics_by_hand():
         / 3
     )
     assert torch.allclose(cox_loss(risk, torch.from_numpy(times), torch.from_numpy(events).float()), expected)
+
+
+def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry(tmp_path, cohort40, bundle64):
+    out = tmp_path / "seg-bundle"
+    args = ["fit-head", "--task", "seg", "--modality", "flair", "--manifest", str(cohort40), "--bundle"]
+    args += [str(bundle64), "-o", str(out), "--epochs", "6", "--report", str(tmp_path / "report")]
+    assert main(args + ["--cache", str(tmp_path / "features")]) == 0
+    (spec,) = load_bundle(out).head_specs
+    assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)
+    assert spec.metrics["dice_whole_tumor"] > 0.15  # predicting nothing scores 0 on every tumour subject
+    manifest = load_manifest(cohort40).split(SegOptions().split, seed=SegOptions().split_seed)
+    held_out = next(  # a test subject with a tumour, stored in a non-RAS orientation
+        e
+        for e in manifest.entries
+        if manifest.splits[e.subject_id] == "test" and e.labels["tumor"] == 1 and e.labels["orientation"] != "RAS"
+    )
+    scan = held_out.images["flair"]
+    assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
+    written = nib.load(tmp_path / "out" / scan.name.replace(".nii.gz", "_seg.nii.gz"))
+    source, truth = nib.load(scan), np.asarray(nib.load(held_out.images["seg"]).dataobj)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    predicted = np.asarray(written.dataobj)
+    assert set(np.unique(predicted).tolist()) <= {0, 1, 2, 3}
+    overlap = 2 * ((predicted > 0) & (truth > 0)).sum() / ((predicted > 0).sum() + (truth > 0).sum())
+    assert overlap > 0.2  # voxel for voxel in the file's own grid: a flipped axis would give ~0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["predictions"]["tumor"]["total_ml"] > 0 and "segmentation:tumor" in result["outputs"]

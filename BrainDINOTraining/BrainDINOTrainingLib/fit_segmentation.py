@@ -1,0 +1,216 @@
+"""Fit a segmentation decoder on the frozen encoder's multi-layer patch tokens, and measure it in voxels.
+
+Training pairs are the encoded axial slices of each subject: decoder input = the patch tokens of
+``layers`` of every chosen sequence (from the feature cache), target = the subject's mask mapped
+onto the same canvas by nearest neighbour. Loss: Dice + cross-entropy (MONAI ``DiceCELoss``).
+Evaluation happens where clinicians look: the predicted canvas probabilities are sampled back to
+every voxel of the scan (as ``braindino infer`` does) and compared with the mask by Dice per label
+and for the whole tumour, and the 95th-percentile Hausdorff distance in mm (MONAI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from BrainDINOLib.bundle import ENCODER_FILE
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.heads import HeadSpec, SegmentationDecoder, build_head, segment_slices, segmentation_input
+from BrainDINOLib.preprocess import PlaneGeometry, prepare
+from BrainDINOLib.volume import load_labels, load_volume
+
+from .data import Manifest
+from .evaluation import FitResult
+from .features import FeatureCache
+
+#: BraTS 2023 labels 1, 2, 3 (also the phantoms').
+BRATS_CLASSES = ("necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour")
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced blocks ending with the last: (2, 5, 8, 11) for 12 blocks, as BrainDINO uses."""
+    return tuple(sorted({round(depth * (i + 1) / 4) - 1 for i in range(4)}))
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    layers: tuple[int, ...] = ()  # default: `default_layers`
+    label_values: tuple[int, ...] = (1, 2, 3)
+    classes: tuple[str, ...] = BRATS_CLASSES
+    width: int = 128
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    split: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegVolume:
+    """One subject: decoder inputs and canvas targets of its encoded slices, and the voxel mask."""
+
+    subject: str
+    features: torch.Tensor  # (S, C, h, w) float16
+    targets: torch.Tensor  # (S, canvas, canvas) class indices
+    labels: np.ndarray  # (X, Y, Z) label values, canonical
+    slices: np.ndarray
+    plane: PlaneGeometry
+    spacing: tuple[float, float, float]
+
+
+def collect_segmentation(
+    manifest: Manifest, options: SegOptions, cache: FeatureCache, progress=None
+) -> dict[str, list[SegVolume]]:
+    """Subjects with a mask and every chosen sequence, per split.
+
+    Raises:
+        BrainDINOError: no such subjects, a split without them, or mask values outside ``label_values``.
+    """
+    splits: dict[str, list[SegVolume]] = {"train": [], "val": [], "test": []}
+    lookup = np.zeros(max(options.label_values) + 1, dtype=np.int64)
+    lookup[list(options.label_values)] = np.arange(1, len(options.label_values) + 1)
+    for done, entry in enumerate(manifest.entries):
+        if progress:
+            progress(done, len(manifest.entries))
+        if "seg" not in entry.images or not all(m in entry.images for m in options.modalities):
+            continue
+        reference = load_volume(entry.images[options.modalities[0]])
+        labels = load_labels(entry.images["seg"], reference)
+        unknown = set(np.unique(labels).tolist()) - {0, *options.label_values}
+        if unknown:
+            raise BrainDINOError(f"{entry.images['seg']}: label values {sorted(unknown)} not in {options.label_values}")
+        features = [cache.get(entry.images[m]) for m in options.modalities]
+        slices = features[0].slices
+        if any(not np.array_equal(f.slices, slices) for f in features[1:]):  # other extents: common slices only
+            slices = np.array(sorted(set.intersection(*(set(f.slices.tolist()) for f in features))))
+        rows = [np.searchsorted(f.slices, slices) for f in features]
+        layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
+        plane = prepare(reference, cache.bundle.card.preprocessing).plane
+        classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
+        splits[manifest.splits[entry.subject_id]].append(
+            SegVolume(
+                entry.subject_id,
+                segmentation_input(layers, cache.layers).to(torch.float16),
+                plane.labels_to_canvas(classes),
+                labels,
+                slices,
+                plane,
+                reference.spacing,
+            )
+        )
+    for name, volumes in splits.items():
+        if not volumes:
+            raise BrainDINOError(
+                f"{manifest.source}: no '{name}' subjects with a mask and {list(options.modalities)}; use more subjects"
+            )
+    return splits
+
+
+def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, seed: int, embed_dim: int, patch: int):
+    """Mini-batch AdamW over every training slice, Dice + cross-entropy."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(seed)
+    decoder = build_head(spec, embed_dim, patch)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    features = torch.cat([v.features for v in train])
+    targets = torch.cat([v.targets for v in train])
+    generator = torch.Generator().manual_seed(seed)
+    decoder.train()
+    for _ in range(options.epochs):
+        order = torch.randperm(len(features), generator=generator)
+        for start in range(0, len(order), options.batch_size):
+            batch = order[start : start + options.batch_size]
+            loss = loss_fn(decoder(features[batch].float()), targets[batch][:, None])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return decoder.eval()
+
+
+def segmentation_metrics(spec: HeadSpec, decoder: SegmentationDecoder, volumes: list[SegVolume]) -> dict[str, float]:
+    """Mean over subjects: Dice per label and for the whole tumour (any label); whole-tumour HD95 (mm)
+    over subjects where both prediction and mask hold tumour."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    dice = {name: [] for name in ("whole_tumor", *[f"label_{v}" for v in spec.label_values])}
+    hd95 = []
+    for volume in volumes:
+        predicted = np.zeros_like(volume.labels)
+        predicted[:, :, volume.slices] = segment_slices(spec, decoder, volume.features, volume.plane).transpose(1, 2, 0)
+        pairs = {"whole_tumor": (predicted > 0, volume.labels > 0)}
+        pairs.update({f"label_{v}": (predicted == v, volume.labels == v) for v in spec.label_values})
+        for name, (p, t) in pairs.items():
+            if t.any() or p.any():  # both empty: nothing to score
+                score = compute_dice(_onehot(p), _onehot(t), include_background=False, ignore_empty=False)
+                dice[name].append(float(score))  # tumour predicted where there is none scores 0
+        whole_p, whole_t = pairs["whole_tumor"]
+        if whole_p.any() and whole_t.any():
+            distance = compute_hausdorff_distance(
+                _onehot(whole_p), _onehot(whole_t), percentile=95, spacing=volume.spacing
+            )
+            hd95.append(float(distance))
+    result = {f"dice_{k}": float(np.mean(v)) if v else float("nan") for k, v in dice.items()}
+    result["hd95_whole_tumor_mm"] = float(np.mean(hd95)) if hd95 else float("nan")
+    return result
+
+
+def _onehot(mask: np.ndarray) -> torch.Tensor:
+    """(X, Y, Z) bool -> (1, 2, X, Y, Z) background/foreground one-hot, as MONAI's metrics take."""
+    foreground = torch.from_numpy(mask)[None, None].float()
+    return torch.cat([1 - foreground, foreground], dim=1)
+
+
+def fit_and_evaluate_segmentation(
+    manifest: Manifest, cache: FeatureCache, options: SegOptions, name: str, progress=None
+) -> FitResult:
+    """Fit a decoder per label fraction and seed; measure each on the test subjects."""
+    card = cache.bundle.card
+    layers = options.layers or default_layers(card.encoder.depth)
+    if tuple(cache.layers) != tuple(sorted(layers)):
+        raise BrainDINOError(f"the feature cache keeps layers {list(cache.layers)}, the head needs {list(layers)}")
+    splits = collect_segmentation(manifest.split(options.split, seed=options.split_seed), options, cache, progress)
+    spec = HeadSpec(
+        name=name,
+        kind="seg",
+        target="seg",
+        modalities=options.modalities,
+        classes=options.classes,
+        label_values=options.label_values,
+        layers=tuple(sorted(layers)),
+        width=options.width,
+        encoder_sha256=card.files[ENCODER_FILE],
+    )
+    rows, kept = [], None
+    for fraction in sorted(options.label_fractions, reverse=True):
+        for seed in options.seeds:
+            count = max(1, int(round(fraction * len(splits["train"]))))
+            chosen = np.random.default_rng(seed).choice(len(splits["train"]), count, replace=False)
+            train = [splits["train"][i] for i in sorted(chosen)]
+            decoder = fit_decoder(spec, train, options, seed, card.encoder.embed_dim, card.encoder.patch_size)
+            row = {"label_fraction": fraction, "seed": seed, "model": "head", "train_samples": len(train)}
+            rows.append({**row, **segmentation_metrics(spec, decoder, splits["test"])})
+            kept = kept or decoder
+    first = rows[0]
+    spec = dataclasses.replace(
+        spec,
+        metrics={k: v for k, v in first.items() if k not in ("label_fraction", "seed", "model")},
+        training={
+            "data": manifest.source,
+            "split": options.split,
+            "split_seed": options.split_seed,
+            "label_fraction": first["label_fraction"],
+            "seed": first["seed"],
+            "epochs": options.epochs,
+            "test_subjects": len(splits["test"]),
+        },
+    )
+    return FitResult(spec, kept, rows)
