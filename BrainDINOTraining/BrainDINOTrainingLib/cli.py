@@ -255,8 +255,64 @@ def _fit_head(args) -> None:
     print(f"head '{name}' stored in {target}; report in {written[0].parent}")
 
 
+def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    """``evaluate``."""
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="measure a bundle's heads on a manifest",
+        description="Score every head of a bundle (or --head NAME ...) on the test subjects of the split it was "
+        "fitted with, or with --all-subjects on every subject of another dataset. Writes metrics.md and "
+        "metrics.csv (one row per head and metric) to REPORT.",
+    )
+    evaluate.add_argument("--bundle", help="model bundle (default: the shipped default)")
+    evaluate.add_argument("--manifest", required=True, help="manifest table, folder with manifest.csv, BIDS or BraTS")
+    evaluate.add_argument("--head", nargs="+", default=[], help="only these heads")
+    evaluate.add_argument("--all-subjects", action="store_true", help="score every subject (an external dataset)")
+    evaluate.add_argument("--report", type=Path, default=Path("reports") / "evaluation", help="report folder")
+    evaluate.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    evaluate.set_defaults(func=_evaluate)
+
+
+def _evaluate(args) -> None:
+    import csv
+
+    from BrainDINOLib.bundle import find_bundle, load_bundle
+
+    from .data import load_manifest
+    from .evaluation import evaluate_bundle
+
+    bundle = load_bundle(find_bundle(args.bundle))
+    manifest = load_manifest(args.manifest)
+    with cli.ProgressBar("features", "scan") as progress:
+        rows = evaluate_bundle(
+            bundle, manifest, args.cache, args.device, args.all_subjects, tuple(args.head), progress=progress
+        )
+    args.report.mkdir(parents=True, exist_ok=True)
+    with open(args.report / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    subjects = "every subject" if args.all_subjects else "the test subjects of each head's split"
+    lines = [
+        f"# {bundle.card.name} on {manifest.source} ({subjects})",
+        "",
+        "| head | kind | samples | metric | value |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['head']} | {r['kind']} | {r['samples']} | {r['metric']} | {r['value']:.3f} |" for r in rows]
+    (args.report / "metrics.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"report in {args.report}")
+
+
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.
-TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (add_data_commands, add_pretrain_command, add_head_commands)
+TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (
+    add_data_commands,
+    add_pretrain_command,
+    add_head_commands,
+    add_evaluate_command,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +23,14 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from BrainDINOLib.bundle import ENCODER_FILE
+from BrainDINOLib.bundle import ENCODER_FILE, Bundle
+from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import HeadSpec
 
 from .data import Manifest
 from .features import FeatureCache
-from .fit_heads import FitOptions, Samples, collect, cox_loss, fit_volume_head, label_subset, predict
+from .fit_heads import FitOptions, FitResult, Samples, collect, cox_loss, fit_volume_head, label_subset, predict
+from .fit_segmentation import SegOptions, collect_segmentation, segmentation_metrics
 
 #: the metric that decides "better" per task (higher is better except for MAE).
 PRIMARY = {"cls": "auc", "seq": "accuracy", "reg": "mae", "surv": "c_index", "seg": "dice_whole_tumor"}
@@ -126,18 +127,6 @@ def _linear_cox(train: Samples, test: Samples, seed: int, epochs: int = 300) -> 
         return model((torch.from_numpy(test.pooled()) - mean) / std)[:, 0].numpy()
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """The head to keep (largest label fraction, first seed), every row, and for volume heads the
-    test samples with the kept head's predictions."""
-
-    spec: HeadSpec
-    head: torch.nn.Module
-    rows: list[dict]
-    test: Samples | None = None
-    test_predictions: np.ndarray | None = None
-
-
 def fit_and_evaluate(
     manifest: Manifest, cache: FeatureCache, options: FitOptions, name: str, progress=None
 ) -> FitResult:
@@ -183,6 +172,7 @@ def fit_and_evaluate(
         training={
             "data": manifest.source,
             "split": options.split,
+            "stratify": stratify,
             "split_seed": options.split_seed,
             "label_fraction": first["label_fraction"],
             "seed": first["seed"],
@@ -263,3 +253,43 @@ def write_report(result: FitResult, folder: str | Path) -> list[Path]:
         written.append(folder / "kaplan_meier.png")
     plt.close("all")
     return written
+
+
+def evaluate_bundle(
+    bundle: Bundle,
+    manifest: Manifest,
+    cache_folder: str | Path | None = None,
+    device: str = "auto",
+    every_subject: bool = False,
+    names: tuple[str, ...] = (),
+    progress=None,
+) -> list[dict]:
+    """Metrics of the bundle's heads (or those named) on a manifest: one row per head and metric.
+
+    Args:
+        every_subject: score all subjects (an external dataset); otherwise the test subjects of the
+            split each head was fitted with (same fractions and seed).
+    """
+    specs = [s for s in bundle.head_specs if not names or s.name in names]
+    missing = sorted(set(names) - {s.name for s in specs})
+    if missing or not specs:
+        raise BrainDINOError(f"{bundle.path}: no heads named {missing}" if missing else f"{bundle.path}: has no heads")
+    rows = []
+    for spec in specs:
+        fractions = {"test": 1.0} if every_subject else spec.training["split"]
+        split = manifest.split(fractions, stratify=spec.training.get("stratify"), seed=spec.training["split_seed"])
+        head = bundle.load_head(spec)
+        if spec.kind == "seg":
+            options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)
+            cache = FeatureCache(bundle, cache_folder, spec.layers, device)
+            volumes = collect_segmentation(split, options, cache, progress, splits=("test",))["test"]
+            values, count = segmentation_metrics(spec, head, volumes), len(volumes)
+        else:
+            options = FitOptions(task=spec.kind, target=spec.target, modalities=spec.modalities or ("t1",))
+            cache = FeatureCache(bundle, cache_folder, device=device)
+            test = collect(split, options, cache, progress, classes=spec.classes, splits=("test",))[0]["test"]
+            values, count = metrics(spec.kind, predict(spec, head, test), test), len(test)
+        rows += [
+            {"head": spec.name, "kind": spec.kind, "samples": count, "metric": k, "value": v} for k, v in values.items()
+        ]
+    return rows

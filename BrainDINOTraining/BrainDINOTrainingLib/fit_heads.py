@@ -91,10 +91,30 @@ class Samples:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """The head to keep (largest label fraction, first seed), every row, and for volume heads the
+    test samples with the kept head's predictions."""
+
+    spec: HeadSpec
+    head: torch.nn.Module
+    rows: list[dict]
+    test: Samples | None = None
+    test_predictions: np.ndarray | None = None
+
+
 def collect(
-    manifest: Manifest, options: FitOptions, cache: FeatureCache, progress=None
+    manifest: Manifest,
+    options: FitOptions,
+    cache: FeatureCache,
+    progress=None,
+    classes: tuple[str, ...] = (),
+    splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> tuple[dict[str, Samples], tuple]:
-    """Samples of every split and the class names (empty for reg/surv); ``progress(done, total)`` per scan.
+    """Samples of ``splits`` and the class names (empty for reg/surv); ``progress(done, total)`` per scan.
+
+    Args:
+        classes: a fitted head's classes (the data's own, sorted, when empty); scans of other classes are an error.
 
     Raises:
         BrainDINOError: no usable scans, a split without samples, or fewer than two classes.
@@ -103,6 +123,8 @@ def collect(
     for done, entry in enumerate(manifest.entries):
         if progress:
             progress(done, len(manifest.entries))
+        if manifest.splits.get(entry.subject_id) not in splits:
+            continue
         split = manifest.splits.get(entry.subject_id)
         if options.task == "seq":
             for modality, path in entry.images.items():
@@ -121,14 +143,17 @@ def collect(
     if not rows:
         wanted = "images" if options.task == "seq" else f"'{options.column}' and scans {list(options.modalities)}"
         raise BrainDINOError(f"{manifest.source}: no scan has {wanted}")
-    classes = ()
     if options.task in ("cls", "seq"):
-        classes = tuple(sorted({str(r[3]) for r in rows}))
+        found = tuple(sorted({str(r[3]) for r in rows}))
+        unknown = sorted(set(found) - set(classes)) if classes else []
+        if unknown:
+            raise BrainDINOError(f"{manifest.source}: '{options.column}' values {unknown} are not the head's {classes}")
+        classes = classes or found
         if len(classes) < 2:
             raise BrainDINOError(f"{manifest.source}: '{options.column}' has a single class ({classes[0]})")
     length = max(len(r[2]) for r in rows)
     samples = {}
-    for split in ("train", "val", "test"):
+    for split in splits:
         chosen = [r for r in rows if r[0] == split]
         if not chosen:
             raise BrainDINOError(f"{manifest.source}: no '{split}' subjects with usable scans; use more subjects")

@@ -23,8 +23,8 @@ from BrainDINOLib.preprocess import PlaneGeometry, prepare
 from BrainDINOLib.volume import load_labels, load_volume
 
 from .data import Manifest
-from .evaluation import FitResult
 from .features import FeatureCache
+from .fit_heads import FitResult
 
 #: BraTS 2023 labels 1, 2, 3 (also the phantoms').
 BRATS_CLASSES = ("necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour")
@@ -66,20 +66,25 @@ class SegVolume:
 
 
 def collect_segmentation(
-    manifest: Manifest, options: SegOptions, cache: FeatureCache, progress=None
+    manifest: Manifest,
+    options: SegOptions,
+    cache: FeatureCache,
+    progress=None,
+    splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> dict[str, list[SegVolume]]:
-    """Subjects with a mask and every chosen sequence, per split.
+    """Subjects with a mask and every chosen sequence, for each of ``splits``.
 
     Raises:
         BrainDINOError: no such subjects, a split without them, or mask values outside ``label_values``.
     """
-    splits: dict[str, list[SegVolume]] = {"train": [], "val": [], "test": []}
+    found: dict[str, list[SegVolume]] = {name: [] for name in splits}
     lookup = np.zeros(max(options.label_values) + 1, dtype=np.int64)
     lookup[list(options.label_values)] = np.arange(1, len(options.label_values) + 1)
     for done, entry in enumerate(manifest.entries):
         if progress:
             progress(done, len(manifest.entries))
-        if "seg" not in entry.images or not all(m in entry.images for m in options.modalities):
+        wanted = manifest.splits.get(entry.subject_id) in found
+        if not wanted or "seg" not in entry.images or not all(m in entry.images for m in options.modalities):
             continue
         reference = load_volume(entry.images[options.modalities[0]])
         labels = load_labels(entry.images["seg"], reference)
@@ -94,7 +99,7 @@ def collect_segmentation(
         layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
         plane = prepare(reference, cache.bundle.card.preprocessing).plane
         classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
-        splits[manifest.splits[entry.subject_id]].append(
+        found[manifest.splits[entry.subject_id]].append(
             SegVolume(
                 entry.subject_id,
                 segmentation_input(layers, cache.layers).to(torch.float16),
@@ -105,12 +110,12 @@ def collect_segmentation(
                 reference.spacing,
             )
         )
-    for name, volumes in splits.items():
+    for name, volumes in found.items():
         if not volumes:
             raise BrainDINOError(
                 f"{manifest.source}: no '{name}' subjects with a mask and {list(options.modalities)}; use more subjects"
             )
-    return splits
+    return found
 
 
 def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, seed: int, embed_dim: int, patch: int):
@@ -206,6 +211,7 @@ def fit_and_evaluate_segmentation(
         training={
             "data": manifest.source,
             "split": options.split,
+            "stratify": None,
             "split_seed": options.split_seed,
             "label_fraction": first["label_fraction"],
             "seed": first["seed"],

@@ -3,6 +3,7 @@ the encoder check, the feature cache, and the survival statistics."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -157,3 +158,21 @@ def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geome
     assert overlap > 0.2  # voxel for voxel in the file's own grid: a flipped axis would give ~0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["predictions"]["tumor"]["total_ml"] > 0 and "segmentation:tumor" in result["outputs"]
+
+
+def test_evaluate_reproduces_the_fitted_metrics_and_scores_other_data(tmp_path, cohort40, bundle64, cache):
+    out = tmp_path / "b"
+    fit = ["fit-head", "--task", "cls", "--target", "diagnosis", "--manifest", str(cohort40), "--bundle"]
+    assert (
+        main(fit + [str(bundle64), "-o", str(out), "--cache", str(cache.folder), "--report", str(tmp_path / "r")]) == 0
+    )
+    (spec,) = load_bundle(out).head_specs
+    report = tmp_path / "evaluation"
+    evaluate = ["evaluate", "--bundle", str(out), "--manifest", str(cohort40), "--cache", str(cache.folder)]
+    assert main(evaluate + ["--report", str(report)]) == 0
+    with open(report / "metrics.csv") as handle:
+        scores = {row["metric"]: float(row["value"]) for row in csv.DictReader(handle)}
+    assert scores == pytest.approx({k: v for k, v in spec.metrics.items() if k != "train_samples"})
+    assert main(evaluate + ["--report", str(tmp_path / "all"), "--all-subjects"]) == 0
+    assert "| diagnosis | cls | 40 |" in (tmp_path / "all" / "metrics.md").read_text()
+    assert main(evaluate + ["--head", "nope"]) == 2
