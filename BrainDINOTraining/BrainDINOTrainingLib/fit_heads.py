@@ -123,9 +123,9 @@ def collect(
     for done, entry in enumerate(manifest.entries):
         if progress:
             progress(done, len(manifest.entries))
-        if manifest.splits.get(entry.subject_id) not in splits:
-            continue
         split = manifest.splits.get(entry.subject_id)
+        if split not in splits:
+            continue
         if options.task == "seq":
             for modality, path in entry.images.items():
                 if modality != "seg":
