@@ -118,7 +118,12 @@ class Bundle:
                 "fit it again on this bundle"
             )
         module = build_head(spec, self.card.encoder.embed_dim, self.card.encoder.patch_size)
-        path = self.path / HEADS_DIR / f"{spec.name}.safetensors"
+        relative = f"{HEADS_DIR}/{spec.name}.safetensors"
+        if relative not in self.card.files:  # only hashed files are read
+            raise BrainDINOError(
+                f"{self.path}: head '{spec.name}' has no verified weights ({relative} not in {CARD_FILE})"
+            )
+        path = self.path / relative
         try:
             module.load_state_dict(load_file(path))
         except RuntimeError as error:

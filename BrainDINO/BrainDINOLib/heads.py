@@ -142,7 +142,8 @@ class VolumeHead(nn.Module):
         weights = mask.to(tokens.dtype)[..., None]
         pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
         self.token_mean.copy_(pooled.mean(dim=0))
-        self.token_std.copy_(pooled.std(dim=0).clamp_min(1e-6) if len(pooled) > 1 else torch.ones_like(pooled[0]))
+        std = pooled.std(dim=0) if len(pooled) > 1 else torch.ones_like(pooled[0])
+        self.token_std.copy_(std.clamp_min(1e-3 * float(std.median()) + 1e-12))  # no dimension blown up from noise
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, S, D) slice tokens (zero-padded), (B, S) bool mask -> (B, outputs)."""
@@ -224,7 +225,7 @@ def prediction_text(name: str, prediction: dict) -> str:
         parts = ", ".join(f"{c} {v:.1f} mL" for c, v in prediction["volumes_ml"].items())
         return f"{name}: {prediction['total_ml']:.1f} mL segmented ({parts})"
     if prediction["kind"] == "surv":
-        return f"{name}: risk score {prediction['value']:+.2f} (log hazard relative to the training cohort)"
+        return f"{name}: risk score {prediction['value']:+.2f} (log hazard; higher = shorter expected survival)"
     return f"{name}: {prediction['value']:.1f} {prediction['units']}".rstrip()
 
 

@@ -190,7 +190,9 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
     fit.add_argument("-o", "--out-bundle", type=Path, help="write a copy of the bundle with the head here")
     fit.add_argument("--name", help="head name (default: the target, or 'sequence')")
-    fit.add_argument("--modality", nargs="+", help="scans read per subject (default: t1; seg: t1 t1ce t2 flair, fused)")
+    fit.add_argument(
+        "--modality", nargs="+", help="scans read per subject (default: t1; seg: flair; several are fused)"
+    )
     fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
     fit.add_argument("--label-fraction", nargs="+", type=float, default=[1.0], help="e.g. 0.01 0.1 1.0")
     fit.add_argument("--seeds", nargs="+", type=int, default=[0], help="e.g. 0 1 2")

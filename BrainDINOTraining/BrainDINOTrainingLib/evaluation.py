@@ -47,7 +47,7 @@ def c_index(risk: np.ndarray, times: np.ndarray, events: np.ndarray) -> float:
 
 def kaplan_meier(times: np.ndarray, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Step-function survival estimate: (event times, survival just after each)."""
-    order = np.argsort(times)
+    order = np.lexsort((-events, times))  # at a tied time, events before censorings
     times, events = times[order], events[order]
     at_risk = len(times) - np.arange(len(times))
     survival = np.cumprod(1 - events / at_risk)
@@ -67,8 +67,9 @@ def metrics(task: str, predictions: np.ndarray, samples: Samples) -> dict[str, f
             present = np.unique(targets)
             if len(present) < 2:
                 result["auc"] = float("nan")
-            elif predictions.shape[1] == 2:
-                result["auc"] = float(roc_auc_score(targets, predictions[:, 1]))
+            elif len(present) == 2:  # binary, or only two of more classes among the test subjects
+                scores = predictions[:, present[1]] / predictions[:, present].sum(axis=1)
+                result["auc"] = float(roc_auc_score(targets == present[1], scores))
             else:
                 probabilities = predictions[:, present] / predictions[:, present].sum(axis=1, keepdims=True)
                 result["auc"] = float(roc_auc_score(targets, probabilities, multi_class="ovr", labels=present))
@@ -133,10 +134,10 @@ def fit_and_evaluate(
     """Fit a head for every label fraction and seed, measure it and the baselines on the test split
     (one row per fraction, seed and model). ``progress(done, total)`` follows the feature extraction."""
     stratify = options.column if options.task == "cls" else None
+    if stratify:  # subjects without the label take no part (and cannot be stratified)
+        manifest = dataclasses.replace(manifest, entries=tuple(e for e in manifest.entries if stratify in e.labels))
     split = manifest.split(options.split, stratify=stratify, seed=options.split_seed)
     splits, classes = collect(split, options, cache, progress)
-    train_targets = splits["train"].targets.float()
-    regression = options.task == "reg"
     spec = HeadSpec(
         name=name,
         kind=options.task,
@@ -146,8 +147,6 @@ def fit_and_evaluate(
         units={"reg": manifest.units.get(options.column, ""), "surv": "relative risk (log hazard)"}.get(
             options.task, ""
         ),
-        target_mean=float(train_targets.mean()) if regression else 0.0,
-        target_std=float(train_targets.std().clamp_min(1e-6)) if regression else 1.0,
         aggregation=options.aggregation,
         width=splits["train"].tokens.shape[-1],
         encoder_sha256=cache.bundle.card.files[ENCODER_FILE],
@@ -156,23 +155,29 @@ def fit_and_evaluate(
     for fraction in sorted(options.label_fractions, reverse=True):
         for seed in options.seeds:
             train = label_subset(splits["train"], fraction, seed, options.task in ("cls", "seq"))
-            head, weight_decay = fit_volume_head(spec, {**splits, "train": train}, options, seed)
-            predictions = {"head": predict(spec, head, splits["test"])}
+            run = spec
+            if options.task == "reg":  # targets standardised with the labels this run may see
+                targets = train.targets.float()
+                std = float(targets.std()) if len(targets) > 1 else 1.0
+                run = dataclasses.replace(spec, target_mean=float(targets.mean()), target_std=max(std, 1e-6))
+            head, weight_decay = fit_volume_head(run, {**splits, "train": train}, options, seed)
+            predictions = {"head": predict(run, head, splits["test"])}
             predictions.update(baseline_predictions(options.task, train, splits["test"], len(classes), seed))
             for model, values in predictions.items():
                 row = {"label_fraction": fraction, "seed": seed, "model": model, "train_samples": len(train)}
                 row["weight_decay"] = weight_decay if model == "head" else ""
                 rows.append({**row, **metrics(options.task, values, splits["test"])})
             if kept is None:
-                kept = (head, predictions["head"])
+                kept = (head, predictions["head"], run)
     first = [r for r in rows if r["model"] == "head"][0]
     spec = dataclasses.replace(
-        spec,
+        kept[2],
         metrics={k: v for k, v in first.items() if k not in ("label_fraction", "seed", "model", "weight_decay")},
         training={
             "data": manifest.source,
             "split": options.split,
             "stratify": stratify,
+            "event": options.event if options.task == "surv" else None,
             "split_seed": options.split_seed,
             "label_fraction": first["label_fraction"],
             "seed": first["seed"],
@@ -276,8 +281,9 @@ def evaluate_bundle(
         raise BrainDINOError(f"{bundle.path}: no heads named {missing}" if missing else f"{bundle.path}: has no heads")
     rows = []
     for spec in specs:
-        fractions = {"test": 1.0} if every_subject else spec.training["split"]
-        split = manifest.split(fractions, stratify=spec.training.get("stratify"), seed=spec.training["split_seed"])
+        fractions = {"test": 1.0} if every_subject else spec.training.get("split", FitOptions("seq").split)
+        stratify = None if every_subject else spec.training.get("stratify")
+        split = manifest.split(fractions, stratify=stratify, seed=spec.training.get("split_seed", 0))
         head = bundle.load_head(spec)
         if spec.kind == "seg":
             options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)
@@ -285,7 +291,8 @@ def evaluate_bundle(
             volumes = collect_segmentation(split, options, cache, progress, splits=("test",))["test"]
             values, count = segmentation_metrics(spec, head, volumes), len(volumes)
         else:
-            options = FitOptions(task=spec.kind, target=spec.target, modalities=spec.modalities or ("t1",))
+            event = spec.training.get("event") or "event"
+            options = FitOptions(spec.kind, spec.target, event, modalities=spec.modalities or ("t1",))
             cache = FeatureCache(bundle, cache_folder, device=device)
             test = collect(split, options, cache, progress, classes=spec.classes, splits=("test",))[0]["test"]
             values, count = metrics(spec.kind, predict(spec, head, test), test), len(test)

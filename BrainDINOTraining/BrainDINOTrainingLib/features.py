@@ -5,9 +5,9 @@ the preprocessing spec, the intermediate layers kept, and the scan's resolved pa
 modification time, so features of a changed scan, another encoder or other settings are never
 reused. Files are safetensors (no pickle), written atomically.
 
-Stored per volume: ``cls`` (S, D) slice CLS tokens, ``pooled`` (D,) their mean (the volume
-embedding), ``slices`` (S,) canonical slice indices, and ``layer_<i>`` (S, h, w, D) patch tokens of
-each kept block, all float16 except the indices.
+Stored per volume: ``cls`` (S, D) float32 slice CLS tokens (exactly what ``infer`` gives a head),
+``pooled`` (D,) their mean (the volume embedding), ``slices`` (S,) canonical slice indices, and
+``layer_<i>`` (S, h, w, D) float16 patch tokens of each kept block.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 1,
+            "format": 2,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
             "preprocessing": self.bundle.card.preprocessing.to_dict(),
             "layers": list(self.layers),
@@ -104,8 +104,8 @@ class FeatureCache:
             prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=self.layers
         )
         arrays = {
-            "cls": encoded.cls.astype(np.float16),
-            "pooled": encoded.cls.mean(axis=0).astype(np.float16),
+            "cls": encoded.cls.astype(np.float32),  # as infer sees them: volume heads read tiny differences
+            "pooled": encoded.cls.mean(axis=0),
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in self.layers})

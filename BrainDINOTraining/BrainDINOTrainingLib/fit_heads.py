@@ -186,10 +186,12 @@ def label_subset(train: Samples, fraction: float, seed: int, classification: boo
 
 
 def cox_loss(risk: torch.Tensor, times: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
-    """Negative Cox partial log-likelihood (Breslow), averaged over events."""
-    order = torch.argsort(times, descending=True)
-    risk, events = risk[order], events[order]
-    log_risk_set = torch.logcumsumexp(risk, dim=0)  # over everyone still at risk (time >= own time)
+    """Negative Cox partial log-likelihood (Breslow for tied times), averaged over events."""
+    order = torch.argsort(times, descending=True, stable=True)
+    risk, events, times = risk[order], events[order], times[order]
+    _, counts = torch.unique_consecutive(times, return_counts=True)
+    last_tied = torch.repeat_interleave(torch.cumsum(counts, 0) - 1, counts)  # the risk set includes every tie
+    log_risk_set = torch.logcumsumexp(risk, dim=0)[last_tied]  # over everyone still at risk (time >= own time)
     return -((risk - log_risk_set) * events).sum() / events.sum().clamp_min(1)
 
 

@@ -37,7 +37,7 @@ def default_layers(depth: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SegOptions:
-    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    modalities: tuple[str, ...] = ("flair",)  # several (e.g. t1 t1ce t2 flair) are fused; infer reads one scan
     layers: tuple[int, ...] = ()  # default: `default_layers`
     label_values: tuple[int, ...] = (1, 2, 3)
     classes: tuple[str, ...] = BRATS_CLASSES
@@ -88,13 +88,19 @@ def collect_segmentation(
             continue
         reference = load_volume(entry.images[options.modalities[0]])
         labels = load_labels(entry.images["seg"], reference)
+        for modality in options.modalities[1:]:  # tokens are concatenated slice by slice: one voxel grid
+            other = load_volume(entry.images[modality])
+            if other.data.shape != reference.data.shape or not np.allclose(other.affine, reference.affine, atol=1e-3):
+                raise BrainDINOError(f"{entry.images[modality]}: not on the voxel grid of {reference.path}")
         unknown = set(np.unique(labels).tolist()) - {0, *options.label_values}
         if unknown:
             raise BrainDINOError(f"{entry.images['seg']}: label values {sorted(unknown)} not in {options.label_values}")
         features = [cache.get(entry.images[m]) for m in options.modalities]
         slices = features[0].slices
         if any(not np.array_equal(f.slices, slices) for f in features[1:]):  # other extents: common slices only
-            slices = np.array(sorted(set.intersection(*(set(f.slices.tolist()) for f in features))))
+            slices = np.array(sorted(set.intersection(*(set(f.slices.tolist()) for f in features))), dtype=int)
+        if not len(slices):
+            raise BrainDINOError(f"{entry.subject_id}: its sequences share no analysed axial slice")
         rows = [np.searchsorted(f.slices, slices) for f in features]
         layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
         plane = prepare(reference, cache.bundle.card.preprocessing).plane
@@ -125,7 +131,7 @@ def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, see
     torch.manual_seed(seed)
     decoder = build_head(spec, embed_dim, patch)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)  # Dice over the batch: most slices hold no tumour
     features = torch.cat([v.features for v in train])
     targets = torch.cat([v.targets for v in train])
     generator = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ import torch
 
 from BrainDINOLib.bundle import create_random_bundle, load_bundle
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.heads import predict_volume
 from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.data import load_manifest
@@ -88,7 +89,9 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     prediction = result["predictions"]["survival_days"]
-    assert prediction["kind"] == "surv" and np.isfinite(prediction["value"]) and prediction["reads_scan_as"] == "t1ce"
+    assert prediction["kind"] == "surv" and prediction["reads_scan_as"] == "t1ce"
+    fitted_on = predict_volume(spec, bundle.load_head(spec), cache.get(scan).cls)  # the features fitting saw
+    assert prediction["value"] == pytest.approx(fitted_on["value"], abs=1e-3)
 
 
 def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(tmp_path, cohort40, bundle64):
@@ -121,6 +124,13 @@ def test_survival_statistics_by_hand():
     assert c_index(np.array([1.0, 2.0, 3.0, 4.0]), times, events) == 0.0
     x, survival = kaplan_meier(times, events)
     assert x.tolist() == [0, 2, 4, 6, 8] and np.allclose(survival, [1, 0.75, 0.75, 0.375, 0.0])
+    _, tied = kaplan_meier(np.array([1.0, 5, 5, 5, 7]), np.array([1, 0, 1, 0, 1]))  # the event at 5 counts first
+    assert np.allclose(tied, [1, 0.8, 0.6, 0.6, 0.6, 0.0])
+    tied_times, tied_events = torch.tensor([3.0, 3.0, 1.0, 3.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    tied_risk = torch.tensor([0.3, -1.0, 0.5, 2.0])
+    orders = (torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0]), torch.tensor([1, 3, 0, 2]))
+    losses = {float(cox_loss(tied_risk[p], tied_times[p], tied_events[p])) for p in orders}
+    assert max(losses) - min(losses) < 1e-6  # Breslow: the order of tied times does not matter
     risk = torch.tensor([0.5, -0.2, 0.1, 0.0])
     expected = (
         -(
