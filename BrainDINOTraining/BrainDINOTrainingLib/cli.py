@@ -194,6 +194,9 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         "--modality", nargs="+", help="scans read per subject (default: t1; seg: flair; several are fused)"
     )
     fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
+    fit.add_argument(
+        "--label-values", nargs="+", type=int, default=[1, 2, 3], help="seg: mask values (BraTS 2021: 1 2 4)"
+    )
     fit.add_argument("--label-fraction", nargs="+", type=float, default=[1.0], help="e.g. 0.01 0.1 1.0")
     fit.add_argument("--seeds", nargs="+", type=int, default=[0], help="e.g. 0 1 2")
     fit.add_argument("--epochs", type=int, help="epochs (default: 300 full-batch; seg: 30 over all slices)")
@@ -212,7 +215,7 @@ def _fit_head(args) -> None:
     from .evaluation import fit_and_evaluate, write_report
     from .features import FeatureCache
     from .fit_heads import FitOptions
-    from .fit_segmentation import SegOptions, default_layers, fit_and_evaluate_segmentation
+    from .fit_segmentation import BRATS_CLASSES, SegOptions, default_layers, fit_and_evaluate_segmentation
 
     source = find_bundle(args.bundle)
     if args.out_bundle is None and source.resolve().is_relative_to(CATALOG_DIR.resolve()):
@@ -221,8 +224,11 @@ def _fit_head(args) -> None:
         raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if args.task == "seg":
+        values = tuple(args.label_values)
         options = SegOptions(
             modalities=tuple(args.modality or SegOptions.modalities),
+            label_values=values,
+            classes=BRATS_CLASSES if len(values) == 3 else tuple(f"label {v}" for v in values),
             label_fractions=tuple(args.label_fraction),
             seeds=tuple(args.seeds),
             epochs=args.epochs or SegOptions.epochs,

@@ -103,6 +103,9 @@ def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(t
     with pytest.raises(BrainDINOError, match="fitted on another encoder"):
         other.load_head(result.spec)
     assert main(["fit-head", "--task", "seq", "--manifest", str(cohort40)]) == 2  # default bundle, no -o
+    brats2021 = ["fit-head", "--task", "seg", "--manifest", str(cohort40), "--bundle", str(bundle64), "-o"]
+    assert main(brats2021 + [str(tmp_path / "x"), "--label-values", "1", "2", "4"]) == 2  # the masks hold 3
+    assert not (tmp_path / "x").exists()
 
 
 def test_feature_cache_reuses_only_identical_inputs(tmp_path, cohort40, bundle64):
