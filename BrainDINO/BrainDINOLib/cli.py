@@ -191,6 +191,8 @@ def _models_list(args) -> None:
         card = read_card(path)
         label = "RANDOM INIT" if card.random_init else "trained"
         print(f"  {name:<28} {source:<8} {card.encoder.name:<20} {label:<12} {card.description}")
+        for head in card.heads:
+            print(f"  {'':<28} head {head['name']} ({head['kind']}, target {head['target']})")
     print("\nencoder architectures (for 'models import --encoder'):")
     for config in ENCODERS.values():
         print(f"  {config.name:<28} {config.description}")

@@ -70,7 +70,7 @@ def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
     assert result.spec.training["label_fraction"] == 1.0 and set(result.spec.metrics) >= {"auc", "accuracy"}
 
 
-def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache):
+def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache, capsys):
     out = tmp_path / "with-heads"
     args = ["fit-head", "--task", "surv", "--modality", "t1ce", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--report", str(tmp_path / "report"), "--cache", str(cache.folder)]
@@ -85,6 +85,9 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
     assert np.allclose(predict(spec, bundle.load_head(spec), again.test), again.test_predictions, atol=1e-5)
     assert not load_bundle(bundle64).head_specs  # the source bundle is unchanged
+    capsys.readouterr()
+    assert main(["models", "list", "--models-dir", str(tmp_path)]) == 0
+    assert "head survival_days (surv, target survival_days)" in capsys.readouterr().out
     scan = cohort40 / "phantom-0007" / "phantom-0007_t1ce.nii.gz"
     assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
