@@ -83,7 +83,7 @@ class HeadSpec:
         return len(self.classes) if self.kind in ("cls", "seq") else 1
 
     def to_dict(self) -> dict:
-        return json_ready(dataclasses.asdict(self))
+        return dataclasses.asdict(self)  # tuples are written as JSON lists and read back as tuples
 
     @classmethod
     def from_dict(cls, values: dict) -> HeadSpec:
@@ -96,15 +96,6 @@ class HeadSpec:
             return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
         except TypeError as error:
             raise BrainDINOError(f"invalid head entry ({error})") from error
-
-
-def json_ready(values):
-    """Tuples as lists, recursively (what JSON reads back)."""
-    if isinstance(values, dict):
-        return {k: json_ready(v) for k, v in values.items()}
-    if isinstance(values, list | tuple):
-        return [json_ready(v) for v in values]
-    return values
 
 
 class AttentionPool(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import HeadSpec, SegmentationDecoder, build_head, segment_slices, segmentation_input
-from BrainDINOLib.preprocess import PlaneGeometry, prepare
+from BrainDINOLib.preprocess import PlaneGeometry
 from BrainDINOLib.volume import load_labels, load_volume
 
 from .data import Manifest
@@ -103,7 +103,8 @@ def collect_segmentation(
             raise BrainDINOError(f"{entry.subject_id}: its sequences share no analysed axial slice")
         rows = [np.searchsorted(f.slices, slices) for f in features]
         layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
-        plane = prepare(reference, cache.bundle.card.preprocessing).plane
+        spacing, size = reference.spacing, cache.bundle.card.preprocessing.image_size
+        plane = PlaneGeometry.fit(reference.data.shape[:2], (spacing[0], spacing[1]), size)  # as prepare() places it
         classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
         found[manifest.splits[entry.subject_id]].append(
             SegVolume(
