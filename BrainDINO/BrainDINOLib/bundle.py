@@ -67,6 +67,11 @@ class ModelCard:
                 f"{self.encoder.patch_size} of {self.encoder.name}"
             )
 
+    @property
+    def pooling(self) -> str:
+        """How a slice embedding is read from this encoder (`EncodedVolume.slice_embeddings`)."""
+        return self.training.get("pooling", "cls")
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["heads"] = list(self.heads)

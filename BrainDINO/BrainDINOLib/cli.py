@@ -7,6 +7,7 @@ so the dependency direction stays training -> inference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import shlex
@@ -59,6 +60,13 @@ def _voxel(text: str) -> tuple[int, int, int]:
     return values
 
 
+def _sequence_file(text: str) -> tuple[str, Path]:
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected SEQUENCE=FILE, got '{text}'")
+    return name, Path(path)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bundle", help="model bundle folder or name (default: the catalogue default; see 'braindino models list')"
@@ -94,14 +102,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder (created if missing)")
     infer.add_argument("--volume", type=int, help="volume index of a 4D scan")
     infer.add_argument("--dicom-series", help="SeriesInstanceUID when a DICOM folder holds several series")
+    infer.add_argument(
+        "--sequence",
+        help="SCAN's MRI sequence as the bundle's heads name them (t1, t1ce, t2, flair); "
+        "default: what the bundle's sequence head says",
+    )
+    infer.add_argument(
+        "--also",
+        nargs="+",
+        type=_sequence_file,
+        default=[],
+        metavar="SEQUENCE=FILE",
+        help="other scans of the same subject, e.g. t1=sub_t1.nii.gz t1ce=sub_t1ce.nii.gz: "
+        "heads that read those sequences are applied too",
+    )
     _add_run_options(infer)
     infer.set_defaults(func=_infer)
 
     demo = subparsers.add_parser(
         "demo",
-        help="run 'infer' on the bundled MNI T1 template",
-        description="Run the full inference pipeline on the real MNI ICBM152 2009a T1 template (shipped in the "
-        f"nilearn package) with a similarity query at voxel {DEMO_QUERY}, and print where the outputs are.",
+        help="run 'infer' on a held-out phantom with a tumour and on the MNI T1 template",
+        description="Run the full inference pipeline, with every head of the bundle, on (1) the shipped held-out "
+        "phantom subject with a tumour (its FLAIR, with its T1, T1ce and T2 for the heads that read those) and "
+        "(2) the real MNI ICBM152 2009a T1 template (shipped in the nilearn package) with a similarity query at "
+        f"voxel {DEMO_QUERY}. Writes OUT/phantom/, OUT/mni/ and demo.png (both reports side by side), and prints "
+        "the phantom's predictions next to its true labels.",
     )
     demo.add_argument(
         "-o", "--out-dir", type=Path, default=Path("braindino-demo"), help="output folder (default: %(default)s)"
@@ -144,7 +169,8 @@ def _models_dir(args) -> Path:
     return args.models_dir or DEFAULT_MODELS_DIR
 
 
-def _run(args, scan: Path) -> dict:
+def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
+    """``run_inference`` with the command line's options; ``choices`` override InferenceOptions fields."""
     from .infer import InferenceOptions, run_inference
 
     options = InferenceOptions(
@@ -156,30 +182,61 @@ def _run(args, scan: Path) -> dict:
         report=not args.no_report,
         volume_index=getattr(args, "volume", None),
         dicom_series=getattr(args, "dicom_series", None),
+        sequence=getattr(args, "sequence", None),
+        other_scans=dict(getattr(args, "also", [])),
     )
-    with ProgressBar("encoding", "slice", disable=args.quiet) as progress:
-        result = run_inference(scan, args.out_dir, options, progress=progress)
+    options = dataclasses.replace(options, **choices)
+    with ProgressBar(f"encoding {Path(scan).name}", "slice", disable=args.quiet) as progress:
+        result = run_inference(scan, out_dir, options, progress=progress)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return result
 
 
 def _infer(args) -> None:
-    result = _run(args, args.scan)
+    result = _run(args, args.scan, args.out_dir)
     print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
 
 
 def _demo(args) -> None:
-    from .sample_data import mni_path
+    from .heads import prediction_text
+    from .report import side_by_side
+    from .sample_data import demo_phantom, mni_path
 
-    args.query = args.query or DEMO_QUERY
-    result = _run(args, mni_path("t1"))
-    print(
-        f"BrainDINO demo on the MNI ICBM152 2009a T1 template ({result['slices']['analysed']} slices, "
-        f"model '{result['model']['name']}', {result['timings_s']['total']:.1f} s)"
-    )
-    for name in [*result["outputs"].values(), "result.json"]:
-        print(f"  {args.out_dir / name}")
+    scans, truth = demo_phantom()
+    others = {k: v for k, v in scans.items() if k not in ("flair", "seg")}
+    phantom = _run(args, scans["flair"], args.out_dir / "phantom", sequence="flair", other_scans=others, query=None)
+    mni = _run(args, mni_path("t1"), args.out_dir / "mni", sequence="t1", query=args.query or DEMO_QUERY)
+    print(f"BrainDINO demo, model '{mni['model']['name']}'")
+    print(f"1. held-out phantom {truth['subject_id']} (FLAIR; T1, T1ce, T2 for the heads reading them), "
+          f"{phantom['timings_s']['total']:.1f} s: prediction | truth")  # fmt: skip
+    for name, prediction in phantom["predictions"].items():
+        print(f"   {prediction_text(name, prediction)} | {truth_line(prediction, truth)}")
+    print(f"2. MNI ICBM152 2009a T1 template ({mni['slices']['analysed']} slices, {mni['timings_s']['total']:.1f} s)")
+    for name, prediction in mni["predictions"].items():
+        print(f"   {prediction_text(name, prediction)}")
+    for title, result, folder in (("phantom", phantom, "phantom"), ("MNI", mni, "mni")):
+        print(f"{title} outputs:")
+        for name in [*result["outputs"].values(), "result.json"]:
+            print(f"  {args.out_dir / folder / name}")
+    if not args.no_report:
+        side_by_side([args.out_dir / "phantom" / "report.png", args.out_dir / "mni" / "report.png"],
+                     args.out_dir / "demo.png")  # fmt: skip
+        print(f"both reports: {args.out_dir / 'demo.png'}")
+
+
+def truth_line(prediction: dict, truth: dict) -> str:
+    """The demo phantom's true value of what a head predicts, from its manifest labels."""
+    kind, target = prediction["kind"], prediction["target"]
+    if kind == "seg":
+        parts = {"core": truth["ncr_ml"], "oedema": truth["ed_ml"], "enhancing": truth["et_ml"]}
+        return f"{sum(parts.values()):.1f} mL (" + ", ".join(f"{k} {v:.1f} mL" for k, v in parts.items()) + ")"
+    if kind == "seq":
+        return "flair"
+    if kind == "surv":
+        outcome = "death" if truth["event"] == 1 else "censored"
+        return f"{truth[target]:g} days ({outcome})"
+    return f"{truth[target]}".rstrip()
 
 
 def _models_list(args) -> None:

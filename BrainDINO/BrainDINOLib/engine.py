@@ -46,6 +46,11 @@ class EncodedVolume:
     attention: np.ndarray
     layers: dict[int, np.ndarray]
 
+    def slice_embeddings(self, pooling: str = "cls") -> np.ndarray:
+        """(S, D) float32 per-slice embedding as the encoder was pretrained to pool: the CLS token, or
+        the mean patch token (``mean``: MAE's encoder never trains its CLS output)."""
+        return self.cls if pooling == "cls" else self.patch_tokens.astype(np.float32).mean(axis=(1, 2))
+
     @property
     def grid(self) -> tuple[int, int]:
         return self.patch_tokens.shape[1:3]

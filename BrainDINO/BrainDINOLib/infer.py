@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,10 @@ class InferenceOptions:
         volume_index: volume of a 4D scan.
         dicom_series: series UID when a DICOM folder holds several.
         report: render ``report.png``.
+        sequence: the scan's MRI sequence as heads name them (``t1``, ``t1ce``, ``t2``, ``flair``);
+            None: the bundle's sequence head decides, if it has one.
+        other_scans: other sequences of the same subject (sequence -> file), read by the volume
+            heads that need them.
     """
 
     bundle: str | None = None
@@ -63,6 +67,8 @@ class InferenceOptions:
     volume_index: int | None = None
     dicom_series: str | None = None
     report: bool = True
+    sequence: str | None = None
+    other_scans: dict[str, Path] = field(default_factory=dict)
 
 
 def output_stem(scan: str | Path) -> str:
@@ -114,14 +120,15 @@ def run_inference(
         (out_dir / ".braindino-write-test").unlink()
     except OSError as error:
         raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
+    if options.other_scans and options.sequence is None and not any(s.kind == "seq" for s in bundle.head_specs):
+        raise BrainDINOError(
+            f"{bundle.path} has no sequence head: name this scan's sequence (--sequence) to use --also"
+        )
+    for name, path in options.other_scans.items():
+        if not Path(path).exists():
+            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
     lap("prepare")
-    heads, head_warnings = [], []
-    for spec in bundle.head_specs:
-        if len(spec.modalities) > 1:
-            head_warnings.append(f"head '{spec.name}' reads {'+'.join(spec.modalities)} together; infer reads one scan")
-        else:
-            heads.append((spec, bundle.load_head(spec)))
-    layers = sorted({i for spec, _ in heads for i in spec.layers})
+    layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
     encoded = encode_volume(
         prepared,
         encoder,
@@ -132,19 +139,7 @@ def run_inference(
         cancel=cancel,
     )
     lap("encode")
-
-    predictions, segmentations = {}, {}
-    for spec, head in heads:
-        if spec.kind == "seg":
-            labels = np.zeros(volume.data.shape, dtype=np.int16)
-            features = segmentation_input([encoded.layers], spec.layers)
-            labels[:, :, prepared.slices] = segment_slices(spec, head, features, prepared.plane).transpose(1, 2, 0)
-            segmentations[spec.name] = labels
-            predictions[spec.name] = segmentation_summary(spec, labels, volume.spacing)
-        else:
-            predictions[spec.name] = predict_volume(spec, head, encoded.cls)
-        if spec.modalities:
-            predictions[spec.name]["reads_scan_as"] = spec.modalities[0]
+    predictions, segmentations, head_warnings = _apply_heads(bundle, scan, volume, prepared, encoded, options, device)
     lap("heads")
 
     attention_grid = mean_attention(encoded.attention)
@@ -243,6 +238,64 @@ def run_inference(
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _apply_heads(bundle, scan, volume, prepared, encoded, options: InferenceOptions, device) -> tuple[dict, dict, list]:
+    """Predictions of the bundle's heads, label volumes of its segmentation heads, and why any head was skipped.
+
+    The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
+    every sequence it reads is at hand (the scan, or ``options.other_scans``: encoded here, CLS
+    embeddings only); segmentation heads run on the scan alone. With the scan's sequence unknown,
+    single-sequence heads read the scan as their own sequence (and say so).
+    """
+    pooling, specs = bundle.card.pooling, bundle.head_specs
+    own = encoded.slice_embeddings(pooling)
+    predictions, segmentations, warnings = {}, {}, []
+    sequence = options.sequence
+    for spec in specs:
+        if spec.kind == "seq":
+            predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), own)
+            if sequence is None:
+                sequence = predictions[spec.name]["prediction"]
+                probability = predictions[spec.name]["probabilities"][sequence]
+                warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
+    at_hand, embeddings = ({sequence: scan}, {sequence: own}) if sequence else ({}, {})
+    needed = {m for s in specs if s.kind != "seg" for m in s.modalities}
+    for name, path in options.other_scans.items():
+        if name in needed:
+            other = prepare(load_volume(path), bundle.card.preprocessing)
+            embeddings[name] = encode_volume(other, bundle.load_encoder(), device=device).slice_embeddings(pooling)
+            at_hand[name] = path
+    for spec in specs:
+        if spec.kind == "seq":
+            continue
+        reads = spec.modalities
+        if sequence is None and len(reads) == 1 and not options.other_scans:
+            sources, embeddings[reads[0]] = {reads[0]: scan}, own  # unknown sequence: read as the head's own
+        elif spec.kind == "seg" and reads != (sequence,):
+            warnings.append(
+                f"head '{spec.name}' segments {'+'.join(reads)} scans; this scan is {sequence or 'unknown'}"
+            )
+            continue
+        elif not all(m in at_hand for m in reads):
+            missing = [m for m in reads if m not in at_hand]
+            warnings.append(f"head '{spec.name}' reads {'+'.join(reads)}; pass the subject's {'+'.join(missing)} "
+                            "scan with --also SEQUENCE=FILE to apply it")  # fmt: skip
+            continue
+        else:
+            sources = {m: at_hand[m] for m in reads}
+        head = bundle.load_head(spec)
+        if spec.kind == "seg":
+            labels = np.zeros(volume.data.shape, dtype=np.int16)
+            features = segmentation_input([encoded.layers], spec.layers)
+            labels[:, :, prepared.slices] = segment_slices(spec, head, features, prepared.plane).transpose(1, 2, 0)
+            segmentations[spec.name] = labels
+            predictions[spec.name] = segmentation_summary(spec, labels, volume.spacing)
+        else:
+            tokens = np.concatenate([embeddings[m] for m in reads])
+            predictions[spec.name] = predict_volume(spec, head, tokens)
+        predictions[spec.name]["reads"] = {m: str(p) for m, p in sources.items()}
+    return predictions, segmentations, warnings
 
 
 def _save_embeddings(path: Path, encoded, prepared, model_name: str) -> None:

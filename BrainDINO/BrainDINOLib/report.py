@@ -90,7 +90,10 @@ def write_report(
         predictions: one line per task head, listed under the montage.
         segmentation: (X, Y, Z) canonical label values of a segmentation head, drawn in colour over the MRI.
     """
-    picks = choose_slices(prepared, columns, query_xyz[2] if query_xyz else None)
+    focus = query_xyz[2] if query_xyz else None
+    if focus is None and segmentation is not None and segmentation.any():  # show the largest segmented slice
+        focus = int(np.argmax((segmentation > 0).sum(axis=(0, 1))))
+    picks = choose_slices(prepared, columns, focus)
     size_x, size_y = volume.data.shape[:2]
     spacing = volume.spacing
     cell_width = round(CELL_HEIGHT * size_x * spacing[0] / (size_y * spacing[1]))
@@ -160,4 +163,17 @@ def write_report(
         for i, line in enumerate(predictions):
             draw.text((24, montage_height + 6 + LINE_HEIGHT * (i + 1)), line, fill=(200, 230, 255), font=font)
     canvas.save(path, optimize=False, compress_level=3)
+    return Path(path)
+
+
+def side_by_side(images: list[str | Path], path: str | Path, gap: int = 16) -> Path:
+    """Reports placed left to right on one black canvas (tops aligned)."""
+    opened = [Image.open(p).convert("RGB") for p in images]
+    width = sum(i.width for i in opened) + gap * (len(opened) - 1)
+    canvas = Image.new("RGB", (width, max(i.height for i in opened)))
+    left = 0
+    for image in opened:
+        canvas.paste(image, (left, 0))
+        left += image.width + gap
+    canvas.save(path)
     return Path(path)

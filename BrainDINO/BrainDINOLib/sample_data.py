@@ -1,8 +1,10 @@
-"""The embedded sample: the real MNI ICBM152 2009a template shipped inside the ``nilearn`` wheel."""
+"""Sample data: the real MNI ICBM152 2009a template shipped inside the ``nilearn`` wheel, and the
+demo's held-out phantom subject with a tumour (in ``Resources/SampleData``)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from .errors import BrainDINOError
@@ -26,3 +28,20 @@ def mni_path(kind: str = "t1") -> Path:
     if not path.is_file():
         raise BrainDINOError(f"{path}: the MNI template is missing from this nilearn installation")
     return path
+
+
+DEMO_PHANTOM_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "demo-phantom"
+
+
+def demo_phantom() -> tuple[dict[str, Path], dict]:
+    """The demo phantom's scans (sequence or ``seg`` -> file) and its true labels (``labels.json``).
+
+    A test-split subject of the cohort the default bundle's heads were fitted on: no head saw it.
+    """
+    labels = DEMO_PHANTOM_DIR / "labels.json"
+    if not labels.is_file():
+        raise BrainDINOError(f"{DEMO_PHANTOM_DIR}: the demo phantom is missing (no labels.json)")
+    truth = json.loads(labels.read_text())
+    prefix = f"{truth['subject_id']}_"
+    scans = {p.name[len(prefix) : -len(".nii.gz")]: p for p in sorted(DEMO_PHANTOM_DIR.glob(f"{prefix}*.nii.gz"))}
+    return scans, truth

@@ -199,7 +199,10 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--label-fraction", nargs="+", type=float, default=[1.0], help="e.g. 0.01 0.1 1.0")
     fit.add_argument("--seeds", nargs="+", type=int, default=[0], help="e.g. 0 1 2")
-    fit.add_argument("--epochs", type=int, help="epochs (default: 300 full-batch; seg: 30 over all slices)")
+    fit.add_argument("--epochs", type=int, help="volume heads: full-batch epochs (default 300)")
+    fit.add_argument(
+        "--steps", type=int, help="seg: optimizer steps of 16 slices, the same at every label fraction (default 1000)"
+    )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -222,6 +225,8 @@ def _fit_head(args) -> None:
         raise BrainDINOError(f"{source} ships with BrainDINO and stays unchanged: pass -o NEW_BUNDLE for a copy")
     if args.out_bundle is not None and args.out_bundle.exists():
         raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
+    if (args.task == "seg" and args.epochs) or (args.task != "seg" and args.steps):
+        raise BrainDINOError("--steps sets segmentation training, --epochs volume-head training")
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if args.task == "seg":
         values = tuple(args.label_values)
@@ -231,7 +236,7 @@ def _fit_head(args) -> None:
             classes=BRATS_CLASSES if len(values) == 3 else tuple(f"label {v}" for v in values),
             label_fractions=tuple(args.label_fraction),
             seeds=tuple(args.seeds),
-            epochs=args.epochs or SegOptions.epochs,
+            steps=args.steps or SegOptions.steps,
         )
         name = args.name or "tumor"
         cache = FeatureCache(bundle, args.cache, default_layers(bundle.card.encoder.depth), args.device)

@@ -5,8 +5,9 @@ the preprocessing spec, the intermediate layers kept, and the scan's resolved pa
 modification time, so features of a changed scan, another encoder or other settings are never
 reused. Files are safetensors (no pickle), written atomically.
 
-Stored per volume: ``cls`` (S, D) float32 slice CLS tokens (exactly what ``infer`` gives a head),
-``pooled`` (D,) their mean (the volume embedding), ``slices`` (S,) canonical slice indices, and
+Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the encoder was
+pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
+their mean (the volume embedding), ``slices`` (S,) canonical slice indices, and
 ``layer_<i>`` (S, h, w, D) float16 patch tokens of each kept block.
 """
 
@@ -33,7 +34,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
 
 @dataclass(frozen=True)
 class VolumeFeatures:
-    cls: np.ndarray
+    embeddings: np.ndarray
     pooled: np.ndarray
     slices: np.ndarray
     layers: dict[int, np.ndarray]
@@ -67,7 +68,7 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 2,
+            "format": 3,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
             "preprocessing": self.bundle.card.preprocessing.to_dict(),
             "layers": list(self.layers),
@@ -90,7 +91,7 @@ class FeatureCache:
             save_file(arrays, tmp)
             os.replace(tmp, path)
         return VolumeFeatures(
-            cls=arrays["cls"],
+            embeddings=arrays["embeddings"],
             pooled=arrays["pooled"],
             slices=arrays["slices"],
             layers={i: arrays[f"layer_{i}"] for i in self.layers},
@@ -103,9 +104,10 @@ class FeatureCache:
         encoded = encode_volume(
             prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=self.layers
         )
+        embeddings = encoded.slice_embeddings(self.bundle.card.pooling)  # float32, as infer gives a head
         arrays = {
-            "cls": encoded.cls.astype(np.float32),  # as infer sees them: volume heads read tiny differences
-            "pooled": encoded.cls.mean(axis=0),
+            "embeddings": embeddings,
+            "pooled": embeddings.mean(axis=0),
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in self.layers})

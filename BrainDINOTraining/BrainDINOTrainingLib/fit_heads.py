@@ -129,7 +129,7 @@ def collect(
         if options.task == "seq":
             for modality, path in entry.images.items():
                 if modality != "seg":
-                    rows.append((split, entry.subject_id, cache.get(path).cls, modality, 1.0))
+                    rows.append((split, entry.subject_id, cache.get(path).embeddings, modality, 1.0))
             continue
         if options.column not in entry.labels or not all(m in entry.images for m in options.modalities):
             continue
@@ -138,7 +138,7 @@ def collect(
             if options.event not in entry.labels:
                 continue
             event = float(entry.labels[options.event])
-        tokens = np.concatenate([cache.get(entry.images[m]).cls for m in options.modalities])
+        tokens = np.concatenate([cache.get(entry.images[m]).embeddings for m in options.modalities])
         rows.append((split, entry.subject_id, tokens, entry.labels[options.column], event))
     if not rows:
         wanted = "images" if options.task == "seq" else f"'{options.column}' and scans {list(options.modalities)}"

@@ -42,7 +42,7 @@ class SegOptions:
     label_values: tuple[int, ...] = (1, 2, 3)
     classes: tuple[str, ...] = BRATS_CLASSES
     width: int = 128
-    epochs: int = 30
+    steps: int = 1000  # optimizer steps, the same at every label fraction: fractions compare like for like
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -58,7 +58,7 @@ class SegVolume:
 
     subject: str
     features: torch.Tensor  # (S, C, h, w) float16
-    targets: torch.Tensor  # (S, canvas, canvas) class indices
+    targets: torch.Tensor  # (S, canvas, canvas) uint8 class indices
     labels: np.ndarray  # (X, Y, Z) label values, canonical
     slices: np.ndarray
     plane: PlaneGeometry
@@ -110,7 +110,7 @@ def collect_segmentation(
             SegVolume(
                 entry.subject_id,
                 segmentation_input(layers, cache.layers).to(torch.float16),
-                plane.labels_to_canvas(classes),
+                plane.labels_to_canvas(classes).to(torch.uint8),
                 labels,
                 slices,
                 plane,
@@ -126,7 +126,7 @@ def collect_segmentation(
 
 
 def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, seed: int, embed_dim: int, patch: int):
-    """Mini-batch AdamW over every training slice, Dice + cross-entropy."""
+    """``options.steps`` mini-batches of AdamW over the training slices (reshuffled each pass), Dice + cross-entropy."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -137,14 +137,15 @@ def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, see
     targets = torch.cat([v.targets for v in train])
     generator = torch.Generator().manual_seed(seed)
     decoder.train()
-    for _ in range(options.epochs):
-        order = torch.randperm(len(features), generator=generator)
-        for start in range(0, len(order), options.batch_size):
-            batch = order[start : start + options.batch_size]
-            loss = loss_fn(decoder(features[batch].float()), targets[batch][:, None])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(options.steps):
+        if len(order) < options.batch_size:
+            order = torch.cat([order, torch.randperm(len(features), generator=generator)])
+        batch, order = order[: options.batch_size], order[options.batch_size :]
+        loss = loss_fn(decoder(features[batch].float()), targets[batch][:, None].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return decoder.eval()
 
 
@@ -222,7 +223,7 @@ def fit_and_evaluate_segmentation(
             "split_seed": options.split_seed,
             "label_fraction": first["label_fraction"],
             "seed": first["seed"],
-            "epochs": options.epochs,
+            "steps": options.steps,
             "test_subjects": len(splits["test"]),
         },
     )

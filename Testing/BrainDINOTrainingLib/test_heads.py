@@ -6,16 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from BrainDINOLib.bundle import create_random_bundle, load_bundle
+from BrainDINOLib.bundle import add_head, create_random_bundle, load_bundle
+from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import predict_volume
-from BrainDINOLib.preprocess import PreprocessSpec
+from BrainDINOLib.preprocess import PreprocessSpec, prepare
+from BrainDINOLib.volume import load_volume
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.data import load_manifest
 from BrainDINOTrainingLib.evaluation import c_index, fit_and_evaluate, kaplan_meier
@@ -92,8 +95,8 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     prediction = result["predictions"]["survival_days"]
-    assert prediction["kind"] == "surv" and prediction["reads_scan_as"] == "t1ce"
-    fitted_on = predict_volume(spec, bundle.load_head(spec), cache.get(scan).cls)  # the features fitting saw
+    assert prediction["kind"] == "surv" and prediction["reads"] == {"t1ce": str(scan)}
+    fitted_on = predict_volume(spec, bundle.load_head(spec), cache.get(scan).embeddings)  # the features fitting saw
     assert prediction["value"] == pytest.approx(fitted_on["value"], abs=1e-3)
 
 
@@ -116,12 +119,56 @@ def test_feature_cache_reuses_only_identical_inputs(tmp_path, cohort40, bundle64
     scan.write_bytes((cohort40 / "phantom-0000" / "phantom-0000_t1.nii.gz").read_bytes())
     cache = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu", layers=[1, 5])
     first = cache.get(scan)
-    assert first.cls.shape[1] == 96 and first.layers[5].shape[1:] == (4, 4, 96) and len(os.listdir(cache.folder)) == 1
-    assert np.array_equal(cache.get(scan).cls, first.cls) and len(os.listdir(cache.folder)) == 1
+    assert (
+        first.embeddings.shape[1] == 96
+        and first.layers[5].shape[1:] == (4, 4, 96)
+        and len(os.listdir(cache.folder)) == 1
+    )
+    assert np.array_equal(cache.get(scan).embeddings, first.embeddings) and len(os.listdir(cache.folder)) == 1
     scan.write_bytes((cohort40 / "phantom-0001" / "phantom-0001_t1.nii.gz").read_bytes())  # the scan changed
-    assert not np.array_equal(cache.get(scan).cls[:3], first.cls[:3]) and len(os.listdir(cache.folder)) == 2
+    assert (
+        not np.array_equal(cache.get(scan).embeddings[:3], first.embeddings[:3]) and len(os.listdir(cache.folder)) == 2
+    )
     other = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu")  # other layers
     assert other.key(scan) != cache.key(scan)
+
+
+def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle64):
+    """A mean-pooling encoder (as MAE is exported): the cache and infer read the same slice embeddings,
+    the sequence head names the scan, and heads reading other sequences take them from --also."""
+    pooled = tmp_path / "mean-pooling"
+    shutil.copytree(bundle64, pooled)
+    card = json.loads((pooled / "model.json").read_text())
+    card["training"]["pooling"] = "mean"
+    (pooled / "model.json").write_text(json.dumps(card))
+    cache = FeatureCache(load_bundle(pooled), tmp_path / "features", device="cpu")
+    manifest = load_manifest(cohort40)
+    for options, name in (
+        (FitOptions(task="seq"), "sequence"),
+        (FitOptions(task="reg", modalities=("t1", "t2")), "age"),
+    ):
+        result = fit_and_evaluate(manifest, cache, options, name)
+        add_head(pooled, result.spec, result.head)
+    subject = cohort40 / "phantom-0003"
+    flair, t1, t2 = (subject / f"phantom-0003_{s}.nii.gz" for s in ("flair", "t1", "t2"))
+    prepared = prepare(load_volume(t1), load_bundle(pooled).card.preprocessing)
+    encoded = encode_volume(prepared, load_bundle(pooled).load_encoder(), device="cpu")
+    assert np.allclose(cache.get(t1).embeddings, encoded.patch_tokens.astype(np.float32).mean(axis=(1, 2)))
+
+    assert main(["infer", str(flair), "-o", str(tmp_path / "a"), "--bundle", str(pooled), "-q"]) == 0
+    alone = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert "age" not in alone["predictions"] and any("--also" in w for w in alone["warnings"])
+    assert main(["infer", str(flair), "-o", str(tmp_path / "b"), "--bundle", str(pooled), "-q",
+                 "--sequence", "flair", "--also", f"t1={t1}", f"t2={t2}"]) == 0  # fmt: skip
+    both = json.loads((tmp_path / "b" / "result.json").read_text())["predictions"]
+    bundle = load_bundle(pooled)
+    (spec,) = [s for s in bundle.head_specs if s.name == "age"]
+    tokens = np.concatenate([cache.get(t1).embeddings, cache.get(t2).embeddings])
+    assert both["age"]["value"] == pytest.approx(
+        predict_volume(spec, bundle.load_head(spec), tokens)["value"], abs=1e-3
+    )
+    assert both["age"]["reads"] == {"t1": str(t1), "t2": str(t2)}
+    assert main(["infer", str(flair), "-o", str(tmp_path / "c"), "--bundle", str(bundle64), "--also", f"t1={t1}"]) == 2
 
 
 def test_survival_statistics_by_hand():
@@ -152,7 +199,7 @@ def test_survival_statistics_by_hand():
 def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry(tmp_path, cohort40, bundle64):
     out = tmp_path / "seg-bundle"
     args = ["fit-head", "--task", "seg", "--modality", "flair", "--manifest", str(cohort40), "--bundle"]
-    args += [str(bundle64), "-o", str(out), "--epochs", "6", "--report", str(tmp_path / "report")]
+    args += [str(bundle64), "-o", str(out), "--steps", "250", "--report", str(tmp_path / "report")]
     assert main(args + ["--cache", str(tmp_path / "features")]) == 0
     (spec,) = load_bundle(out).head_specs
     assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)

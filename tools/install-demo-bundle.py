@@ -1,0 +1,107 @@
+"""Install a phantom-trained bundle as BrainDINO's shipped default, with a held-out demo phantom.
+
+    python tools/install-demo-bundle.py BUNDLE [--work build/demo]
+
+- BUNDLE is copied to ``BrainDINO/BrainDINOLib/models/braindino-tiny-phantom`` with a card that says
+  what it is (a demonstration trained on synthetic phantoms, not a clinical model) and records the
+  pretraining run and head cohorts; it must stay within 25 MB;
+- the catalogue's default becomes that bundle (the random bundle stays listed);
+- one phantom with a tumour, generated with a seed no training cohort used (300), is written to
+  ``BrainDINO/Resources/SampleData/demo-phantom`` (four sequences, mask, ``labels.json``) for
+  ``braindino demo``: neither the encoder nor any head saw it.
+
+Run by ``tools/make-demo-bundle.sh``; the shipped files are then committed (CMakeLists.txt lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from BrainDINOLib.bundle import CARD_FILE, CATALOG_DIR, load_bundle
+from BrainDINOLib.sample_data import DEMO_PHANTOM_DIR
+from BrainDINOTrainingLib.phantoms import Template, write_subject
+
+NAME = "braindino-tiny-phantom"
+DEMO_SEED = 300
+SIZE_LIMIT = 25 * 1024 * 1024
+
+
+def install_bundle(source: Path, work: Path) -> Path:
+    bundle = load_bundle(source)
+    pretrain = json.loads((work / "pretrain" / "config.json").read_text())
+    heads = ", ".join(f"{s.name} ({s.kind})" for s in bundle.head_specs)
+    card = dataclasses.replace(
+        bundle.card,
+        name=NAME,
+        description=(
+            f"DEMONSTRATION: tiny DINO ViT/16 pretrained on one CPU ({bundle.card.training['steps']} steps) on axial "
+            "slices of 48 synthetic phantoms derived from the MNI template, with heads fitted on 80 other phantoms: "
+            f"{heads}. Phantom-trained: not for clinical use."
+        ),
+        intended_use="demonstration of the software on synthetic phantoms only; not a medical device, not for "
+        "clinical or research conclusions on real patients (its heads learned the phantom generator's rules)",
+        training={
+            **bundle.card.training,
+            "data": "48 phantoms, braindino cohort make 48 --seed 100 (1 mm)",
+            "heads_data": "80 other phantoms, braindino cohort make 80 --seed 200 (1 mm), split 60/20/20 by subject",
+            "built_by": "bash tools/make-demo-bundle.sh",
+            "config": pretrain,
+        },
+    )
+    target = CATALOG_DIR / NAME
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    (target / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    if size > SIZE_LIMIT:
+        raise SystemExit(f"{target}: {size / 2**20:.1f} MB exceeds the 25 MB limit for shipped bundles")
+    load_bundle(target)  # verifies every hash
+    catalog_path = CATALOG_DIR / "catalog.json"
+    catalog = json.loads(catalog_path.read_text())
+    catalog["default"] = NAME
+    catalog["models"] = [m for m in catalog["models"] if m["name"] != NAME] + [
+        {"name": NAME, "path": NAME, "description": card.description}
+    ]
+    catalog_path.write_text(json.dumps(catalog, indent=2) + "\n")
+    print(f"installed {target} ({size / 2**20:.1f} MB) as the default bundle")
+    return target
+
+
+def install_demo_phantom() -> Path:
+    """The first subject of seed ``DEMO_SEED`` with a tumour, renamed ``heldout-phantom``."""
+    template = Template.load(1.0)
+    with tempfile.TemporaryDirectory() as scratch:
+        for index in range(20):
+            row = write_subject(template, Path(scratch), DEMO_SEED, index)
+            if row["tumor"] == 1:
+                break
+        if DEMO_PHANTOM_DIR.exists():
+            shutil.rmtree(DEMO_PHANTOM_DIR)
+        DEMO_PHANTOM_DIR.mkdir(parents=True)
+        subject = row["subject_id"]
+        for path in sorted((Path(scratch) / subject).glob("*.nii.gz")):
+            shutil.copy(path, DEMO_PHANTOM_DIR / path.name.replace(subject, "heldout-phantom"))
+    labels = {"subject_id": "heldout-phantom", "generated": f"phantom seed {DEMO_SEED}, subject {index}"}
+    labels.update({k: v for k, v in row.items() if k not in ("subject_id", "t1", "t1ce", "t2", "flair", "seg")})
+    (DEMO_PHANTOM_DIR / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    print(f"demo phantom (seed {DEMO_SEED}, subject {index}) in {DEMO_PHANTOM_DIR}")
+    return DEMO_PHANTOM_DIR
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("build/demo"))
+    args = parser.parse_args()
+    install_bundle(args.bundle, args.work)
+    install_demo_phantom()
+
+
+if __name__ == "__main__":
+    main()
