@@ -43,7 +43,7 @@ TASKS = {  # name: (kind, target, sequences)
 REFERENCE = {"cls": "majority", "seq": "majority", "reg": "mean", "surv": "mean"}
 
 
-def _encoder_bundles(pairs: list[str], work: Path) -> dict[str, Path]:
+def _encoder_bundles(pairs: list[str], folder: Path) -> dict[str, Path]:
     """NAME=BUNDLE pairs; ``random`` names the random-init twin of the first bundle."""
     from BrainDINOLib.bundle import create_random_bundle, load_bundle
 
@@ -55,7 +55,7 @@ def _encoder_bundles(pairs: list[str], work: Path) -> dict[str, Path]:
     for name, path in bundles.items():
         if path is None:
             card = load_bundle(first).card
-            random = work / f"{name}-bundle"
+            random = folder / f"{name}-bundle"
             if not random.exists():
                 create_random_bundle(random, card.encoder.name, preprocessing=card.preprocessing)
             bundles[name] = random
@@ -176,9 +176,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seg-seeds", nargs="+", type=int, default=[0, 1], help="segmentation costs most on CPU")
     parser.add_argument("--seg-steps", type=int, default=200, help="decoder steps of 16 slices per fit")
-    parser.add_argument(
-        "--work", type=Path, default=Path("build/label-efficiency"), help="feature cache, random bundle"
-    )
+    parser.add_argument("--cache", type=Path, default=DEMO / "cache", help="feature cache (shared with the demo heads)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -189,14 +187,14 @@ def main() -> None:
     from BrainDINOTrainingLib.data import load_manifest
 
     torch.manual_seed(0)
-    bundles = _encoder_bundles(args.encoder, args.work)
+    bundles = _encoder_bundles(args.encoder, DEMO)
     manifest = load_manifest(args.cohort)
     results, timings, started = [], {}, time.perf_counter()
     runs = [(encoder, task) for encoder in bundles for task in args.tasks]
     for encoder, task in tqdm(runs, desc="fits", file=sys.stderr):
         bundle, begin = load_bundle(bundles[encoder]), time.perf_counter()
         seeds = tuple(args.seg_seeds if TASKS[task][0] == "seg" else args.seeds)
-        rows = _run_task(task, manifest, bundle, args.work / "cache", tuple(args.fractions), seeds, args.seg_steps)
+        rows = _run_task(task, manifest, bundle, args.cache, tuple(args.fractions), seeds, args.seg_steps)
         results += [r for r in summarise(rows, task, encoder) if r["encoder"] != "none" or encoder == runs[0][0]]
         timings[f"{encoder}/{task}"] = round(time.perf_counter() - begin, 1)
     cards = {name: load_bundle(path).card for name, path in bundles.items()}

@@ -43,8 +43,8 @@ def install_bundle(source: Path, work: Path) -> Path:
             "slices of 48 synthetic phantoms derived from the MNI template, with heads fitted on 80 other phantoms: "
             f"{heads}. Phantom-trained: not for clinical use."
         ),
-        intended_use="demonstration of the software on synthetic phantoms only; not a medical device, not for "
-        "clinical or research conclusions on real patients (its heads learned the phantom generator's rules)",
+        intended_use="demonstration on synthetic phantoms only; not a medical device; its heads learned the "
+        "phantom generator's rules, not real disease",
         training={
             **bundle.card.training,
             "data": "48 phantoms, braindino cohort make 48 --seed 100 (1 mm)",

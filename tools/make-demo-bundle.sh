@@ -44,7 +44,7 @@ fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
 fit age --task reg --target age --modality t1 --bundle "$bundle"
 fit survival --task surv --modality t1ce --bundle "$bundle"
-fit tumor --task seg --modality flair --steps 600 --bundle "$bundle"
+fit tumor --task seg --modality flair --steps 600 --label-fraction 1 --seeds 0 --bundle "$bundle"
 python tools/install-demo-bundle.py "$bundle" --work "$work"
 
 pretrain moco "$work/pretrain-moco"

@@ -24,6 +24,7 @@ GAP = 4
 LINE_HEIGHT = 22
 #: segment colours by label value (BraTS: 1 necrotic core red, 2 oedema green, 3 enhancing yellow).
 LABEL_COLOURS = np.array([(0, 0, 0), (230, 50, 50), (60, 200, 80), (250, 220, 40), (80, 140, 255)], dtype=np.uint8)
+NOTICE_COLOUR = (255, 200, 120)
 WARNING_COLOUR = (255, 85, 85)
 MASK_COLOUR = (0, 255, 255)
 
@@ -152,12 +153,10 @@ def write_report(
     draw.text((LABEL_WIDTH + cell_width - 4, first_top + 2), "L", fill="yellow", font=small, anchor="ra")
     draw.text((8, 6), f"BrainDINO  |  {Path(volume.path).name}  |  model: {card.name}", fill="white", font=font)
     if card.random_init:
-        draw.text(
-            (8, 26),
-            "RANDOMLY INITIALISED ENCODER: these maps test the pipeline; they show no learned anatomy",
-            fill=WARNING_COLOUR,
-            font=small,
-        )
+        notice = "RANDOMLY INITIALISED ENCODER: these maps test the pipeline; they show no learned anatomy"
+    else:
+        notice = f"intended use: {card.intended_use}"
+    draw.text((8, 26), notice, fill=WARNING_COLOUR if card.random_init else NOTICE_COLOUR, font=small)
     if predictions:
         draw.text((8, montage_height + 6), "Predictions (task heads of the bundle)", fill="white", font=font)
         for i, line in enumerate(predictions):

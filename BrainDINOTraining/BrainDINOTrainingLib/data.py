@@ -239,7 +239,15 @@ def _parse_column(name: str, values: list[str], source: Path) -> tuple[list[floa
     scale = _IN_DAYS[unit] / _IN_DAYS[target] if unit else 1.0
     for i, _, p in parsed:
         out[i] = p[0] * scale
-    return out, (target if unit else None)
+    return out, (target if unit else _named_unit(name))
+
+
+def _named_unit(name: str) -> str | None:
+    """The unit plain numbers carry by naming convention: ``age`` and ``*_years`` in years, ``*_days``, ``*_ml``."""
+    lowered = name.lower()
+    if lowered.startswith("age") or lowered.endswith("_years"):
+        return "years"
+    return {"_days": "days", "_ml": "mL"}.get(lowered[lowered.rfind("_") :]) if "_" in lowered else None
 
 
 def read_table(path: Path, *, require_images: bool = True) -> Manifest:

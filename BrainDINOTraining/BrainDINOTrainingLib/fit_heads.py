@@ -144,7 +144,7 @@ def collect(
         wanted = "images" if options.task == "seq" else f"'{options.column}' and scans {list(options.modalities)}"
         raise BrainDINOError(f"{manifest.source}: no scan has {wanted}")
     if options.task in ("cls", "seq"):
-        found = tuple(sorted({str(r[3]) for r in rows}))
+        found = tuple(sorted({class_name(r[3]) for r in rows}))
         unknown = sorted(set(found) - set(classes)) if classes else []
         if unknown:
             raise BrainDINOError(f"{manifest.source}: '{options.column}' values {unknown} are not the head's {classes}")
@@ -163,12 +163,17 @@ def collect(
             tokens[i, : len(row[2])] = torch.from_numpy(row[2].astype(np.float32))
             mask[i, : len(row[2])] = True
         if classes:
-            targets = torch.tensor([classes.index(str(r[3])) for r in chosen])
+            targets = torch.tensor([classes.index(class_name(r[3])) for r in chosen])
         else:
             targets = torch.tensor([float(r[3]) for r in chosen])
         events = torch.tensor([r[4] for r in chosen])
         samples[split] = Samples(tokens, mask, targets, events, [r[1] for r in chosen])
     return samples, classes
+
+
+def class_name(value) -> str:
+    """A label value as a class name: whole numbers without a decimal point (marker 1, not 1.0)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def label_subset(train: Samples, fraction: float, seed: int, classification: bool) -> Samples:

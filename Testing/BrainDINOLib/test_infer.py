@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from safetensors.numpy import load_file
 
 from BrainDINOLib.cli import main
+from BrainDINOLib.sample_data import demo_phantom
 from testdata import reorient, save
 
 
@@ -40,8 +41,8 @@ def test_lps_int16_outputs_match_input_geometry(lps_run):
     assert attention[:, :, first : last + 1].min() > 0  # softmax attention is positive everywhere
     assert not attention[:, :, :first].any() and not attention[:, :, last + 1 :].any()
     assert result["input"]["orientation"] == "LPS" and result["input"]["shape"] == list(scan.shape)
-    assert result["model"]["random_init"] is True
-    assert any("randomly initialised" in w for w in result["warnings"])
+    assert result["model"]["name"] == "braindino-tiny-phantom" and result["model"]["random_init"] is False
+    assert "demonstration" in result["model"]["intended_use"]
     assert set(result["timings_s"]) >= {"load_scan", "prepare", "encode", "maps", "write", "total"}
     embeddings = load_file(out / "embeddings.safetensors")
     assert embeddings["patch_tokens"].shape == (result["slices"]["analysed"], 14, 14, 96)
@@ -150,17 +151,40 @@ def test_bad_scan_through_the_installed_command(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_demo_prints_where_the_outputs_are(tmp_path, capsys):
+def test_the_random_bundle_says_so(tmp_path, lps_run):
+    scan, _ = lps_run
+    assert _infer(scan.get_filename(), tmp_path, "--bundle", "braindino-tiny-random", "--no-report") == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["model"]["random_init"] is True and not result["predictions"]
+    assert any("randomly initialised" in w for w in result["warnings"])
+
+
+def test_demo_segments_the_held_out_phantom_next_to_the_template(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "MNI ICBM152 2009a" in out
-    for name in ("report.png", "result.json", "_attention.nii.gz", "_pca.nii.gz", "_similarity.nii.gz"):
+    assert "held-out phantom" in out and "MNI ICBM152 2009a" in out and "demo.png" in out
+    for name in ("report.png", "result.json", "_attention.nii.gz", "_pca.nii.gz", "_similarity.nii.gz", "_seg.nii.gz"):
         assert name in out
-    assert (tmp_path / "demo" / "report.png").is_file()
+    phantom = json.loads((tmp_path / "demo" / "phantom" / "result.json").read_text())
+    predictions = phantom["predictions"]
+    assert set(predictions) == {"sequence", "diagnosis", "marker", "age", "survival", "tumor"}
+    assert predictions["sequence"]["prediction"] == "flair" and predictions["age"]["units"] == "years"
+    assert predictions["survival"]["reads"]["t1ce"].endswith("heldout-phantom_t1ce.nii.gz")
+    scans, truth = demo_phantom()
+    mask = np.asarray(nib.load(scans["seg"]).dataobj) > 0
+    segmented = nib.load(tmp_path / "demo" / "phantom" / "heldout-phantom_flair_seg.nii.gz")
+    assert segmented.shape == mask.shape and np.allclose(segmented.affine, nib.load(scans["flair"]).affine)
+    predicted = np.asarray(segmented.dataobj) > 0
+    assert 2 * (predicted & mask).sum() / (predicted.sum() + mask.sum()) > 0.5  # never seen by encoder or heads
+    mni = json.loads((tmp_path / "demo" / "mni" / "result.json").read_text())
+    assert {"age", "diagnosis"} <= set(mni["predictions"]) and "tumor" not in mni["predictions"]  # read as T1
+    assert any("head 'tumor' segments flair" in w for w in mni["warnings"])
+    assert (tmp_path / "demo" / "demo.png").is_file()
 
 
 def test_models_commands(tmp_path, capsys):
     assert main(["models", "list"]) == 0
-    assert "braindino-tiny-random" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "braindino-tiny-random" in listing and "head tumor (seg, target seg)" in listing
     assert main(["models", "verify", "braindino-tiny-random"]) == 0
     assert "every file matches" in capsys.readouterr().out
