@@ -5,7 +5,7 @@ may see), a head is fitted on the frozen encoder's features and scored on the sa
 subjects; each seed draws the labelled subset anew and re-initialises the head. Encoders:
 
 - ``dino``, ``moco``, ``mae``: pretrained by ``tools/make-demo-bundle.sh`` with the same budget
-  (same phantom slice index, batch 16, 2 epochs = 2,452 steps, tiny-cpu config);
+  (same phantom slice index, tiny-cpu config, 1,200 steps of 16 slices);
 - ``random``: the same architecture and preprocessing, randomly initialised (seed 0).
 
 Tasks on a labelled phantom cohort (default: the demo's 120-subject cohort, split 60/20/20 by
@@ -14,7 +14,8 @@ marker (T1ce, AUC), age (T1, MAE in years), survival (T1ce, C-index), MRI sequen
 Rows also hold the linear probe on the same features, and the "knows nothing" reference
 (majority class / training mean / constant risk).
 
-Writes ``label_efficiency.json``, ``.md`` and ``.png`` to ``--out`` and prints the JSON.
+Writes ``label_efficiency.json``, ``.md`` and ``.png`` to ``--out`` and prints the JSON. Each
+(encoder, task) run is kept in the feature cache folder, so an interrupted benchmark resumes.
 
     python benchmarks/label_efficiency.py                         # after bash tools/make-demo-bundle.sh
     python benchmarks/label_efficiency.py --tasks age sequence --seeds 0
@@ -23,6 +24,7 @@ Writes ``label_efficiency.json``, ``.md`` and ``.png`` to ``--out`` and prints t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -113,8 +115,9 @@ def markdown(results: list[dict], encoders: list[str]) -> str:
             if not cells:
                 continue
             first = next(iter(cells.values()))
+            scored = [r for r in cells.values() if np.isfinite(r["mean"])]
             lower = first["metric"] == "mae"
-            best = (min if lower else max)(cells.values(), key=lambda r: r["mean"])["encoder"]
+            best = (min if lower else max)(scored, key=lambda r: r["mean"])["encoder"] if scored else None
             row = [f"{task} ({first['metric']})", f"{fraction:g} ({first['train_subjects']})"]
             for encoder in encoders:
                 r = cells.get(encoder)
@@ -183,7 +186,8 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from BrainDINOLib.bundle import load_bundle
+    from BrainDINOLib import __version__
+    from BrainDINOLib.bundle import ENCODER_FILE, load_bundle
     from BrainDINOTrainingLib.data import load_manifest
 
     torch.manual_seed(0)
@@ -194,9 +198,22 @@ def main() -> None:
     for encoder, task in tqdm(runs, desc="fits", file=sys.stderr):
         bundle, begin = load_bundle(bundles[encoder]), time.perf_counter()
         seeds = tuple(args.seg_seeds if TASKS[task][0] == "seg" else args.seeds)
-        rows = _run_task(task, manifest, bundle, args.cache, tuple(args.fractions), seeds, args.seg_steps)
+        table = Path(manifest.source)
+        identity = [bundle.card.files[ENCODER_FILE], bundle.card.pooling, task, args.fractions, seeds,
+                    args.seg_steps if TASKS[task][0] == "seg" else 0, str(table.resolve()), table.stat().st_mtime_ns,
+                    __version__]  # fmt: skip
+        done = (
+            args.cache / "label-efficiency" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.json"
+        )
+        if done.is_file():  # a finished run of an interrupted benchmark
+            rows, seconds = json.loads(done.read_text())
+        else:
+            rows = _run_task(task, manifest, bundle, args.cache, tuple(args.fractions), seeds, args.seg_steps)
+            seconds = round(time.perf_counter() - begin, 1)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps([rows, seconds]))
         results += [r for r in summarise(rows, task, encoder) if r["encoder"] != "none" or encoder == runs[0][0]]
-        timings[f"{encoder}/{task}"] = round(time.perf_counter() - begin, 1)
+        timings[f"{encoder}/{task}"] = seconds
     cards = {name: load_bundle(path).card for name, path in bundles.items()}
     report = {
         "benchmark": "label_efficiency",

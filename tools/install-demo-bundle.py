@@ -7,7 +7,7 @@
   pretraining run and head cohorts; it must stay within 25 MB;
 - the catalogue's default becomes that bundle (the random bundle stays listed);
 - one phantom with a tumour, generated with a seed no training cohort used (300), is written to
-  ``BrainDINO/Resources/SampleData/demo-phantom`` (four sequences, mask, ``labels.json``) for
+  ``BrainDINO/BrainDINOLib/samples/demo-phantom`` (four sequences, mask, ``labels.json``) for
   ``braindino demo``: neither the encoder nor any head saw it.
 
 Run by ``tools/make-demo-bundle.sh``; the shipped files are then committed (CMakeLists.txt lists them).
@@ -81,6 +81,8 @@ def install_demo_phantom() -> Path:
             row = write_subject(template, Path(scratch), DEMO_SEED, index)
             if row["tumor"] == 1:
                 break
+        else:
+            raise SystemExit(f"none of the first 20 phantoms of seed {DEMO_SEED} has a tumour")
         if DEMO_PHANTOM_DIR.exists():
             shutil.rmtree(DEMO_PHANTOM_DIR)
         DEMO_PHANTOM_DIR.mkdir(parents=True)

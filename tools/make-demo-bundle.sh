@@ -39,13 +39,20 @@ fit() {  # NAME fit-head options...; the first call creates the bundle with its 
   braindino fit-head --name "$name" --manifest "$work/heads-cohort" --cache "$work/cache" \
     --report "$work/reports/$name" --label-fraction 0.1 1 --seeds 0 1 2 "$@"
 }
-fit sequence --task seq --bundle "$work/pretrain/bundle" -o "$bundle"
+if [ -d "$bundle" ]; then
+  fit sequence --task seq --bundle "$bundle"
+else
+  fit sequence --task seq --bundle "$work/pretrain/bundle" -o "$bundle"
+fi
 fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
 fit age --task reg --target age --modality t1 --bundle "$bundle"
 fit survival --task surv --modality t1ce --bundle "$bundle"
 fit tumor --task seg --modality flair --steps 600 --label-fraction 1 --seeds 0 --bundle "$bundle"
-python tools/install-demo-bundle.py "$bundle" --work "$work"
+installed=BrainDINO/BrainDINOLib/models/braindino-tiny-phantom
+if [ ! -f "$installed/model.json" ] || [ "$bundle/model.json" -nt "$installed/model.json" ]; then
+  python tools/install-demo-bundle.py "$bundle" --work "$work"
+fi
 
 pretrain moco "$work/pretrain-moco"
 pretrain mae "$work/pretrain-mae"

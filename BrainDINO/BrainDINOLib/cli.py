@@ -64,7 +64,7 @@ def _sequence_file(text: str) -> tuple[str, Path]:
     name, _, path = text.partition("=")
     if not name or not path:
         raise argparse.ArgumentTypeError(f"expected SEQUENCE=FILE, got '{text}'")
-    return name, Path(path)
+    return name.lower(), Path(path)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +104,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--dicom-series", help="SeriesInstanceUID when a DICOM folder holds several series")
     infer.add_argument(
         "--sequence",
+        type=str.lower,
         help="SCAN's MRI sequence as the bundle's heads name them (t1, t1ce, t2, flair); "
         "default: what the bundle's sequence head says",
     )
@@ -233,10 +234,12 @@ def truth_line(prediction: dict, truth: dict) -> str:
         return f"{sum(parts.values()):.1f} mL (" + ", ".join(f"{k} {v:.1f} mL" for k, v in parts.items()) + ")"
     if kind == "seq":
         return "flair"
+    if target not in truth:
+        return "–"
     if kind == "surv":
-        outcome = "death" if truth["event"] == 1 else "censored"
+        outcome = "death" if truth.get("event") == 1 else "censored"
         return f"{truth[target]:g} days ({outcome})"
-    return f"{truth[target]}".rstrip()
+    return str(truth[target])
 
 
 def _models_list(args) -> None:

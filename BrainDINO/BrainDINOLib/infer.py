@@ -106,6 +106,7 @@ def run_inference(
     out_dir = Path(out_dir)
     device = resolve_device(options.device)
     bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+    check_sequences(bundle.head_specs, options)
     encoder = bundle.load_encoder()
     lap("load_model")
     volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
@@ -120,13 +121,6 @@ def run_inference(
         (out_dir / ".braindino-write-test").unlink()
     except OSError as error:
         raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
-    if options.other_scans and options.sequence is None and not any(s.kind == "seq" for s in bundle.head_specs):
-        raise BrainDINOError(
-            f"{bundle.path} has no sequence head: name this scan's sequence (--sequence) to use --also"
-        )
-    for name, path in options.other_scans.items():
-        if not Path(path).exists():
-            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
     lap("prepare")
     layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
     encoded = encode_volume(
@@ -139,7 +133,9 @@ def run_inference(
         cancel=cancel,
     )
     lap("encode")
-    predictions, segmentations, head_warnings = _apply_heads(bundle, scan, volume, prepared, encoded, options, device)
+    predictions, segmentations, head_warnings = _apply_heads(
+        bundle, encoder, scan, volume, prepared, encoded, options, device, cancel
+    )
     lap("heads")
 
     attention_grid = mean_attention(encoded.attention)
@@ -240,13 +236,37 @@ def run_inference(
     return result
 
 
-def _apply_heads(bundle, scan, volume, prepared, encoded, options: InferenceOptions, device) -> tuple[dict, dict, list]:
-    """Predictions of the bundle's heads, label volumes of its segmentation heads, and why any head was skipped.
+def check_sequences(specs, options: InferenceOptions) -> None:
+    """Refuse, before any encoding, sequence names no head knows and ``--also`` files that are missing.
+
+    Raises:
+        BrainDINOError: an unknown name, a missing file, or ``--also`` without a way to know the scan's sequence.
+    """
+    known = {m for s in specs for m in s.modalities} | {c for s in specs if s.kind == "seq" for c in s.classes}
+    for name in [options.sequence or "", *options.other_scans]:
+        if name and name not in known:
+            raise BrainDINOError(
+                f"no head of this bundle reads '{name}' scans (its heads read: {', '.join(sorted(known))})"
+            )
+    if options.sequence in options.other_scans:
+        raise BrainDINOError(f"--also gives a {options.sequence} scan, but the scan itself is {options.sequence}")
+    if options.other_scans and options.sequence is None and not any(s.kind == "seq" for s in specs):
+        raise BrainDINOError("this bundle has no sequence head: name the scan's sequence (--sequence) to use --also")
+    for name, path in options.other_scans.items():
+        if not Path(path).exists():
+            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
+
+
+def _apply_heads(bundle, encoder, scan, volume, prepared, encoded, options: InferenceOptions, device, cancel):
+    """Predictions of the bundle's heads, label volumes of its segmentation heads, and notes on how each was fed.
 
     The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
-    every sequence it reads is at hand (the scan, or ``options.other_scans``: encoded here, CLS
+    every sequence it reads is at hand (the scan, or ``options.other_scans``: encoded here, slice
     embeddings only); segmentation heads run on the scan alone. With the scan's sequence unknown,
-    single-sequence heads read the scan as their own sequence (and say so).
+    single-sequence heads read the scan as their own sequence, and a warning says so.
+
+    Raises:
+        BrainDINOError: the sequence head names the scan as a sequence ``--also`` also gives.
     """
     pooling, specs = bundle.card.pooling, bundle.head_specs
     own = encoded.slice_embeddings(pooling)
@@ -259,19 +279,27 @@ def _apply_heads(bundle, scan, volume, prepared, encoded, options: InferenceOpti
                 sequence = predictions[spec.name]["prediction"]
                 probability = predictions[spec.name]["probabilities"][sequence]
                 warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
+    if sequence in options.other_scans:
+        raise BrainDINOError(f"the scan looks like {sequence}, and --also gives another {sequence} scan: "
+                             "name the scan's sequence with --sequence")  # fmt: skip
     at_hand, embeddings = ({sequence: scan}, {sequence: own}) if sequence else ({}, {})
     needed = {m for s in specs if s.kind != "seg" for m in s.modalities}
     for name, path in options.other_scans.items():
-        if name in needed:
-            other = prepare(load_volume(path), bundle.card.preprocessing)
-            embeddings[name] = encode_volume(other, bundle.load_encoder(), device=device).slice_embeddings(pooling)
-            at_hand[name] = path
+        if name not in needed:
+            warnings.append(f"--also {name}: no volume head of this bundle reads {name} scans; not used")
+            continue
+        other = prepare(load_volume(path), bundle.card.preprocessing)
+        encoded_other = encode_volume(other, encoder, device=device, batch_size=options.batch_size, cancel=cancel)
+        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), path
     for spec in specs:
         if spec.kind == "seq":
             continue
         reads = spec.modalities
         if sequence is None and len(reads) == 1 and not options.other_scans:
-            sources, embeddings[reads[0]] = {reads[0]: scan}, own  # unknown sequence: read as the head's own
+            sources, embeddings[reads[0]] = {reads[0]: scan}, own
+            warnings.append(
+                f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: pass --sequence)"
+            )
         elif spec.kind == "seg" and reads != (sequence,):
             warnings.append(
                 f"head '{spec.name}' segments {'+'.join(reads)} scans; this scan is {sequence or 'unknown'}"

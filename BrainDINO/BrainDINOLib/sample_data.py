@@ -1,5 +1,5 @@
 """Sample data: the real MNI ICBM152 2009a template shipped inside the ``nilearn`` wheel, and the
-demo's held-out phantom subject with a tumour (in ``Resources/SampleData``)."""
+demo's held-out phantom subject with a tumour (in ``samples/``, shipped with the package)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def mni_path(kind: str = "t1") -> Path:
     return path
 
 
-DEMO_PHANTOM_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "demo-phantom"
+DEMO_PHANTOM_DIR = Path(__file__).resolve().parent / "samples" / "demo-phantom"
 
 
 def demo_phantom() -> tuple[dict[str, Path], dict]:

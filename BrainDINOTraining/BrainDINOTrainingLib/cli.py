@@ -255,8 +255,9 @@ def _fit_head(args) -> None:
         name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
         cache = FeatureCache(bundle, args.cache, device=args.device)
         fit = fit_and_evaluate
-    with cli.ProgressBar("features", "scan") as progress:
-        result = fit(manifest, cache, options, name, progress=progress)
+    with cli.ProgressBar("features", "scan") as progress, cli.ProgressBar("decoder", "step") as steps:
+        extra = {"training_progress": steps} if args.task == "seg" else {}
+        result = fit(manifest, cache, options, name, progress=progress, **extra)
     target = source
     if args.out_bundle is not None:
         shutil.copytree(source, args.out_bundle)

@@ -1,7 +1,7 @@
 """Per-volume feature cache shared by every head: encode a scan once, fit and evaluate many heads.
 
-One file per (scan, encoder weights, preprocessing, layers): the key hashes the encoder's sha256,
-the preprocessing spec, the intermediate layers kept, and the scan's resolved path, size and
+One file per (scan, encoder weights, preprocessing, layers): the key hashes the encoder's sha256 and
+slice pooling, the preprocessing spec, the intermediate layers kept, and the scan's resolved path, size and
 modification time, so features of a changed scan, another encoder or other settings are never
 reused. Files are safetensors (no pickle), written atomically.
 
@@ -70,6 +70,7 @@ class FeatureCache:
         identity = {
             "format": 3,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
+            "pooling": self.bundle.card.pooling,
             "preprocessing": self.bundle.card.preprocessing.to_dict(),
             "layers": list(self.layers),
             "scan": str(path),

@@ -140,6 +140,8 @@ def collect(
             event = float(entry.labels[options.event])
         tokens = np.concatenate([cache.get(entry.images[m]).embeddings for m in options.modalities])
         rows.append((split, entry.subject_id, tokens, entry.labels[options.column], event))
+    if progress:
+        progress(len(manifest.entries), len(manifest.entries))
     if not rows:
         wanted = "images" if options.task == "seq" else f"'{options.column}' and scans {list(options.modalities)}"
         raise BrainDINOError(f"{manifest.source}: no scan has {wanted}")

@@ -117,6 +117,8 @@ def collect_segmentation(
                 reference.spacing,
             )
         )
+    if progress:
+        progress(len(manifest.entries), len(manifest.entries))
     for name, volumes in found.items():
         if not volumes:
             raise BrainDINOError(
@@ -125,8 +127,11 @@ def collect_segmentation(
     return found
 
 
-def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, seed: int, embed_dim: int, patch: int):
-    """``options.steps`` mini-batches of AdamW over the training slices (reshuffled each pass), Dice + cross-entropy."""
+def fit_decoder(
+    spec: HeadSpec, train: list[SegVolume], options: SegOptions, seed: int, embed_dim: int, patch: int, progress=None
+):
+    """``options.steps`` mini-batches of AdamW over the training slices (reshuffled each pass), Dice + cross-entropy;
+    ``progress(step)`` after each step."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -138,7 +143,7 @@ def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, see
     generator = torch.Generator().manual_seed(seed)
     decoder.train()
     order = torch.empty(0, dtype=torch.long)
-    for _ in range(options.steps):
+    for step in range(options.steps):
         if len(order) < options.batch_size:
             order = torch.cat([order, torch.randperm(len(features), generator=generator)])
         batch, order = order[: options.batch_size], order[options.batch_size :]
@@ -146,6 +151,8 @@ def fit_decoder(spec: HeadSpec, train: list[SegVolume], options: SegOptions, see
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if progress:
+            progress(step + 1)
     return decoder.eval()
 
 
@@ -183,9 +190,12 @@ def _onehot(mask: np.ndarray) -> torch.Tensor:
 
 
 def fit_and_evaluate_segmentation(
-    manifest: Manifest, cache: FeatureCache, options: SegOptions, name: str, progress=None
+    manifest: Manifest, cache: FeatureCache, options: SegOptions, name: str, progress=None, training_progress=None
 ) -> FitResult:
-    """Fit a decoder per label fraction and seed; measure each on the test subjects."""
+    """Fit a decoder per label fraction and seed; measure each on the test subjects.
+
+    ``progress(done, total)`` follows the feature extraction, ``training_progress(done, total)`` the decoder steps.
+    """
     card = cache.bundle.card
     layers = options.layers or default_layers(card.encoder.depth)
     if tuple(cache.layers) != tuple(sorted(layers)):
@@ -203,15 +213,20 @@ def fit_and_evaluate_segmentation(
         encoder_sha256=card.files[ENCODER_FILE],
     )
     rows, kept = [], None
-    for fraction in sorted(options.label_fractions, reverse=True):
-        for seed in options.seeds:
-            count = max(1, int(round(fraction * len(splits["train"]))))
-            chosen = np.random.default_rng(seed).choice(len(splits["train"]), count, replace=False)
-            train = [splits["train"][i] for i in sorted(chosen)]
-            decoder = fit_decoder(spec, train, options, seed, card.encoder.embed_dim, card.encoder.patch_size)
-            row = {"label_fraction": fraction, "seed": seed, "model": "head", "train_samples": len(train)}
-            rows.append({**row, **segmentation_metrics(spec, decoder, splits["test"])})
-            kept = kept or decoder
+    runs = [(fraction, seed) for fraction in sorted(options.label_fractions, reverse=True) for seed in options.seeds]
+    for run, (fraction, seed) in enumerate(runs):
+        count = max(1, int(round(fraction * len(splits["train"]))))
+        chosen = np.random.default_rng(seed).choice(len(splits["train"]), count, replace=False)
+        train = [splits["train"][i] for i in sorted(chosen)]
+
+        def report(step: int, offset: int = run * options.steps) -> None:
+            training_progress(offset + step, len(runs) * options.steps)
+
+        decoder = fit_decoder(spec, train, options, seed, card.encoder.embed_dim, card.encoder.patch_size,
+                              report if training_progress else None)  # fmt: skip
+        row = {"label_fraction": fraction, "seed": seed, "model": "head", "train_samples": len(train)}
+        rows.append({**row, **segmentation_metrics(spec, decoder, splits["test"])})
+        kept = kept or decoder
     first = rows[0]
     spec = dataclasses.replace(
         spec,
