@@ -200,17 +200,20 @@ def _infer(args) -> None:
 
 
 def _demo(args) -> None:
+    from .bundle import find_bundle, read_card
     from .heads import prediction_text
     from .report import side_by_side
     from .sample_data import demo_phantom, mni_path
 
     scans, truth = demo_phantom()
-    others = {k: v for k, v in scans.items() if k not in ("flair", "seg")}
+    card = read_card(find_bundle(args.bundle, _models_dir(args)))
+    read = {m for head in card.heads if head["kind"] != "seg" for m in head.get("modalities", ())}
+    others = {k: v for k, v in scans.items() if k in read and k != "flair"}  # what the bundle's heads read
     phantom = _run(args, scans["flair"], args.out_dir / "phantom", sequence="flair", other_scans=others, query=None)
     mni = _run(args, mni_path("t1"), args.out_dir / "mni", sequence="t1", query=args.query or DEMO_QUERY)
     print(f"BrainDINO demo, model '{mni['model']['name']}'")
-    print(f"1. held-out phantom {truth['subject_id']} (FLAIR; T1, T1ce, T2 for the heads reading them), "
-          f"{phantom['timings_s']['total']:.1f} s: prediction | truth")  # fmt: skip
+    print(f"1. held-out phantom ({truth['generated']}): FLAIR, with {', '.join(others) or 'no other scan'} for the "
+          f"heads reading them, {phantom['timings_s']['total']:.1f} s. prediction | truth")  # fmt: skip
     for name, prediction in phantom["predictions"].items():
         print(f"   {prediction_text(name, prediction)} | {truth_line(prediction, truth)}")
     print(f"2. MNI ICBM152 2009a T1 template ({mni['slices']['analysed']} slices, {mni['timings_s']['total']:.1f} s)")
@@ -239,7 +242,7 @@ def truth_line(prediction: dict, truth: dict) -> str:
     if kind == "surv":
         outcome = "death" if truth.get("event") == 1 else "censored"
         return f"{truth[target]:g} days ({outcome})"
-    return str(truth[target])
+    return f"{truth[target]} {prediction.get('units', '')}".rstrip()
 
 
 def _models_list(args) -> None:
