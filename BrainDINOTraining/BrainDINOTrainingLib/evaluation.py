@@ -115,7 +115,7 @@ def _linear_cox(train: Samples, test: Samples, seed: int, epochs: int = 300) -> 
     """A ridge-penalised linear Cox model on standardised pooled embeddings; risks of ``test``."""
     torch.manual_seed(seed)
     x_train = torch.from_numpy(train.pooled())
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    mean, std = x_train.mean(0), x_train.std(0, correction=0).clamp_min(1e-6)  # population std: defined for one subject
     model = torch.nn.Linear(x_train.shape[1], 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(epochs):

@@ -21,9 +21,9 @@ from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.data import load_manifest
-from BrainDINOTrainingLib.evaluation import c_index, fit_and_evaluate, kaplan_meier
+from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier
 from BrainDINOTrainingLib.features import FeatureCache
-from BrainDINOTrainingLib.fit_heads import FitOptions, cox_loss, predict
+from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
 from BrainDINOTrainingLib.fit_segmentation import SegOptions
 from BrainDINOTrainingLib.phantoms import make_cohort
 
@@ -184,6 +184,20 @@ def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle6
     for wrong in (["--sequence", "dwi"], ["--sequence", "T1", "--also", f"t1={t1}"], ["--also", f"t2={t2}.missing"]):
         assert main(["infer", str(flair), "-o", str(tmp_path / "d"), "--bundle", str(pooled), *wrong]) == 2
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_baselines_fitted_on_one_subject_give_finite_predictions():
+    """A 1 % label fraction of a small cohort keeps one subject: every baseline must still predict."""
+    generator = torch.Generator().manual_seed(0)
+
+    def samples(n):
+        tokens = torch.randn(n, 3, 8, generator=generator)
+        return Samples(tokens, torch.ones(n, 3, dtype=torch.bool), torch.rand(n, generator=generator) * 100,
+                       torch.ones(n), [f"s{i}" for i in range(n)])  # fmt: skip
+
+    for task in ("surv", "reg"):
+        for values in baseline_predictions(task, samples(1), samples(4), 0, seed=0).values():
+            assert np.isfinite(values).all()
 
 
 def test_survival_statistics_by_hand():
