@@ -237,20 +237,20 @@ def run_inference(
 
 
 def check_sequences(specs, options: InferenceOptions) -> None:
-    """Refuse, before any encoding, sequence names no head knows and ``--also`` files that are missing.
+    """Refuse, before any encoding, a scan sequence the bundle's sequence head does not know and
+    ``--also`` files that are missing or that repeat the scan's own sequence.
 
     Raises:
-        BrainDINOError: an unknown name, a missing file, or ``--also`` without a way to know the scan's sequence.
+        BrainDINOError: an unknown sequence, a missing file, or ``--also`` without a way to know the scan's sequence.
     """
-    known = {m for s in specs for m in s.modalities} | {c for s in specs if s.kind == "seq" for c in s.classes}
-    for name in [options.sequence or "", *options.other_scans]:
-        if name and name not in known:
-            raise BrainDINOError(
-                f"no head of this bundle reads '{name}' scans (its heads read: {', '.join(sorted(known))})"
-            )
+    vocabulary = {c for s in specs if s.kind == "seq" for c in s.classes}
+    if options.sequence and vocabulary and options.sequence not in vocabulary:
+        raise BrainDINOError(
+            f"'{options.sequence}' is not a sequence this bundle knows ({', '.join(sorted(vocabulary))})"
+        )
     if options.sequence in options.other_scans:
         raise BrainDINOError(f"--also gives a {options.sequence} scan, but the scan itself is {options.sequence}")
-    if options.other_scans and options.sequence is None and not any(s.kind == "seq" for s in specs):
+    if options.other_scans and options.sequence is None and not vocabulary:
         raise BrainDINOError("this bundle has no sequence head: name the scan's sequence (--sequence) to use --also")
     for name, path in options.other_scans.items():
         if not Path(path).exists():
