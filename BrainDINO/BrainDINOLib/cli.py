@@ -96,7 +96,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="run the encoder on a scan and write attention/PCA/similarity maps",
         description="Encode every brain slice of SCAN and write, in SCAN's own geometry: <name>_attention.nii.gz, "
         "<name>_pca.nii.gz (RGB), <name>_similarity.nii.gz (with --query), embeddings.safetensors, "
-        "result.json and report.png. SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.",
+        "result.json and report.png. The bundle's task heads are applied too (see --sequence, --also): their "
+        "predictions go to result.json and the report, a segmentation head writes <name>_seg.nii.gz. "
+        "SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.",
     )
     infer.add_argument("scan", type=Path, metavar="SCAN")
     infer.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder (created if missing)")

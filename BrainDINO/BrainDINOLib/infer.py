@@ -2,7 +2,8 @@
 
 Outputs in ``out_dir`` (``<name>`` is the scan's file name without extension):
 ``<name>_attention.nii.gz``, ``<name>_pca.nii.gz`` (RGB), ``<name>_similarity.nii.gz`` (with a
-query voxel), ``embeddings.safetensors``, ``result.json`` and ``report.png``.
+query voxel), ``<name>_seg.nii.gz`` (with a segmentation head), ``embeddings.safetensors``,
+``result.json`` (with the heads' predictions) and ``report.png``.
 """
 
 from __future__ import annotations
