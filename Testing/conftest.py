@@ -27,3 +27,11 @@ def mni_2mm(mni) -> nib.Nifti1Image:
 @pytest.fixture(scope="session")
 def default_bundle():
     return find_bundle()
+
+
+@pytest.fixture
+def slicer_app():
+    """A fresh real MRML scene with Slicer's module logics (see ``helpers/slicer_scene.py``)."""
+    from slicer_scene import slicer_app
+
+    return slicer_app()

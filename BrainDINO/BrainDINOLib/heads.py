@@ -223,6 +223,31 @@ def prediction_text(name: str, prediction: dict) -> str:
     return f"{name}: {prediction['value']:.1f} {prediction['units']}".rstrip()
 
 
+TASK_NAMES = {
+    "seq": "sequence type",
+    "cls": "classification",
+    "reg": "regression",
+    "surv": "survival risk",
+    "seg": "segmentation",
+}
+
+
+def prediction_row(name: str, prediction: dict) -> dict[str, str]:
+    """One row of the prediction table: head, task, result (class, value or volume), its units and details."""
+    kind = prediction["kind"]
+    if "probabilities" in prediction:
+        result, units = prediction["prediction"], "probability"
+        details = ", ".join(f"{c} {p:.2f}" for c, p in prediction["probabilities"].items())
+    elif kind == "seg":
+        result, units = f"{prediction['total_ml']:.1f}", "mL"
+        details = ", ".join(f"{c} {v:.1f}" for c, v in prediction["volumes_ml"].items())
+    else:
+        result = f"{prediction['value']:+.2f}" if kind == "surv" else f"{prediction['value']:.1f}"
+        units = prediction["units"]
+        details = "higher = shorter expected survival" if kind == "surv" else ""
+    return {"Head": name, "Task": TASK_NAMES[kind], "Result": result, "Units": units, "Details": details}
+
+
 def segmentation_input(per_modality: list[dict[int, np.ndarray]], layers: tuple[int, ...]) -> torch.Tensor:
     """(S, M*L*D, h, w) decoder input from each modality's ``{block: (S, h, w, D)}`` patch tokens."""
     parts = [torch.from_numpy(np.asarray(tokens[i])) for tokens in per_modality for i in layers]

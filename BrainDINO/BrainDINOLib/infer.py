@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
-from .engine import ProgressCallback, encode_volume, resolve_device
+from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bundle
+from .engine import EncodedVolume, ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError, describe
 from .featuremaps import (
     PcaColors,
@@ -33,10 +33,10 @@ from .featuremaps import (
     similarity_map,
     to_volume,
 )
-from .heads import predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
-from .preprocess import prepare
+from .heads import HeadSpec, predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
+from .preprocess import PreparedVolume, prepare
 from .report import write_report
-from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_volume, save_like
+from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, load_volume, save_like
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,134 @@ def output_stem(scan: str | Path) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """What one run computed, in memory and in canonical (RAS+) voxel order: the files of ``infer``
+    and the nodes of the Slicer module are both made from it.
+
+    Attributes:
+        attention: (X, Y, Z) mean last-block CLS attention (1 = uniform).
+        attention_threshold: canonical slice -> attention level bounding 60 % of the slice's attention.
+        pca: (X, Y, Z, 3) uint8 colours of the first three principal components of the patch tokens.
+        predictions: head name -> prediction (as in ``result.json``).
+        segmentations: segmentation head name -> (X, Y, Z) int16 label volume.
+        segmentation_heads: segmentation head name -> its spec (class names and label values).
+    """
+
+    volume: Volume
+    prepared: PreparedVolume
+    encoded: EncodedVolume
+    card: ModelCard
+    device: torch.device
+    attention: np.ndarray
+    attention_threshold: dict[int, float]
+    pca: np.ndarray
+    predictions: dict
+    segmentations: dict[str, np.ndarray]
+    segmentation_heads: dict[str, HeadSpec]
+    warnings: list[str]
+    timings: dict[str, float]
+
+    def query_patch(self, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(slice position, row, col) of the patch holding source voxel ``ijk``.
+
+        Raises:
+            BrainDINOError: the voxel is outside the volume or on a slice that was not analysed.
+        """
+        return query_patch(self.volume, self.prepared, self.encoded.grid, ijk)
+
+    def similarity(self, patch: tuple[int, int, int]) -> np.ndarray:
+        """(X, Y, Z) cosine similarity of a patch (`query_patch`) to every patch, from the cached tokens."""
+        return to_volume(self.prepared, similarity_map(self.encoded.patch_tokens, patch))
+
+
+def analyse(
+    volume: Volume,
+    bundle: Bundle,
+    options: InferenceOptions = InferenceOptions(),
+    *,
+    others: dict[str, Volume] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Analysis:
+    """Encode a volume, apply the bundle's heads and compute the feature maps; writes nothing.
+
+    Args:
+        others: the subject's other sequences (sequence -> volume), read by multi-sequence heads.
+
+    Raises:
+        BrainDINOError: bad device, sequence or query.
+        Cancelled: when ``cancel()`` returned True.
+    """
+    clock = time.perf_counter()
+    timings = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    device = resolve_device(options.device)
+    check_sequences(bundle.head_specs, options.sequence, others or {})
+    encoder = bundle.load_encoder()
+    lap("load_model")
+    prepared = prepare(volume, bundle.card.preprocessing)
+    grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
+    if options.query:  # fail before encoding
+        query_patch(volume, prepared, grid, options.query)
+    lap("prepare")
+    layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
+    encoded = encode_volume(
+        prepared,
+        encoder,
+        device=device,
+        batch_size=options.batch_size,
+        layers=layers,
+        progress=progress,
+        cancel=cancel,
+    )
+    lap("encode")
+    predictions, segmentations, head_warnings = _apply_heads(
+        bundle, encoder, volume, prepared, encoded, options, others or {}, device, cancel
+    )
+    lap("heads")
+    attention_grid = mean_attention(encoded.attention)
+    colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
+    analysis = Analysis(
+        volume=volume,
+        prepared=prepared,
+        encoded=encoded,
+        card=bundle.card,
+        device=device,
+        attention=to_volume(prepared, attention_grid),
+        attention_threshold=dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True)),
+        pca=to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True),
+        predictions=predictions,
+        segmentations=segmentations,
+        segmentation_heads={s.name: s for s in bundle.head_specs if s.name in segmentations},
+        warnings=list(volume.warnings) + head_warnings + _model_and_slice_warnings(bundle.card, volume, prepared),
+        timings=timings,
+    )
+    lap("maps")
+    return analysis
+
+
+def _model_and_slice_warnings(card: ModelCard, volume: Volume, prepared: PreparedVolume) -> list[str]:
+    warnings = []
+    if card.random_init:
+        warnings.append(
+            f"model '{card.name}' is randomly initialised: the maps test the software and carry no learned meaning"
+        )
+    skipped = volume.data.shape[2] - len(prepared.slices)
+    if skipped:
+        warnings.append(
+            f"{skipped} of {volume.data.shape[2]} axial slices lie outside the brain extent or the slice "
+            "filters and were not analysed (their maps are 0)"
+        )
+    return warnings
+
+
 def run_inference(
     scan: str | Path,
     out_dir: str | Path,
@@ -96,58 +224,25 @@ def run_inference(
         Cancelled: when ``cancel()`` returned True; nothing is written.
     """
     clock = time.perf_counter()
-    timings = {}
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
     out_dir = Path(out_dir)
-    device = resolve_device(options.device)
     bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
-    check_sequences(bundle.head_specs, options)
-    encoder = bundle.load_encoder()
-    lap("load_model")
+    check_sequences(bundle.head_specs, options.sequence, options.other_scans)
+    for name, path in options.other_scans.items():
+        if not Path(path).exists():
+            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
     volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
-    lap("load_scan")
-    prepared = prepare(volume, bundle.card.preprocessing)
-    grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
-    query = query_patch(volume, prepared, grid, options.query) if options.query else None  # fail before encoding
-    query_xyz = volume.canonical_index(options.query) if options.query else None
+    others = {name: load_volume(path) for name, path in options.other_scans.items()}
+    load_time = time.perf_counter() - clock
     try:  # before encoding, so an unusable folder costs nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ".braindino-write-test").touch()
         (out_dir / ".braindino-write-test").unlink()
     except OSError as error:
         raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
-    lap("prepare")
-    layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
-    encoded = encode_volume(
-        prepared,
-        encoder,
-        device=device,
-        batch_size=options.batch_size,
-        layers=layers,
-        progress=progress,
-        cancel=cancel,
-    )
-    lap("encode")
-    predictions, segmentations, head_warnings = _apply_heads(
-        bundle, encoder, scan, volume, prepared, encoded, options, device, cancel
-    )
-    lap("heads")
-
-    attention_grid = mean_attention(encoded.attention)
-    attention = to_volume(prepared, attention_grid)
-    attention_threshold = dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True))
-    colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
-    pca = to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True)
-    similarity = None
-    if query is not None:
-        similarity = to_volume(prepared, similarity_map(encoded.patch_tokens, query))
-    lap("maps")
+    analysis = analyse(volume, bundle, options, others=others, progress=progress, cancel=cancel)
+    clock = time.perf_counter()
+    similarity = analysis.similarity(analysis.query_patch(options.query)) if options.query else None
+    query_xyz = volume.canonical_index(options.query) if options.query else None
 
     stem = output_stem(scan)
     outputs = {
@@ -157,14 +252,16 @@ def run_inference(
     }
     if similarity is not None:
         outputs["similarity"] = f"{stem}_similarity.nii.gz"
+    segmentations = analysis.segmentations
     for name in segmentations:
         outputs[f"segmentation:{name}"] = (
             f"{stem}_seg.nii.gz" if len(segmentations) == 1 else f"{stem}_seg_{name}.nii.gz"
         )
+    prepared, encoded = analysis.prepared, analysis.encoded
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
         jobs = [
-            pool.submit(save_like, volume, attention, out_dir / outputs["attention"]),
-            pool.submit(save_like, volume, pca, out_dir / outputs["pca"]),
+            pool.submit(save_like, volume, analysis.attention, out_dir / outputs["attention"]),
+            pool.submit(save_like, volume, analysis.pca, out_dir / outputs["pca"]),
             pool.submit(_save_embeddings, out_dir / outputs["embeddings"], encoded, prepared, bundle.card.name),
         ]
         if similarity is not None:
@@ -178,30 +275,18 @@ def run_inference(
                 volume,
                 prepared,
                 bundle.card,
-                attention,
-                attention_threshold,
-                pca,
+                analysis.attention,
+                analysis.attention_threshold,
+                analysis.pca,
                 similarity,
                 query_xyz,
-                [prediction_text(name, p) for name, p in predictions.items()],
+                [prediction_text(name, p) for name, p in analysis.predictions.items()],
                 next(iter(segmentations.values()), None),
             )
         for job in jobs:
             job.result()
-    lap("write")
+    timings = {"load_scan": round(load_time, 3), **analysis.timings, "write": round(time.perf_counter() - clock, 3)}
 
-    warnings = list(volume.warnings) + head_warnings
-    if bundle.card.random_init:
-        warnings.append(
-            f"model '{bundle.card.name}' is randomly initialised: "
-            "the maps test the software and carry no learned meaning"
-        )
-    skipped = volume.data.shape[2] - len(prepared.slices)
-    if skipped:
-        warnings.append(
-            f"{skipped} of {volume.data.shape[2]} axial slices lie outside the brain extent or the slice "
-            "filters and were not analysed (their maps are 0)"
-        )
     result = {
         "braindino_version": __version__,
         "input": {
@@ -226,44 +311,43 @@ def run_inference(
             "last": int(prepared.slices[-1]),
             "axis": "canonical RAS z (axial)",
         },
-        "device": str(device),
+        "device": str(analysis.device),
         "query_voxel": list(options.query) if options.query else None,
-        "predictions": predictions,
+        "predictions": analysis.predictions,
         "outputs": outputs,
         "timings_s": {**timings, "total": round(sum(timings.values()), 3)},
-        "warnings": warnings,
+        "warnings": analysis.warnings,
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def check_sequences(specs, options: InferenceOptions) -> None:
-    """Refuse, before any encoding, a scan sequence the bundle's sequence head does not know and
-    ``--also`` files that are missing or that repeat the scan's own sequence.
+def check_sequences(specs, sequence: str | None, others) -> None:
+    """Refuse, before any encoding, a scan sequence the bundle's sequence head does not know and other
+    scans that repeat the scan's own sequence.
+
+    Args:
+        others: the subject's other sequences (names, or a mapping keyed by them).
 
     Raises:
-        BrainDINOError: an unknown sequence, a missing file, or ``--also`` without a way to know the scan's sequence.
+        BrainDINOError: an unknown sequence, or other scans without a way to know the scan's sequence.
     """
     vocabulary = {c for s in specs if s.kind == "seq" for c in s.classes}
-    if options.sequence and vocabulary and options.sequence not in vocabulary:
-        raise BrainDINOError(
-            f"'{options.sequence}' is not a sequence this bundle knows ({', '.join(sorted(vocabulary))})"
-        )
-    if options.sequence in options.other_scans:
-        raise BrainDINOError(f"--also gives a {options.sequence} scan, but the scan itself is {options.sequence}")
-    if options.other_scans and options.sequence is None and not vocabulary:
+    if sequence and vocabulary and sequence not in vocabulary:
+        raise BrainDINOError(f"'{sequence}' is not a sequence this bundle knows ({', '.join(sorted(vocabulary))})")
+    if sequence in others:
+        raise BrainDINOError(f"--also gives a {sequence} scan, but the scan itself is {sequence}")
+    if others and sequence is None and not vocabulary:
         raise BrainDINOError("this bundle has no sequence head: name the scan's sequence (--sequence) to use --also")
-    for name, path in options.other_scans.items():
-        if not Path(path).exists():
-            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
 
 
-def _apply_heads(bundle, encoder, scan, volume, prepared, encoded, options: InferenceOptions, device, cancel):
+def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, device, cancel):
     """Predictions of the bundle's heads, label volumes of its segmentation heads, and notes on how each was fed.
 
     The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
     every sequence it reads is at hand (the scan, or ``options.other_scans``: encoded here, slice
-    embeddings only); segmentation heads run on the scan alone. With the scan's sequence unknown,
+    embeddings only); segmentation heads run on the scan alone. ``reads`` in each prediction names
+    the volumes a head read (their ``path``: a file, or a Slicer node's name). With the scan's sequence unknown,
     single-sequence heads read the scan as their own sequence, and a warning says so.
 
     Raises:
@@ -280,24 +364,26 @@ def _apply_heads(bundle, encoder, scan, volume, prepared, encoded, options: Infe
                 sequence = predictions[spec.name]["prediction"]
                 probability = predictions[spec.name]["probabilities"][sequence]
                 warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
-    if sequence in options.other_scans:
+    if sequence in others:
         raise BrainDINOError(f"the scan looks like {sequence}, and --also gives another {sequence} scan: "
                              "name the scan's sequence with --sequence")  # fmt: skip
-    at_hand, embeddings = ({sequence: scan}, {sequence: own}) if sequence else ({}, {})
+    at_hand, embeddings = ({sequence: volume.path}, {sequence: own}) if sequence else ({}, {})
     needed = {m for s in specs if s.kind != "seg" for m in s.modalities}
-    for name, path in options.other_scans.items():
+    for name, other in others.items():
         if name not in needed:
             warnings.append(f"--also {name}: no volume head of this bundle reads {name} scans; not used")
             continue
-        other = prepare(load_volume(path), bundle.card.preprocessing)
-        encoded_other = encode_volume(other, encoder, device=device, batch_size=options.batch_size, cancel=cancel)
-        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), path
+        prepared_other = prepare(other, bundle.card.preprocessing)
+        encoded_other = encode_volume(
+            prepared_other, encoder, device=device, batch_size=options.batch_size, cancel=cancel
+        )
+        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), other.path
     for spec in specs:
         if spec.kind == "seq":
             continue
         reads = spec.modalities
-        if sequence is None and len(reads) == 1 and not options.other_scans:
-            sources, embeddings[reads[0]] = {reads[0]: scan}, own
+        if sequence is None and len(reads) == 1 and not others:
+            sources, embeddings[reads[0]] = {reads[0]: volume.path}, own
             warnings.append(
                 f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: pass --sequence)"
             )
@@ -323,7 +409,7 @@ def _apply_heads(bundle, encoder, scan, volume, prepared, encoded, options: Infe
         else:
             tokens = np.concatenate([embeddings[m] for m in reads])
             predictions[spec.name] = predict_volume(spec, head, tokens)
-        predictions[spec.name]["reads"] = {m: str(p) for m, p in sources.items()}
+        predictions[spec.name]["reads"] = sources
     return predictions, segmentations, warnings
 
 

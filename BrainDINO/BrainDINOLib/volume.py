@@ -110,7 +110,7 @@ def load_volume(
     else:
         known = ", ".join(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES)
         raise BrainDINOError(f"{path}: not a recognised image file (expected {known} or a DICOM folder)")
-    return _canonical_volume(array, affine, path, allow_constant)
+    return volume_from_array(array, affine, str(path), allow_constant=allow_constant)
 
 
 def load_labels(path: str | Path, like: Volume) -> np.ndarray:
@@ -254,7 +254,17 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
 
 
-def _canonical_volume(array: np.ndarray, affine: np.ndarray, path: Path, allow_constant: bool = False) -> Volume:
+def volume_from_array(array: np.ndarray, affine: np.ndarray, path: str, *, allow_constant: bool = False) -> Volume:
+    """A canonical `Volume` from voxels in their own (I, J, K) order and their voxel -> RAS affine.
+
+    Args:
+        array: (I, J, K) intensities.
+        affine: (4, 4) voxel -> RAS mm.
+        path: names the source in messages and outputs (a file, or a Slicer node's name).
+
+    Raises:
+        BrainDINOError: degenerate affine, only NaN/Inf voxels, or constant intensities.
+    """
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is degenerate (zero or non-finite spacing)")
     warnings = []

@@ -1,0 +1,315 @@
+"""What the BrainDINO Slicer module does, without its widgets: run the pipeline on a volume node in a
+worker thread, turn the result into scene nodes, and answer similarity queries from cached tokens.
+
+The worker only computes; nodes are created on the caller's (GUI) thread in `InferenceSession.poll`,
+so a cancelled or failed run leaves the scene exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import vtk
+
+from . import mrml
+from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
+from .engine import Cancelled, resolve_device
+from .errors import BrainDINOError
+from .heads import prediction_row, prediction_text
+from .infer import Analysis, InferenceOptions, analyse, check_sequences
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("segmentation", "attention", "pca", "similarity", "predictions")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One Apply, as the parameter node holds it.
+
+    Attributes:
+        bundle: catalogue name or bundle folder (None: the catalogue default).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        sequence: the input's MRI sequence (None: the bundle's sequence head decides).
+        outputs: which of `OUTPUTS` to create; ``similarity`` keeps the tokens for point queries.
+    """
+
+    bundle: str | None = None
+    device: str = "auto"
+    sequence: str | None = None
+    outputs: frozenset[str] = frozenset(OUTPUTS)
+    models_dir: Path = DEFAULT_MODELS_DIR
+
+    def __post_init__(self):
+        unknown = set(self.outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(OUTPUTS)}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Encoding progress: ``done`` of ``total`` slices; ``stage`` says what runs."""
+
+    done: int
+    total: int
+    stage: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    run: RunNodes
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The run was cancelled; nothing was added to the scene."""
+
+
+Event = Progress | Finished | Failed | Stopped
+
+
+@dataclass
+class RunNodes:
+    """The nodes of one run, all under one subject-hierarchy folder."""
+
+    folder: int
+    input: object
+    analysis: Analysis
+    outputs: frozenset[str]
+    segmentations: dict[str, object] = field(default_factory=dict)
+    attention: object | None = None
+    pca: object | None = None
+    similarity: object | None = None
+    table: object | None = None
+
+    @property
+    def prediction_lines(self) -> list[str]:
+        """The prediction panel: one line per head, then the model's intended use."""
+        lines = [prediction_text(name, p) for name, p in self.analysis.predictions.items()]
+        return [*lines, f"Model '{self.analysis.card.name}': {self.analysis.card.intended_use}"]
+
+
+class InferenceSession:
+    """Runs BrainDINO on volume nodes of one scene, one run at a time.
+
+    Use `start` then `poll` from a GUI timer (or `run` to block); `cancel` stops a run. The latest
+    run's tokens answer `query` (a world RAS point) and the observed point list / crosshair.
+    """
+
+    def __init__(self):
+        self._worker: threading.Thread | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._pending: tuple | None = None
+        self.latest: RunNodes | None = None
+        self.on_query_message: Callable[[str], None] = logger.info
+        self._query_patch: tuple[int, int, int] | None = None
+        self._observations: list[tuple[object, int]] = []
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self, input_node, options: RunOptions = RunOptions()) -> None:
+        """Check the input and the bundle here (errors are immediate), then encode in a worker thread.
+
+        Raises:
+            BrainDINOError: a run is in progress, or bad input volume, bundle or sequence.
+        """
+        if self.running:
+            raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
+        volume = mrml.volume_from_node(input_node)
+        bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+        resolve_device(options.device)
+        check_sequences(bundle.head_specs, options.sequence, {})
+        inference = InferenceOptions(device=options.device, sequence=options.sequence)
+        self._cancel.clear()
+        self._events = queue.Queue()
+        self._pending = (input_node, options)
+
+        def work():
+            try:
+                self._events.put(Progress(0, 0, f"loading {bundle.card.name}"))
+                analysis = analyse(
+                    volume,
+                    bundle,
+                    inference,
+                    progress=lambda done, total: self._events.put(Progress(done, total, "encoding slices")),
+                    cancel=self._cancel.is_set,
+                )
+                self._events.put(analysis)
+            except Cancelled:
+                self._events.put(Stopped())
+            except BrainDINOError as error:
+                self._events.put(Failed(str(error)))
+            except Exception as error:  # a worker must always report back to the GUI
+                logger.exception("BrainDINO run failed")
+                self._events.put(Failed(f"unexpected error: {error!r} (details in the log)"))
+
+        self._worker = threading.Thread(target=work, name="BrainDINO inference", daemon=True)
+        self._worker.start()
+
+    def cancel(self) -> None:
+        """Ask the worker to stop at its next batch; `poll` then reports `Stopped`."""
+        self._cancel.set()
+
+    def poll(self) -> list[Event]:
+        """Events since the last call. Call from the thread that owns the scene: a finished analysis is
+        turned into nodes here."""
+        events = []
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return events
+            if isinstance(item, Analysis):
+                events.append(self._finish(item))
+            else:
+                events.append(item)
+            if not isinstance(item, Progress):
+                self._worker.join()
+                self._worker = None
+
+    def _finish(self, analysis: Analysis) -> Finished | Failed | Stopped:
+        input_node, options = self._pending
+        if self._cancel.is_set():
+            return Stopped()
+        try:
+            run = add_run_nodes(input_node, analysis, options.outputs)
+        except Exception as error:
+            logger.exception("BrainDINO could not add its outputs to the scene")
+            return Failed(f"could not add the outputs to the scene: {error!r}")
+        self.latest, self._query_patch = run, None
+        return Finished(run)
+
+    def run(self, input_node, options: RunOptions = RunOptions(), timeout: float | None = None) -> RunNodes:
+        """`start`, wait, and return the nodes (for scripts and self-tests).
+
+        Raises:
+            BrainDINOError: bad input, a failed run, or a cancelled one.
+        """
+        self.start(input_node, options)
+        self._worker.join(timeout)
+        for event in self.poll():
+            if isinstance(event, Finished):
+                return event.run
+            if isinstance(event, Failed):
+                raise BrainDINOError(event.message)
+            if isinstance(event, Stopped):
+                raise BrainDINOError("the run was cancelled")
+        raise BrainDINOError(f"the run did not finish within {timeout} s")
+
+    def query(self, ras: tuple[float, float, float]):
+        """Show, in the latest run's similarity volume, how alike every patch is to the patch at a world RAS
+        point (cached tokens, no encoder pass); returns the node, created on the first query. A point in
+        the same patch as the previous query changes nothing.
+
+        Raises:
+            BrainDINOError: no run kept its tokens, or the point is outside the analysed slices.
+        """
+        run = self.latest
+        if run is None or run.input.GetScene() is None or "similarity" not in run.outputs:
+            raise BrainDINOError("run BrainDINO with the similarity output first: the map comes from its tokens")
+        analysis = run.analysis
+        patch = analysis.query_patch(mrml.ras_to_ijk(run.input, ras))
+        if run.similarity is not None and run.similarity.GetScene() is not None and patch == self._query_patch:
+            return run.similarity
+        similarity = analysis.volume.to_source(analysis.similarity(patch))
+        if run.similarity is None or run.similarity.GetScene() is None:
+            run.similarity = mrml.add_volume_like(
+                run.input, similarity, f"{run.input.GetName()} BrainDINO similarity", colors=mrml.SIMILARITY_COLORS
+            )
+            mrml.show_range(run.similarity, 0.0, 1.0, threshold=0.0)
+            mrml.place_in_folder(run.similarity, run.folder)
+        else:
+            mrml.set_voxels(run.similarity, similarity)
+        self._query_patch = patch
+        return run.similarity
+
+    def observe(self, node) -> None:
+        """Answer queries from a point list (its last placed or moved point) or a crosshair node (Shift+move
+        in a slice view); messages (what was queried, or why not) go to ``on_query_message``."""
+        if node.IsA("vtkMRMLCrosshairNode"):
+            self._observations.append(
+                (
+                    node,
+                    node.AddObserver(
+                        vtk.vtkCommand.ModifiedEvent, lambda n, _: self._query_quietly(n.GetCrosshairRAS())
+                    ),
+                )
+            )
+            return
+
+        def on_point(points, _):
+            last = points.GetNumberOfControlPoints() - 1
+            if last >= 0 and points.GetNthControlPointPositionStatus(last) == points.PositionDefined:
+                self._query_quietly(points.GetNthControlPointPositionWorld(last))
+
+        for event in (node.PointPositionDefinedEvent, node.PointModifiedEvent):
+            self._observations.append((node, node.AddObserver(event, on_point)))
+
+    def stop_observing(self) -> None:
+        for node, tag in self._observations:
+            node.RemoveObserver(tag)
+        self._observations.clear()
+
+    def _query_quietly(self, ras) -> None:
+        if self.latest is None:
+            return
+        try:
+            self.query(tuple(ras))
+            self.on_query_message(f"similarity to the patch at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f}")
+        except BrainDINOError as error:
+            self.on_query_message(str(error))
+
+
+def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
+    """Add a run's outputs to the input's scene under one folder; on any error nothing stays behind."""
+    folder = mrml.add_folder(input_node, f"BrainDINO {input_node.GetName()} ({analysis.card.name})")
+    run = RunNodes(folder=folder, input=input_node, analysis=analysis, outputs=frozenset(outputs))
+    volume, name, made = analysis.volume, input_node.GetName(), []
+    try:
+        if "segmentation" in outputs:
+            for head, labels in analysis.segmentations.items():
+                spec = analysis.segmentation_heads[head]
+                node = mrml.add_segmentation(
+                    input_node, volume.to_source(labels), spec.classes, spec.label_values, f"{name} BrainDINO {head}"
+                )
+                run.segmentations[head] = node
+                made.append(node)
+        if "attention" in outputs:
+            run.attention = mrml.add_volume_like(
+                input_node, volume.to_source(analysis.attention), f"{name} BrainDINO attention",
+                colors=mrml.ATTENTION_COLORS,
+            )  # fmt: skip
+            high = float(analysis.attention.max())
+            mrml.show_range(run.attention, 1.0, max(high, 1.0 + 1e-3), threshold=1.0)
+            made.append(run.attention)
+        if "pca" in outputs:
+            run.pca = mrml.add_volume_like(input_node, volume.to_source(analysis.pca), f"{name} BrainDINO PCA")
+            made.append(run.pca)
+        if "predictions" in outputs and analysis.predictions:
+            rows = [prediction_row(head, p) for head, p in analysis.predictions.items()]
+            run.table = mrml.add_table(
+                input_node.GetScene(), f"{name} BrainDINO predictions", {k: [r[k] for r in rows] for k in rows[0]}
+            )
+            made.append(run.table)
+        for node in made:
+            mrml.place_in_folder(node, folder)
+    except Exception:
+        mrml.remove_folder(input_node.GetScene(), folder)
+        for node in made:
+            if node.GetScene() is not None:
+                node.GetScene().RemoveNode(node)
+        raise
+    return run

@@ -1,0 +1,209 @@
+"""The Slicer module's logic on a real MRML scene (slicer-core wheel): nodes in, engine, nodes back."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import slicer
+from slicer_scene import add_volume_node
+from testdata import reorient
+
+from BrainDINOLib import mrml
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.sample_data import demo_phantom
+from BrainDINOLib.session import Failed, Finished, InferenceSession, Progress, RunOptions, Stopped
+
+
+def _oblique(image: nib.Nifti1Image, degrees: float = 20.0) -> nib.Nifti1Image:
+    """The same voxels with the axes rotated about A-P: an oblique acquisition."""
+    angle = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[[0, 0, 2, 2], [0, 2, 0, 2]] = np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle)
+    return nib.Nifti1Image(np.asarray(image.dataobj), rotation @ image.affine)
+
+
+def _geometry(node) -> np.ndarray:
+    return mrml.ijk_to_ras(node)
+
+
+def _scene_nodes(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+@pytest.fixture(params=["RAS", "LPS", "oblique"])
+def oriented_mni(request, mni_2mm):
+    if request.param == "oblique":
+        return request.param, _oblique(mni_2mm)
+    return request.param, reorient(mni_2mm, request.param)
+
+
+def test_node_to_volume_and_back_is_exact(slicer_app, oriented_mni):
+    name, image = oriented_mni
+    node = add_volume_node(image, name)
+    volume = mrml.volume_from_node(node)
+    assert volume.source_shape == image.shape and volume.path == name
+    np.testing.assert_allclose(volume.source_affine, image.affine, atol=1e-6)
+    np.testing.assert_array_equal(volume.to_source(volume.data), np.asarray(image.dataobj, dtype=np.float32))
+    copy = mrml.add_volume_like(node, volume.to_source(volume.data), "copy")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(node))
+    np.testing.assert_allclose(_geometry(copy), _geometry(node), atol=1e-9)
+
+
+def test_bad_inputs_are_named(slicer_app, mni_2mm):
+    scene = slicer_app.scene
+    with pytest.raises(BrainDINOError, match="no input volume"):
+        mrml.volume_from_node(None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(BrainDINOError, match="empty: the volume holds no voxels"):
+        mrml.volume_from_node(empty)
+    flat = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((1, 40, 50)).astype(np.float32), name="flat")
+    with pytest.raises(BrainDINOError, match="flat: a 2D image"):
+        mrml.volume_from_node(flat)
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour")
+    slicer.util.updateVolumeFromArray(rgb, np.zeros((4, 5, 6, 3), np.uint8))
+    with pytest.raises(BrainDINOError, match="colour: 3 values per voxel"):
+        mrml.volume_from_node(rgb)
+    labels = slicer.util.addVolumeFromArray(np.ones((4, 5, 6), np.int16), name="labels",
+                                            nodeClassName="vtkMRMLLabelMapVolumeNode")  # fmt: skip
+    with pytest.raises(BrainDINOError, match="labels: not a greyscale volume"):
+        mrml.volume_from_node(labels)
+    constant = slicer.util.addVolumeFromArray(np.full((4, 5, 6), 7.0, np.float32), name="constant")
+    with pytest.raises(BrainDINOError, match="constant: a constant image"):
+        mrml.volume_from_node(constant)
+    session, mni = InferenceSession(), add_volume_node(mni_2mm, "mni")
+    before = _scene_nodes(scene)
+    with pytest.raises(BrainDINOError, match="no model bundle .no-such-bundle."):
+        session.start(mni, RunOptions(bundle="no-such-bundle"))
+    with pytest.raises(BrainDINOError, match="'dwi' is not a sequence"):
+        session.start(mni, RunOptions(sequence="dwi"))
+    assert not session.running and _scene_nodes(scene) == before
+
+
+@pytest.fixture
+def phantom_run(slicer_app):
+    scans, truth = demo_phantom()
+    node = add_volume_node(nib.load(scans["flair"]), "phantom FLAIR")
+    session = InferenceSession()
+    run = session.run(node, RunOptions(sequence="flair", device="cpu"))
+    return slicer_app, session, run, nib.load(scans["seg"])
+
+
+def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
+    app, _, run, truth_image = phantom_run
+    scene = app.scene
+    assert run.attention.IsA("vtkMRMLScalarVolumeNode") and not run.attention.IsA("vtkMRMLVectorVolumeNode")
+    assert run.attention.GetDisplayNode().GetColorNodeID() == mrml.ATTENTION_COLORS
+    assert run.pca.IsA("vtkMRMLVectorVolumeNode")
+    assert run.table.IsA("vtkMRMLTableNode") and set(run.segmentations) == {"tumor"}
+    for node in (run.attention, run.pca):
+        np.testing.assert_allclose(_geometry(node), _geometry(run.input), atol=1e-9)
+        assert slicer.util.arrayFromVolume(node).shape[:3] == slicer.util.arrayFromVolume(run.input).shape
+    assert {n.GetID() for n in mrml.folder_nodes(scene, run.folder)} == {
+        run.attention.GetID(), run.pca.GetID(), run.table.GetID(), run.segmentations["tumor"].GetID()
+    }
+
+    segmentation = run.segmentations["tumor"]
+    segments = segmentation.GetSegmentation()
+    names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+    assert names == ["necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour"]
+    terminology = app.terminologies_logic
+    for value, (code, color) in mrml.TUMOR_TERMINOLOGY.items():
+        segment = segments.GetSegment(f"{segmentation.GetName()}_{value}")
+        np.testing.assert_allclose(segment.GetColor(), color, atol=1e-6)
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert terminology.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
+        assert entry.GetTypeObject().GetCodeValue() == code[0]
+        assert entry.GetCategoryObject().GetCodeMeaning() == "Morphologically Altered Structure"
+    # the labelmap, read back in the input's grid, overlaps the phantom's true tumour
+    found = np.zeros(slicer.util.arrayFromVolume(run.input).shape, bool)
+    for i in range(segments.GetNumberOfSegments()):
+        found |= slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segments.GetNthSegmentID(i), run.input) > 0
+    truth = np.asarray(truth_image.dataobj).transpose(2, 1, 0) > 0
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.5
+
+    table = mrml.table_columns(run.table)
+    assert list(table) == ["Head", "Task", "Result", "Units", "Details"]
+    predictions = run.analysis.predictions
+    assert table["Head"] == list(predictions)
+    rows = dict(zip(table["Head"], zip(table["Result"], table["Units"], strict=True), strict=True))
+    assert rows["sequence"] == (predictions["sequence"]["prediction"], "probability")
+    assert rows["tumor"] == (f"{predictions['tumor']['total_ml']:.1f}", "mL")
+    assert any(line.startswith("tumor: ") for line in run.prediction_lines)
+    assert "not a medical device" in run.prediction_lines[-1]
+
+
+def test_point_and_crosshair_queries_update_similarity_from_cached_tokens(phantom_run):
+    app, session, run, _ = phantom_run
+    messages = []
+    session.on_query_message = messages.append
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
+    session.observe(points)
+    inside = (0.0, -10.0, 10.0)  # brain centre of the MNI-space phantom
+    points.AddControlPoint(*inside)
+    similarity = run.similarity
+    assert similarity is not None and similarity.IsA("vtkMRMLScalarVolumeNode")
+    np.testing.assert_allclose(_geometry(similarity), _geometry(run.input), atol=1e-9)
+    ijk = mrml.ras_to_ijk(run.input, inside)
+    first = slicer.util.arrayFromVolume(similarity).copy()
+    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
+    np.testing.assert_allclose(first, expected.transpose(2, 1, 0), atol=1e-6)
+    i, j, k = ijk  # the phantom is 1 mm: a 16-pixel patch spans about 16 mm
+    assert first[k, j - 8 : j + 9, i - 8 : i + 9].max() > 0.9 and first.max() <= 1 + 1e-4
+
+    points.SetNthControlPointPosition(0, 40.0, 20.0, 30.0)  # dragging the point updates the same node
+    second = slicer.util.arrayFromVolume(similarity)
+    assert run.similarity is similarity and not np.allclose(first, second)
+
+    crosshair = app.scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    session.observe(crosshair)
+    crosshair.SetCrosshairRAS(*inside)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(similarity), first, atol=1e-6)
+    crosshair.SetCrosshairRAS(0.0, 0.0, 500.0)
+    assert "outside" in messages[-1]
+    assert len(mrml.folder_nodes(app.scene, run.folder)) == 5
+    session.stop_observing()
+    crosshair.SetCrosshairRAS(40.0, 20.0, 30.0)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(similarity), first, atol=1e-6)
+
+
+def test_outputs_keep_the_geometry_of_lps_and_oblique_inputs(slicer_app, mni_2mm):
+    session = InferenceSession()
+    attention = {}
+    for name, image in [("RAS", mni_2mm), ("LPS", reorient(mni_2mm, "LPS")), ("oblique", _oblique(mni_2mm))]:
+        node = add_volume_node(image, name)
+        run = session.run(node, RunOptions(sequence="t1", device="cpu", outputs=frozenset({"attention", "pca"})))
+        for output in (run.attention, run.pca):
+            np.testing.assert_allclose(_geometry(output), _geometry(node), atol=1e-9)
+        source = slicer.util.arrayFromVolume(run.attention).transpose(2, 1, 0)
+        attention[name] = run.analysis.volume.data, run.analysis.volume.to_source(run.analysis.attention), source
+    for name in ("RAS", "LPS", "oblique"):
+        np.testing.assert_array_equal(attention[name][1], attention[name][2])
+    # the same voxels read in another orientation give the same canonical maps
+    np.testing.assert_allclose(
+        reorient(nib.Nifti1Image(attention["LPS"][2], reorient(mni_2mm, "LPS").affine), "RAS").get_fdata(),
+        attention["RAS"][2],
+        atol=1e-4,
+    )
+
+
+def test_cancel_leaves_the_scene_as_it_was(slicer_app, mni_2mm):
+    scene = slicer_app.scene
+    node = add_volume_node(mni_2mm, "mni")
+    before = _scene_nodes(scene)
+    session = InferenceSession()
+    session.start(node, RunOptions(sequence="t1", device="cpu"))
+    session.cancel()
+    events = []
+    while session.running:
+        events += session.poll()
+    assert isinstance(events[-1], Stopped) and not any(isinstance(e, Finished) for e in events)
+    assert _scene_nodes(scene) == before and session.latest is None
+
+    session.start(node, RunOptions(sequence="t1", device="cpu"))
+    events = []
+    while session.running:
+        events += session.poll()
+    progress = [e for e in events if isinstance(e, Progress) and e.total]
+    assert progress[-1].done == progress[-1].total > 0 and isinstance(events[-1], Finished)
+    assert not any(isinstance(e, Failed) for e in events)
