@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -264,12 +263,9 @@ def _models_list(args) -> None:
 
 
 def _models_import(args) -> None:
-    from .importers import import_checkpoint
+    from .importers import bundle_name, import_checkpoint
 
-    name = args.name or args.checkpoint.name.removesuffix(args.checkpoint.suffix)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise BrainDINOError(f"'{name}' is not a usable bundle name (letters, digits, '.', '_', '-'); pass --name")
-    out_dir = args.out_dir or _models_dir(args) / name
+    out_dir = args.out_dir or _models_dir(args) / bundle_name(args.checkpoint, args.name)
     bundle = import_checkpoint(args.checkpoint, out_dir, encoder_name=args.encoder, overwrite=args.force)
     print(f"imported {args.checkpoint} as {bundle.card.encoder.name} bundle '{bundle.card.name}' at {bundle.path}")
 

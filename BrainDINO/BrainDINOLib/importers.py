@@ -118,6 +118,19 @@ def convert_state_dict(state: dict[str, torch.Tensor], encoder: BrainEncoder) ->
     return eva.checkpoint_filter_fn(state, encoder.model)
 
 
+def bundle_name(checkpoint: str | Path, name: str | None = None) -> str:
+    """The bundle name for an imported checkpoint: ``name``, else the file name without its suffix.
+
+    Raises:
+        BrainDINOError: a name that is not usable as a folder name.
+    """
+    checkpoint = Path(checkpoint)
+    name = name or checkpoint.name.removesuffix(checkpoint.suffix)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise BrainDINOError(f"'{name}' is not a usable bundle name (letters, digits, '.', '_', '-'); choose another")
+    return name
+
+
 def import_checkpoint(
     path: str | Path,
     out_dir: str | Path,

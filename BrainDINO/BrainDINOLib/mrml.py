@@ -117,6 +117,15 @@ def show_range(node, low: float, high: float, threshold: float | None = None) ->
         display.SetUpperThreshold(max(high, float(slicer.util.arrayFromVolume(node).max())))
 
 
+def show_layers(scene, background, foreground=None, opacity: float = 0.5) -> None:
+    """Show a volume in every slice view, with an overlay (or none) at the given opacity."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        composite.SetBackgroundVolumeID(background.GetID() if background else None)
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground else None)
+        composite.SetForegroundOpacity(opacity)
+
+
 def add_segmentation(reference, labels: np.ndarray, classes, label_values, name: str):
     """A segmentation node with one named, coloured segment per label value of an (I, J, K) label volume.
 

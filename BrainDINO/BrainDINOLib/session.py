@@ -120,8 +120,11 @@ class InferenceSession:
     def running(self) -> bool:
         return self._worker is not None
 
-    def start(self, input_node, options: RunOptions = RunOptions()) -> None:
-        """Check the input and the bundle here (errors are immediate), then encode in a worker thread.
+    def start(self, input_node, options: RunOptions = RunOptions(), others: dict | None = None) -> None:
+        """Check the inputs and the bundle here (errors are immediate), then encode in a worker thread.
+
+        Args:
+            others: the subject's other scans, sequence -> volume node, for heads that read several sequences.
 
         Raises:
             BrainDINOError: a run is in progress, or bad input volume, bundle or sequence.
@@ -129,9 +132,10 @@ class InferenceSession:
         if self.running:
             raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
         volume = mrml.volume_from_node(input_node)
+        other_volumes = {name: mrml.volume_from_node(node) for name, node in (others or {}).items()}
         bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
         resolve_device(options.device)
-        check_sequences(bundle.head_specs, options.sequence, {})
+        check_sequences(bundle.head_specs, options.sequence, other_volumes)
         inference = InferenceOptions(device=options.device, sequence=options.sequence)
         self._cancel.clear()
         self._events = queue.Queue()
@@ -144,6 +148,7 @@ class InferenceSession:
                     volume,
                     bundle,
                     inference,
+                    others=other_volumes,
                     progress=lambda done, total: self._events.put(Progress(done, total, "encoding slices")),
                     cancel=self._cancel.is_set,
                 )
@@ -192,13 +197,15 @@ class InferenceSession:
         self.latest, self._query_patch = run, None
         return Finished(run)
 
-    def run(self, input_node, options: RunOptions = RunOptions(), timeout: float | None = None) -> RunNodes:
+    def run(
+        self, input_node, options: RunOptions = RunOptions(), others: dict | None = None, timeout: float | None = None
+    ) -> RunNodes:
         """`start`, wait, and return the nodes (for scripts and self-tests).
 
         Raises:
             BrainDINOError: bad input, a failed run, or a cancelled one.
         """
-        self.start(input_node, options)
+        self.start(input_node, options, others)
         self._worker.join(timeout)
         for event in self.poll():
             if isinstance(event, Finished):

@@ -6,13 +6,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import slicer
-from slicer_scene import add_volume_node
-from testdata import reorient
 
 from BrainDINOLib import mrml
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.session import Failed, Finished, InferenceSession, Progress, RunOptions, Stopped
+from slicer_scene import add_volume_node
+from testdata import reorient
 
 
 def _oblique(image: nib.Nifti1Image, degrees: float = 20.0) -> nib.Nifti1Image:
@@ -82,10 +82,14 @@ def test_bad_inputs_are_named(slicer_app, mni_2mm):
 
 @pytest.fixture
 def phantom_run(slicer_app):
-    scans, truth = demo_phantom()
-    node = add_volume_node(nib.load(scans["flair"]), "phantom FLAIR")
+    scans, _ = demo_phantom()
+    nodes = {
+        sequence: add_volume_node(nib.load(scans[sequence]), f"phantom {sequence}")
+        for sequence in ("flair", "t1", "t1ce")
+    }
     session = InferenceSession()
-    run = session.run(node, RunOptions(sequence="flair", device="cpu"))
+    others = {"t1": nodes["t1"], "t1ce": nodes["t1ce"]}
+    run = session.run(nodes["flair"], RunOptions(sequence="flair", device="cpu"), others=others)
     return slicer_app, session, run, nib.load(scans["seg"])
 
 
@@ -100,7 +104,10 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
         np.testing.assert_allclose(_geometry(node), _geometry(run.input), atol=1e-9)
         assert slicer.util.arrayFromVolume(node).shape[:3] == slicer.util.arrayFromVolume(run.input).shape
     assert {n.GetID() for n in mrml.folder_nodes(scene, run.folder)} == {
-        run.attention.GetID(), run.pca.GetID(), run.table.GetID(), run.segmentations["tumor"].GetID()
+        run.attention.GetID(),
+        run.pca.GetID(),
+        run.table.GetID(),
+        run.segmentations["tumor"].GetID(),
     }
 
     segmentation = run.segmentations["tumor"]
@@ -125,7 +132,10 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
     table = mrml.table_columns(run.table)
     assert list(table) == ["Head", "Task", "Result", "Units", "Details"]
     predictions = run.analysis.predictions
-    assert table["Head"] == list(predictions)
+    assert table["Head"] == list(predictions) == ["sequence", "diagnosis", "survival", "tumor", "marker", "age"]
+    assert predictions["age"]["reads"] == {"t1": "phantom t1"} and predictions["tumor"]["reads"] == {
+        "flair": "phantom flair"
+    }
     rows = dict(zip(table["Head"], zip(table["Result"], table["Units"], strict=True), strict=True))
     assert rows["sequence"] == (predictions["sequence"]["prediction"], "probability")
     assert rows["tumor"] == (f"{predictions['tumor']['total_ml']:.1f}", "mL")
