@@ -1,10 +1,40 @@
-"""3D Slicer module "BrainDINOTraining": self-supervised pretraining and head fitting.
+"""3D Slicer module "BrainDINOTraining": self-supervised pretraining and head fitting in a background process.
 
-The training code lives in ``BrainDINOTrainingLib`` and also runs headless
-(``PythonSlicer -m BrainDINOTrainingLib ...``); this file only declares the module to Slicer.
+A form becomes command lines (``BrainDINOTrainingLib.forms``) that ``BrainDINOTrainingLib.background``
+runs in a ``PythonSlicer`` process with live log, progress, Cancel (the whole process tree) and
+Resume. The same commands run headless:
+
+    PythonSlicer -m BrainDINOTrainingLib pretrain --data INDEX -o RUN
+    Slicer --no-main-window --python-script <this module's folder>/Resources/braindino_headless.py pretrain ...
 """
 
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+# Standard library only: importable before the first-use install of PyTorch and friends.
+from BrainDINOTrainingLib.forms import (
+    DEVICES,
+    MODEL_SIZES,
+    OBJECTIVES,
+    TASKS,
+    FitHeadForm,
+    PretrainForm,
+    parse_fractions,
+)
 
 
 class BrainDINOTraining(ScriptedLoadableModule):
@@ -15,13 +45,226 @@ class BrainDINOTraining(ScriptedLoadableModule):
         self.parent.dependencies = ["BrainDINO"]
         self.parent.contributors = ["BrainDINO developers"]
         self.parent.helpText = (
-            "Pretrains BrainDINO encoders on folders of brain MRI and fits task heads. "
-            "Headless: <code>PythonSlicer -m BrainDINOTrainingLib --help</code>."
+            "Pretrains BrainDINO encoders on folders of brain MRI and fits task heads, in a background "
+            "process (the GUI stays free; Cancel ends it, Resume continues a pretraining run). Headless: "
+            "<code>PythonSlicer -m BrainDINOTrainingLib --help</code>."
         )
         self.parent.acknowledgementText = "Method: BrainDINO (arXiv 2604.27277)."
 
 
+@parameterNodeWrapper
+class BrainDINOTrainingParameterNode:
+    """The two forms; every field is bound to a widget of ``Resources/UI/BrainDINOTraining.ui``.
+
+    epochs, stepsPerEpoch, headIterations: 0 keeps the default.
+    headLabelFractions: space-separated shares of the training subjects, e.g. "0.01 0.1 1".
+    """
+
+    dataPath: Path
+    outputFolder: Path
+    objective: Annotated[str, Choice(list(OBJECTIVES))] = "dino"
+    modelSize: Annotated[str, Choice(list(MODEL_SIZES))] = "tiny-cpu"
+    epochs: Annotated[int, WithinRange(0, 100000)] = 0
+    stepsPerEpoch: Annotated[int, WithinRange(0, 10000000)] = 0
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    headManifest: Path
+    headTask: Annotated[str, Choice(list(TASKS))] = "seg"
+    headTarget: str = ""
+    headBundle: str = ""
+    headOutput: Path
+    headLabelFractions: str = "1"
+    headIterations: Annotated[int, WithinRange(0, 10000000)] = 0
+
+
 class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.timeout.connect(self.onPoll)
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        self.layout.addStretch(1)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/BrainDINOTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = BrainDINOTrainingLogic()
+        self.ui.pretrainButton.connect("clicked(bool)", lambda: self.launch("pretrain"))
+        self.ui.resumeButton.connect("clicked(bool)", lambda: self.launch("resume"))
+        self.ui.fitHeadButton.connect("clicked(bool)", lambda: self.launch("fit-head"))
+        self.ui.makeCohortButton.connect("clicked(bool)", lambda: self.launch("cohort"))
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.setParameterNode(self.logic.getParameterNode())
+        self.updateButtons()
+
+    def cleanup(self):
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def launch(self, what):
+        with slicer.util.tryWithErrorDisplay("BrainDINO Training could not start.", waitCursor=True):
+            from BrainDINO import ensureDependencies
+
+            if not ensureDependencies():
+                return
+            commands = self.logic.commands(self._parameterNode, what)
+            self.ui.logPlainTextEdit.clear()
+            self.logic.start(commands)
+            self.ui.statusLabel.text = f"Running {what} in a background process..."
+            self.ui.progressBar.setRange(0, 0)
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def onPoll(self):
+        from BrainDINOTrainingLib.background import JobEnded, JobProgress, LogLine
+
+        for event in self.logic.poll():
+            if isinstance(event, LogLine):
+                self.ui.logPlainTextEdit.appendPlainText(event.text)
+            elif isinstance(event, JobProgress):
+                self.ui.progressBar.setRange(0, event.total)
+                self.ui.progressBar.setValue(event.done)
+                self.ui.statusLabel.text = f"{event.stage}: {event.done}/{event.total}"
+            elif isinstance(event, JobEnded):
+                self.onEnded(event)
+        self.updateButtons()
+
+    def onEnded(self, event):
+        self._pollTimer.stop()
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.setValue(1 if event.code == 0 else 0)
+        if event.cancelled:
+            self.ui.statusLabel.text = "Cancelled. A pretraining run continues from its last checkpoint with Resume."
+        elif event.code == 0:
+            self.ui.statusLabel.text = f"Done. {self.logic.outcome}"
+        else:
+            self.ui.statusLabel.text = f"Failed (exit code {event.code}); the log says why."
+        if event.code == 0 and self.logic.lastAction == "cohort":
+            self._parameterNode.dataPath = self.logic.cohortFolder(self._parameterNode)
+            self._parameterNode.headManifest = self.logic.cohortFolder(self._parameterNode)
+
+    def onCancel(self):
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+
+    def updateButtons(self):
+        running = self.logic.running
+        for button in (self.ui.pretrainButton, self.ui.resumeButton, self.ui.fitHeadButton, self.ui.makeCohortButton):
+            button.enabled = not running
+        self.ui.cancelButton.enabled = running
+
+
+class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
+    """Turns the forms into commands and runs them with ``BrainDINOTrainingLib.background.BackgroundJob``."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.job = None
+        self.lastAction = None
+        self.outcome = ""
+
+    def getParameterNode(self):
+        return BrainDINOTrainingParameterNode(super().getParameterNode())
+
+    @property
+    def running(self):
+        return self.job is not None and self.job.running
+
+    def cohortFolder(self, parameters):
+        return Path(parameters.outputFolder) / "phantom-cohort"
+
+    def commands(self, parameters, what):
+        """Command lines for 'pretrain', 'resume', 'fit-head' or 'cohort' (a phantom cohort to try things on)."""
+        from BrainDINOLib.errors import BrainDINOError
+
+        self.lastAction = what
+        if what == "cohort":
+            if str(parameters.outputFolder or "") in ("", "."):
+                raise BrainDINOError("choose an output folder first: the cohort is written into it")
+            self.outcome = f"Phantom cohort in {self.cohortFolder(parameters)}; it is now the data and the manifest."
+            return [["cohort", "make", "24", str(self.cohortFolder(parameters))]]
+        if what in ("pretrain", "resume"):
+            form = PretrainForm(
+                parameters.dataPath,
+                parameters.outputFolder,
+                objective=parameters.objective,
+                model_size=parameters.modelSize,
+                epochs=parameters.epochs,
+                steps_per_epoch=parameters.stepsPerEpoch,
+                device=parameters.device,
+            )
+            self.outcome = f"The encoder bundle is {form.run_dir / 'bundle'}; use it in the BrainDINO module."
+            return form.commands(resume=what == "resume")
+        form = FitHeadForm(
+            parameters.headManifest,
+            parameters.headTask,
+            parameters.headOutput,
+            target=parameters.headTarget,
+            bundle=parameters.headBundle,
+            label_fractions=parse_fractions(parameters.headLabelFractions),
+            iterations=parameters.headIterations,
+            device=parameters.device,
+        )
+        self.outcome = f"The bundle with the new head is {form.out_bundle}; its metrics are beside it."
+        return form.commands()
+
+    def start(self, commands):
+        from BrainDINOTrainingLib.background import BackgroundJob
+
+        if self.running:
+            raise RuntimeError("a job is running: cancel it first")
+        python = shutil.which("PythonSlicer") or sys.executable
+        self.job = BackgroundJob(commands, python=python, python_path=libraryFolders()).start()
+        return self.job
+
+    def poll(self):
+        return self.job.poll() if self.job else []
+
+    def cancel(self):
+        if self.running:
+            self.job.cancel()
+
+
+def libraryFolders():
+    """Folders holding BrainDINOLib and BrainDINOTrainingLib (one folder once the extension is installed)."""
+    folders = [os.path.dirname(slicer.modules.braindino.path), os.path.dirname(slicer.modules.braindinotraining.path)]
+    return list(dict.fromkeys(folders))
+
+
+class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: a tiny phantom cohort, an index and a few pretraining steps in PythonSlicer."""
+
+    def runTest(self):
+        self.test_background_pretraining()
+
+    def test_background_pretraining(self):
+        import tempfile
+
+        from BrainDINOTrainingLib.background import JobEnded, JobProgress
+
+        logic = BrainDINOTrainingLogic()
+        parameters = logic.getParameterNode()
+        out = Path(tempfile.mkdtemp(prefix="braindino-training-test-"))
+        parameters.outputFolder = out
+        job = logic.start([["cohort", "make", "2", str(logic.cohortFolder(parameters)), "--resolution", "2"]])
+        self.assertEqual(job.wait()[-1], JobEnded(0, cancelled=False))
+        parameters.dataPath = logic.cohortFolder(parameters)
+        parameters.epochs, parameters.stepsPerEpoch, parameters.device = 1, 2, "cpu"
+        commands = logic.commands(parameters, "pretrain")
+        commands[-1] += ["--set", "batch_size=4", "--set", "crops.global_size=64", "--set", "crops.local_size=32"]
+        events = logic.start(commands).wait()
+        self.assertEqual(events[-1], JobEnded(0, cancelled=False))
+        self.assertEqual([e.done for e in events if isinstance(e, JobProgress) and e.stage == "pretraining"][-1], 2)
+        self.assertTrue((out / "run" / "bundle" / "model.json").is_file())
+        logging.info("BrainDINOTraining self-test passed")

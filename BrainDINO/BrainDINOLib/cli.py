@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,17 +24,31 @@ CommandAdder = Callable[[argparse._SubParsersAction], None]
 DEMO_QUERY = (123, 130, 75)
 
 
+PROGRESS_LINE = re.compile(r"^\[progress\] (?P<stage>.+) (?P<done>\d+)/(?P<total>\d+)$")
+
+
 class ProgressBar:
     """A ``progress(done, total)`` callback drawing a tqdm bar on stderr.
 
-    The bar appears on the first report, so errors found before any work print alone.
+    The bar appears on the first report, so errors found before any work print alone. With
+    ``--progress-lines`` (set once by `main`, for programs that run the CLI, like the Slicer module),
+    it prints ``[progress] STAGE DONE/TOTAL`` lines instead (`PROGRESS_LINE`), at most one a second.
     """
+
+    lines = False
 
     def __init__(self, description: str, unit: str, disable: bool = False):
         self.description, self.unit, self.disable = description, unit, disable
         self._bar = None
+        self._printed = 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        if self.lines:
+            now = time.monotonic()
+            if not self.disable and (done >= total or now - self._printed >= 1.0):
+                print(f"[progress] {self.description} {done}/{total}", file=sys.stderr, flush=True)
+                self._printed = now
+            return
         if self._bar is None:
             from tqdm import tqdm
 
@@ -286,6 +302,11 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
         description="BrainDINO: a frozen self-supervised ViT encoder for brain MRI, run slice by slice, "
         "with attention, PCA and similarity maps written in the scan's own geometry.",
     )
+    parser.add_argument(
+        "--progress-lines",
+        action="store_true",
+        help="report progress as '[progress] STAGE DONE/TOTAL' lines on stderr instead of bars (for programs)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(subparsers)
     for add in extra_commands:
@@ -298,6 +319,7 @@ def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdde
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(extra_commands).parse_args(argv)
     args.command_line = shlex.join(["braindino", *argv])  # recorded in model cards
+    ProgressBar.lines = args.progress_lines
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args.func(args)

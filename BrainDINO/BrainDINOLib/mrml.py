@@ -15,9 +15,10 @@ import vtk
 from .errors import BrainDINOError
 from .volume import Volume, volume_from_array
 
-#: Colour nodes that Slicer's Colors logic always creates (no colour files needed).
-ATTENTION_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
-SIMILARITY_COLORS = "vtkMRMLPETProceduralColorNodePET-Rainbow2"
+#: Colour nodes that Slicer's Colors logic always creates (no colour files needed): a red-to-yellow heat
+#: scale for attention, purple-to-red for similarity.
+ATTENTION_COLORS = "vtkMRMLColorTableNodeIron"
+SIMILARITY_COLORS = "vtkMRMLColorTableNodeReverseRainbow"
 
 #: BraTS label -> (DICOM / SNOMED CT type under "Morphologically Altered Structure", display colour).
 TUMOR_TERMINOLOGY = {
@@ -75,6 +76,21 @@ def ras_to_ijk(node, ras: tuple[float, float, float]) -> tuple[int, int, int]:
         point = world_to_local.TransformPoint(point)
     ijk = np.linalg.inv(ijk_to_ras(node)) @ np.array([*point, 1.0])
     return tuple(int(v) for v in np.round(ijk[:3]))
+
+
+def observe_points(node, on_point) -> list[int]:
+    """Call ``on_point(ras)`` when a point list's last point is placed or moved, or when a crosshair node moves;
+    returns the observer tags (for ``node.RemoveObserver``)."""
+    if node.IsA("vtkMRMLCrosshairNode"):
+        moved = vtk.vtkCommand.ModifiedEvent
+        return [node.AddObserver(moved, lambda crosshair, _: on_point(crosshair.GetCrosshairRAS()))]
+
+    def on_change(points, _):
+        last = points.GetNumberOfControlPoints() - 1
+        if last >= 0 and points.GetNthControlPointPositionStatus(last) == points.PositionDefined:
+            on_point(points.GetNthControlPointPositionWorld(last))
+
+    return [node.AddObserver(event, on_change) for event in (node.PointPositionDefinedEvent, node.PointModifiedEvent)]
 
 
 def _new_node(scene, class_name: str, name: str):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import vtk
+import numpy as np
 
 from . import mrml
 from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
@@ -26,6 +26,9 @@ from .infer import Analysis, InferenceOptions, analyse, check_sequences
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("segmentation", "attention", "pca", "similarity", "predictions")
+
+#: The similarity map shows the voxels above this percentile (the rest is transparent in the slice views).
+SIMILARITY_SHOWN = 95
 
 
 @dataclass(frozen=True)
@@ -236,34 +239,19 @@ class InferenceSession:
             run.similarity = mrml.add_volume_like(
                 run.input, similarity, f"{run.input.GetName()} BrainDINO similarity", colors=mrml.SIMILARITY_COLORS
             )
-            mrml.show_range(run.similarity, 0.0, 1.0, threshold=0.0)
             mrml.place_in_folder(run.similarity, run.folder)
         else:
             mrml.set_voxels(run.similarity, similarity)
+        sample = similarity[::4, ::4, ::4]
+        low = float(np.percentile(sample[sample != 0], SIMILARITY_SHOWN))
+        mrml.show_range(run.similarity, low, 1.0, threshold=low)
         self._query_patch = patch
         return run.similarity
 
     def observe(self, node) -> None:
         """Answer queries from a point list (its last placed or moved point) or a crosshair node (Shift+move
         in a slice view); messages (what was queried, or why not) go to ``on_query_message``."""
-        if node.IsA("vtkMRMLCrosshairNode"):
-            self._observations.append(
-                (
-                    node,
-                    node.AddObserver(
-                        vtk.vtkCommand.ModifiedEvent, lambda n, _: self._query_quietly(n.GetCrosshairRAS())
-                    ),
-                )
-            )
-            return
-
-        def on_point(points, _):
-            last = points.GetNumberOfControlPoints() - 1
-            if last >= 0 and points.GetNthControlPointPositionStatus(last) == points.PositionDefined:
-                self._query_quietly(points.GetNthControlPointPositionWorld(last))
-
-        for event in (node.PointPositionDefinedEvent, node.PointModifiedEvent):
-            self._observations.append((node, node.AddObserver(event, on_point)))
+        self._observations += [(node, tag) for tag in mrml.observe_points(node, self._query_quietly)]
 
     def stop_observing(self) -> None:
         for node, tag in self._observations:
@@ -278,6 +266,14 @@ class InferenceSession:
             self.on_query_message(f"similarity to the patch at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f}")
         except BrainDINOError as error:
             self.on_query_message(str(error))
+
+
+def attention_window(analysis: Analysis) -> tuple[float, float]:
+    """Display range of the attention map: from the typical level bounding the patches that hold 60 % of a
+    slice's attention (the report's outlines; below it the overlay is transparent) to the 99.5th percentile."""
+    low = float(np.median(list(analysis.attention_threshold.values())))
+    inside = analysis.attention[analysis.attention > 0]
+    return low, max(float(np.percentile(inside, 99.5)), low * 1.01)
 
 
 def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
@@ -299,8 +295,8 @@ def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
                 input_node, volume.to_source(analysis.attention), f"{name} BrainDINO attention",
                 colors=mrml.ATTENTION_COLORS,
             )  # fmt: skip
-            high = float(analysis.attention.max())
-            mrml.show_range(run.attention, 1.0, max(high, 1.0 + 1e-3), threshold=1.0)
+            low, high = attention_window(analysis)
+            mrml.show_range(run.attention, low, high, threshold=low)
             made.append(run.attention)
         if "pca" in outputs:
             run.pca = mrml.add_volume_like(input_node, volume.to_source(analysis.pca), f"{name} BrainDINO PCA")

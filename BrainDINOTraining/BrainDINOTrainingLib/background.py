@@ -1,0 +1,168 @@
+"""Run BrainDINO commands in a background process (``PythonSlicer`` inside Slicer) for the Training module.
+
+The child runs ``python -m BrainDINOTrainingLib --progress-lines COMMAND ...`` in its own process
+group; a thread turns its output into typed events on a queue that the GUI drains from a timer.
+Cancel ends the whole process tree (data-loader and indexing workers included). Several commands
+(e.g. ``index`` then ``pretrain``) run in order; the first failure stops the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from BrainDINOLib.cli import PROGRESS_LINE
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """``done`` of ``total`` units of the named stage (e.g. ``pretraining``, steps)."""
+
+    stage: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    text: str
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """The job is over: ``code`` 0 on success; ``cancelled`` when `BackgroundJob.cancel` ended it."""
+
+    code: int
+    cancelled: bool
+
+
+JobEvent = JobProgress | LogLine | JobEnded
+
+
+class BackgroundJob:
+    """Commands of the ``BrainDINOTrainingLib`` CLI run one after another in a child process.
+
+    Args:
+        commands: argument lists, e.g. ``[["index", "data/", "-o", "idx"], ["pretrain", "--data", "idx", ...]]``.
+        python: the interpreter (Slicer's ``PythonSlicer``; ``sys.executable`` elsewhere).
+        python_path: folders holding ``BrainDINOLib`` and ``BrainDINOTrainingLib``, prepended to PYTHONPATH.
+        env: the child's environment (inside Slicer: ``slicer.util.startupEnvironment()``).
+    """
+
+    def __init__(
+        self,
+        commands: Sequence[Sequence[str]],
+        *,
+        python: str = sys.executable,
+        python_path: Sequence[str | Path] = (),
+        env: dict[str, str] | None = None,
+    ):
+        if not commands:
+            raise ValueError("no command to run")
+        self.commands = [list(c) for c in commands]
+        self.python = python
+        self.env = dict(os.environ if env is None else env)
+        if python_path:
+            paths = [str(p) for p in python_path] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            self.env["PYTHONPATH"] = os.pathsep.join(paths)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self._events: queue.Queue = queue.Queue()
+        self._process: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> BackgroundJob:
+        self._thread = threading.Thread(target=self._run_all, name="BrainDINO background job", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run_all(self) -> None:
+        code = 0
+        for command in self.commands:
+            argv = [self.python, "-m", "BrainDINOTrainingLib", "--progress-lines", *command]
+            self._events.put(LogLine("$ " + " ".join(["PythonSlicer", *argv[1:]])))
+            with self._lock:
+                if self._cancelled.is_set():
+                    break
+                self._process = subprocess.Popen(
+                    argv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    text=True,
+                    encoding="utf-8",
+                    errors="replace",
+                    bufsize=1,
+                    **_own_process_group(),
+                )
+            for line in self._process.stdout:
+                line = line.rstrip("\n")
+                match = PROGRESS_LINE.match(line)
+                if match:
+                    self._events.put(JobProgress(match["stage"], int(match["done"]), int(match["total"])))
+                elif line:
+                    self._events.put(LogLine(line))
+            code = self._process.wait()
+            if code != 0 or self._cancelled.is_set():
+                break
+        self._events.put(JobEnded(code, self._cancelled.is_set()))
+
+    def poll(self) -> list[JobEvent]:
+        """Events since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def wait(self, timeout: float | None = None) -> list[JobEvent]:
+        """Block until the job ends; returns every event not yet polled."""
+        self._thread.join(timeout)
+        return self.poll()
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """End the running command and every process it started; later commands do not start."""
+        with self._lock:
+            self._cancelled.set()
+            process = self._process
+        if process is None or process.poll() is not None:
+            return
+        _signal_tree(process, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            _signal_tree(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+
+
+def _own_process_group() -> dict:
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def _signal_tree(process: subprocess.Popen, sig: int) -> None:
+    if os.name == "nt":  # taskkill /T ends the whole tree
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
