@@ -7,6 +7,7 @@ by ``BrainDINOLib.session`` and ``BrainDINOLib.mrml``, which CI tests on a real 
 """
 
 import logging
+import sys
 from typing import Annotated
 
 import qt
@@ -81,6 +82,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._shownOverlay = None
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.timeout.connect(self.onPoll)
@@ -108,6 +110,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshCatalogue()
 
     def cleanup(self):
+        self._pollTimer.stop()
         self.logic.cancelAndForget()
         self.removeObservers()
 
@@ -138,6 +141,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+            self._parameterNode = None
 
     def setParameterNode(self, parameterNode):
         self._unbindParameterNode()
@@ -149,10 +153,15 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onParameterChanged(self, caller=None, event=None):
         """Keep Apply's state, the overlay and the query observers in step with the parameter node."""
+        if self._parameterNode is None:
+            return
         running = self.logic.running
         self.ui.applyButton.enabled = running or bool(self._parameterNode.inputVolume)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.logic.showOverlay(self._parameterNode)
+        overlay = (self._parameterNode.overlay, self._parameterNode.overlayOpacity)
+        if overlay != self._shownOverlay:
+            self._shownOverlay = overlay
+            self.logic.showOverlay(self._parameterNode)
         self.logic.observeQueries(self._parameterNode, self.showStatus)
 
     def onApplyButton(self):
@@ -202,7 +211,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.predictionsTextEdit.setPlainText("\n".join(run.prediction_lines))
         for warning in analysis.warnings:
             self.log(f"warning: {warning}")
-        self.onParameterChanged()
+        if self._parameterNode:
+            self.logic.showOverlay(self._parameterNode)
 
     def onLoadSample(self):
         with slicer.util.tryWithErrorDisplay("Could not load the sample.", waitCursor=True):
@@ -266,6 +276,8 @@ def ensureDependencies():
     Raises:
         RuntimeError: the PyTorch extension is missing, torch is too old, or packages are still missing.
     """
+    if sys.version_info < (3, 10):  # noqa: UP036 (Slicer before 5.8 ships Python 3.9)
+        raise RuntimeError("BrainDINO needs 3D Slicer 5.8 or later (Python 3.10 or later)")
     from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, TORCH_VERSION, read_requirements, unmet
 
     torchProblems = unmet(list(TORCH_REQUIREMENTS))
@@ -372,10 +384,12 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         self._observed = None
 
     def overlayNode(self, overlay):
+        """The latest run's node for an overlay choice (None when not made, or deleted since)."""
         run = self._session.latest if self._session else None
         if run is None:
             return None
-        return {"attention": run.attention, "PCA": run.pca, "similarity": run.similarity}.get(overlay)
+        node = {"attention": run.attention, "PCA": run.pca, "similarity": run.similarity}.get(overlay)
+        return node if node is not None and node.GetScene() is not None else None
 
     def showOverlay(self, parameters):
         """Show the latest run's chosen map over its input in every slice view."""
@@ -419,15 +433,27 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def bundles(self):
-        """(name, source, model card) of every installed bundle."""
+        """(name, source, model card) of every installed bundle that can be read (the others are logged)."""
         from BrainDINOLib.bundle import DEFAULT_MODELS_DIR, list_bundles, read_card
+        from BrainDINOLib.errors import BrainDINOError
 
-        return [(name, source, read_card(path)) for name, source, path in list_bundles(DEFAULT_MODELS_DIR)]
+        found = []
+        for name, source, path in list_bundles(DEFAULT_MODELS_DIR):
+            try:
+                found.append((name, source, read_card(path)))
+            except BrainDINOError as error:
+                logging.warning(f"BrainDINO: bundle {name} is not usable: {error}")
+        return found
 
     def modelSummary(self, parameters):
+        """One paragraph on the chosen bundle, or what is wrong with the choice."""
         from BrainDINOLib.bundle import find_bundle, read_card
+        from BrainDINOLib.errors import BrainDINOError
 
-        card = read_card(find_bundle(parameters.model or None))
+        try:
+            card = read_card(find_bundle(parameters.model or None))
+        except BrainDINOError as error:
+            return f"Model: {error}"
         heads = ", ".join(f"{h['name']} ({'+'.join(h['modalities']) or 'any'})" for h in card.heads) or "none"
         return f"{card.name}: {card.encoder.name}. Heads: {heads}. Intended use: {card.intended_use}"
 
@@ -443,6 +469,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+        self.assertTrue(ensureDependencies())  # CTest runs each test method alone, in any order
 
     def runTest(self):
         self.setUp()
@@ -453,7 +480,6 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
     def test_phantom_outputs(self):
         import numpy as np
 
-        self.assertTrue(ensureDependencies())
         logic = BrainDINOLogic()
         parameters = logic.getParameterNode()
         nodes = logic.loadSample(parameters)

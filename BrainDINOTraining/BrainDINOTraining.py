@@ -5,7 +5,7 @@ runs in a ``PythonSlicer`` process with live log, progress, Cancel (the whole pr
 Resume. The same commands run headless:
 
     PythonSlicer -m BrainDINOTrainingLib pretrain --data INDEX -o RUN
-    Slicer --no-main-window --python-script <this module's folder>/Resources/braindino_headless.py pretrain ...
+    Slicer --no-main-window --python-script <this module's folder>/Resources/Scripts/braindino_headless.py pretrain ...
 """
 
 import logging
@@ -98,10 +98,15 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui.fitHeadButton.connect("clicked(bool)", lambda: self.launch("fit-head"))
         self.ui.makeCohortButton.connect("clicked(bool)", lambda: self.launch("cohort"))
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.dataFolderButton.connect("clicked(bool)", lambda: self.chooseFolder("dataPath", "Choose the data"))
+        self.ui.headManifestFolderButton.connect(
+            "clicked(bool)", lambda: self.chooseFolder("headManifest", "Choose a BIDS, BraTS or manifest folder")
+        )
         self.setParameterNode(self.logic.getParameterNode())
         self.updateButtons()
 
     def cleanup(self):
+        self._pollTimer.stop()
         self.logic.cancel()
         self.setParameterNode(None)
 
@@ -111,6 +116,12 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def chooseFolder(self, field, title):
+        """The path fields' own Browse picks files (a manifest); data often is a folder."""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), title)
+        if folder:
+            setattr(self._parameterNode, field, Path(folder))
 
     def launch(self, what):
         with slicer.util.tryWithErrorDisplay("BrainDINO Training could not start.", waitCursor=True):
@@ -245,7 +256,13 @@ def libraryFolders():
 class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: a tiny phantom cohort, an index and a few pretraining steps in PythonSlicer."""
 
+    def setUp(self):
+        from BrainDINO import ensureDependencies
+
+        self.assertTrue(ensureDependencies())  # the child process needs PyTorch and friends
+
     def runTest(self):
+        self.setUp()
         self.test_background_pretraining()
 
     def test_background_pretraining(self):

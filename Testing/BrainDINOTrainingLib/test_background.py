@@ -147,3 +147,16 @@ def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
         parse_fractions("ten percent")
     with pytest.raises(BrainDINOError, match="choose the data"):
         PretrainForm(Path(""), tmp_path / "o").commands()
+
+
+def test_headless_script_returns_the_command_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    script = ROOT / "BrainDINOTraining" / "Resources" / "Scripts" / "braindino_headless.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in LIB_DIRS)}
+    listed = subprocess.run([sys.executable, script, "models", "list"], env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "braindino-tiny-phantom" in listed.stdout
+    missing = subprocess.run([sys.executable, script, "infer", str(tmp_path / "no.nii.gz"), "-o", str(tmp_path)],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "no.nii.gz: no such file" in missing.stderr
