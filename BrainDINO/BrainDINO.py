@@ -184,7 +184,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self):
         """Drain the run's events: progress, then the finished run (its nodes are made here, on the GUI thread)."""
-        from BrainDINOLib.session import Failed, Finished, Progress, Stopped
+        from BrainDINOLib.cli import Progress
+        from BrainDINOLib.session import Failed, Finished, Stopped
 
         for event in self.logic.poll():
             if isinstance(event, Progress):

@@ -138,12 +138,13 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         self.updateButtons()
 
     def onPoll(self):
-        from BrainDINOTrainingLib.background import JobEnded, JobProgress, LogLine
+        from BrainDINOLib.cli import Progress
+        from BrainDINOTrainingLib.background import JobEnded, LogLine
 
         for event in self.logic.poll():
             if isinstance(event, LogLine):
                 self.ui.logPlainTextEdit.appendPlainText(event.text)
-            elif isinstance(event, JobProgress):
+            elif isinstance(event, Progress):
                 self.ui.progressBar.setRange(0, event.total)
                 self.ui.progressBar.setValue(event.done)
                 self.ui.statusLabel.text = f"{event.stage}: {event.done}/{event.total}"
@@ -268,7 +269,8 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
     def test_background_pretraining(self):
         import tempfile
 
-        from BrainDINOTrainingLib.background import JobEnded, JobProgress
+        from BrainDINOLib.cli import Progress
+        from BrainDINOTrainingLib.background import JobEnded
 
         logic = BrainDINOTrainingLogic()
         parameters = logic.getParameterNode()
@@ -282,6 +284,6 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
         commands[-1] += ["--set", "batch_size=4", "--set", "crops.global_size=64", "--set", "crops.local_size=32"]
         events = logic.start(commands).wait()
         self.assertEqual(events[-1], JobEnded(0, cancelled=False))
-        self.assertEqual([e.done for e in events if isinstance(e, JobProgress) and e.stage == "pretraining"][-1], 2)
+        self.assertEqual([e.done for e in events if isinstance(e, Progress) and e.stage == "pretraining"][-1], 2)
         self.assertTrue((out / "run" / "bundle" / "model.json").is_file())
         logging.info("BrainDINOTraining self-test passed")

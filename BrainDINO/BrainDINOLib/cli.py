@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BrainDINOError
@@ -25,6 +26,21 @@ DEMO_QUERY = (123, 130, 75)
 
 
 PROGRESS_LINE = re.compile(r"^\[progress\] (?P<stage>.+) (?P<done>\d+)/(?P<total>\d+)$")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress report for a GUI: ``done`` of ``total`` units of the named stage (0 of 0: under way)."""
+
+    stage: str
+    done: int
+    total: int
+
+    @classmethod
+    def parse(cls, line: str) -> Progress | None:
+        """The report a ``--progress-lines`` line carries (None for any other line)."""
+        match = PROGRESS_LINE.match(line)
+        return cls(match["stage"], int(match["done"]), int(match["total"])) if match else None
 
 
 class ProgressBar:

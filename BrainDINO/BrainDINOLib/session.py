@@ -18,6 +18,7 @@ import numpy as np
 
 from . import mrml
 from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
+from .cli import Progress
 from .engine import Cancelled, resolve_device
 from .errors import BrainDINOError
 from .heads import prediction_row, prediction_text
@@ -52,15 +53,6 @@ class RunOptions:
         unknown = set(self.outputs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(OUTPUTS)}")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Encoding progress: ``done`` of ``total`` slices; ``stage`` says what runs."""
-
-    done: int
-    total: int
-    stage: str
 
 
 @dataclass(frozen=True)
@@ -146,13 +138,13 @@ class InferenceSession:
 
         def work():
             try:
-                self._events.put(Progress(0, 0, f"loading {bundle.card.name}"))
+                self._events.put(Progress(f"loading {bundle.card.name}", 0, 0))
                 analysis = analyse(
                     volume,
                     bundle,
                     inference,
                     others=other_volumes,
-                    progress=lambda done, total: self._events.put(Progress(done, total, "encoding slices")),
+                    progress=lambda done, total: self._events.put(Progress("encoding slices", done, total)),
                     cancel=self._cancel.is_set,
                 )
                 self._events.put(analysis)

@@ -18,16 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from BrainDINOLib.cli import PROGRESS_LINE
-
-
-@dataclass(frozen=True)
-class JobProgress:
-    """``done`` of ``total`` units of the named stage (e.g. ``pretraining``, steps)."""
-
-    stage: str
-    done: int
-    total: int
+from BrainDINOLib.cli import Progress
 
 
 @dataclass(frozen=True)
@@ -43,7 +34,7 @@ class JobEnded:
     cancelled: bool
 
 
-JobEvent = JobProgress | LogLine | JobEnded
+JobEvent = Progress | LogLine | JobEnded
 
 
 class BackgroundJob:
@@ -114,11 +105,9 @@ class BackgroundJob:
                 )
             for line in self._process.stdout:
                 line = line.rstrip("\n")
-                match = PROGRESS_LINE.match(line)
-                if match:
-                    self._events.put(JobProgress(match["stage"], int(match["done"]), int(match["total"])))
-                elif line:
-                    self._events.put(LogLine(line))
+                progress = Progress.parse(line)
+                if progress or line:
+                    self._events.put(progress or LogLine(line))
             code = self._process.wait()
             if code != 0 or self._cancelled.is_set():
                 break

@@ -8,9 +8,10 @@ import pytest
 import slicer
 
 from BrainDINOLib import mrml
+from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.sample_data import demo_phantom
-from BrainDINOLib.session import Failed, Finished, InferenceSession, Progress, RunOptions, Stopped
+from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped
 from slicer_scene import add_volume_node
 from testdata import reorient
 

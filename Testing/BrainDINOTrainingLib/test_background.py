@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from BrainDINOTrainingLib.background import BackgroundJob, JobEnded, JobProgress, LogLine
+from BrainDINOLib.cli import Progress
+from BrainDINOTrainingLib.background import BackgroundJob, JobEnded, LogLine
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB_DIRS = (ROOT / "BrainDINO", ROOT / "BrainDINOTraining")  # as Slicer's qt-scripted-modules folder holds them
@@ -64,7 +65,7 @@ def test_index_then_pretrain_report_progress_and_export_a_bundle(tmp_path, small
     ).start()
     events = _finish(job)
     assert events[-1] == JobEnded(0, cancelled=False), [e for e in events if isinstance(e, LogLine)][-10:]
-    progress = [e for e in events if isinstance(e, JobProgress)]
+    progress = [e for e in events if isinstance(e, Progress)]
     assert {e.stage for e in progress} == {"indexing", "pretraining"}
     last = {e.stage: e for e in progress}
     assert last["indexing"].done == last["indexing"].total == 8 and last["pretraining"].done == 4
@@ -81,7 +82,7 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data)
     pretrain = ["pretrain", "--data", str(index), "-o", str(tmp_path / "run"), *TINY, "--set", "steps_per_epoch=40"]
     job = BackgroundJob([pretrain, ["models", "list"]], python_path=LIB_DIRS).start()
     events, deadline = [], time.monotonic() + 120
-    while not any(isinstance(e, JobProgress) and e.done >= 3 for e in events):  # a checkpoint exists at step 2
+    while not any(isinstance(e, Progress) and e.done >= 3 for e in events):  # a checkpoint exists at step 2
         assert time.monotonic() < deadline and job.running, events[-5:]
         events += job.poll()
         time.sleep(0.05)
@@ -95,7 +96,7 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data)
 
     resumed = _finish(BackgroundJob([[*pretrain, "--resume"]], python_path=LIB_DIRS).start())
     assert resumed[-1] == JobEnded(0, cancelled=False)
-    steps = [e.done for e in resumed if isinstance(e, JobProgress)]
+    steps = [e.done for e in resumed if isinstance(e, Progress)]
     assert steps[0] >= 2 and steps[-1] == 40
 
 
