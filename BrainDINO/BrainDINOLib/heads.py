@@ -28,6 +28,10 @@ HEAD_KINDS = ("seg", "cls", "reg", "surv", "seq")
 VOLUME_KINDS = ("cls", "reg", "surv", "seq")
 
 
+#: Class names of a BraTS tumour segmentation head, for labels 1, 2, 3 (BraTS 2021: 1, 2, 4).
+BRATS_CLASSES = ("necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour")
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """What a head predicts and how to rebuild it (one entry of the model card's ``heads``).

@@ -127,7 +127,9 @@ def bundle_name(checkpoint: str | Path, name: str | None = None) -> str:
     checkpoint = Path(checkpoint)
     name = name or checkpoint.name.removesuffix(checkpoint.suffix)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise BrainDINOError(f"'{name}' is not a usable bundle name (letters, digits, '.', '_', '-'); choose another")
+        raise BrainDINOError(
+            f"'{name}' is not a usable bundle name (letters, digits, '.', '_', '-'): rename the file or pass --name"
+        )
     return name
 
 

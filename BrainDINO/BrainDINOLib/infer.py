@@ -127,14 +127,14 @@ def analyse(
     bundle: Bundle,
     options: InferenceOptions = InferenceOptions(),
     *,
-    others: dict[str, Volume] | None = None,
+    others: dict[str, Volume | Path] | None = None,
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Analysis:
     """Encode a volume, apply the bundle's heads and compute the feature maps; writes nothing.
 
     Args:
-        others: the subject's other sequences (sequence -> volume), read by multi-sequence heads.
+        others: the subject's other sequences (sequence -> volume, or its file, read only if a head needs it).
 
     Raises:
         BrainDINOError: bad device, sequence or query.
@@ -231,15 +231,20 @@ def run_inference(
         if not Path(path).exists():
             raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
     volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
-    others = {name: load_volume(path) for name, path in options.other_scans.items()}
     load_time = time.perf_counter() - clock
+    created = not out_dir.exists()
     try:  # before encoding, so an unusable folder costs nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ".braindino-write-test").touch()
         (out_dir / ".braindino-write-test").unlink()
     except OSError as error:
         raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
-    analysis = analyse(volume, bundle, options, others=others, progress=progress, cancel=cancel)
+    try:
+        analysis = analyse(volume, bundle, options, others=options.other_scans, progress=progress, cancel=cancel)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # a failed run leaves no trace
+            out_dir.rmdir()
+        raise
     clock = time.perf_counter()
     similarity = analysis.similarity(analysis.query_patch(options.query)) if options.query else None
     query_xyz = volume.canonical_index(options.query) if options.query else None
@@ -322,6 +327,9 @@ def run_inference(
     return result
 
 
+_SEQUENCE_HINT = "(--sequence, or 'Sequence' in Slicer)"
+
+
 def check_sequences(specs, sequence: str | None, others) -> None:
     """Refuse, before any encoding, a scan sequence the bundle's sequence head does not know and other
     scans that repeat the scan's own sequence.
@@ -336,9 +344,13 @@ def check_sequences(specs, sequence: str | None, others) -> None:
     if sequence and vocabulary and sequence not in vocabulary:
         raise BrainDINOError(f"'{sequence}' is not a sequence this bundle knows ({', '.join(sorted(vocabulary))})")
     if sequence in others:
-        raise BrainDINOError(f"--also gives a {sequence} scan, but the scan itself is {sequence}")
+        raise BrainDINOError(
+            f"a {sequence} scan is given among the subject's other scans, but the scan itself is {sequence}"
+        )
     if others and sequence is None and not vocabulary:
-        raise BrainDINOError("this bundle has no sequence head: name the scan's sequence (--sequence) to use --also")
+        raise BrainDINOError(
+            f"this bundle has no sequence head: name the scan's sequence {_SEQUENCE_HINT} to use other scans"
+        )
 
 
 def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, device, cancel):
@@ -351,7 +363,7 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
     single-sequence heads read the scan as their own sequence, and a warning says so.
 
     Raises:
-        BrainDINOError: the sequence head names the scan as a sequence ``--also`` also gives.
+        BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
     """
     pooling, specs = bundle.card.pooling, bundle.head_specs
     own = encoded.slice_embeddings(pooling)
@@ -365,14 +377,15 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
                 probability = predictions[spec.name]["probabilities"][sequence]
                 warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
     if sequence in others:
-        raise BrainDINOError(f"the scan looks like {sequence}, and --also gives another {sequence} scan: "
-                             "name the scan's sequence with --sequence")  # fmt: skip
+        raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
+                             f"other scans: name the scan's sequence {_SEQUENCE_HINT}")  # fmt: skip
     at_hand, embeddings = ({sequence: volume.path}, {sequence: own}) if sequence else ({}, {})
     needed = {m for s in specs if s.kind != "seg" for m in s.modalities}
     for name, other in others.items():
         if name not in needed:
-            warnings.append(f"--also {name}: no volume head of this bundle reads {name} scans; not used")
+            warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
             continue
+        other = other if isinstance(other, Volume) else load_volume(other)
         prepared_other = prepare(other, bundle.card.preprocessing)
         encoded_other = encode_volume(
             prepared_other, encoder, device=device, batch_size=options.batch_size, cancel=cancel
@@ -385,7 +398,7 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
         if sequence is None and len(reads) == 1 and not others:
             sources, embeddings[reads[0]] = {reads[0]: volume.path}, own
             warnings.append(
-                f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: pass --sequence)"
+                f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: name it {_SEQUENCE_HINT})"
             )
         elif spec.kind == "seg" and reads != (sequence,):
             warnings.append(
@@ -394,8 +407,10 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
             continue
         elif not all(m in at_hand for m in reads):
             missing = [m for m in reads if m not in at_hand]
-            warnings.append(f"head '{spec.name}' reads {'+'.join(reads)}; pass the subject's {'+'.join(missing)} "
-                            "scan with --also SEQUENCE=FILE to apply it")  # fmt: skip
+            warnings.append(
+                f"head '{spec.name}' reads {'+'.join(reads)}; give the subject's {'+'.join(missing)} scan "
+                f"(--also {missing[0]}=FILE, or 'Other scans of this subject' in Slicer) to apply it"
+            )
             continue
         else:
             sources = {m: at_hand[m] for m in reads}

@@ -13,6 +13,7 @@ import slicer
 import vtk
 
 from .errors import BrainDINOError
+from .heads import BRATS_CLASSES
 from .volume import Volume, volume_from_array
 
 #: Colour nodes that Slicer's Colors logic always creates (no colour files needed): a red-to-yellow heat
@@ -20,12 +21,18 @@ from .volume import Volume, volume_from_array
 ATTENTION_COLORS = "vtkMRMLColorTableNodeIron"
 SIMILARITY_COLORS = "vtkMRMLColorTableNodeReverseRainbow"
 
-#: BraTS label -> (DICOM / SNOMED CT type under "Morphologically Altered Structure", display colour).
-TUMOR_TERMINOLOGY = {
-    1: (("6574001", "Necrosis"), (0.86, 0.27, 0.22)),
-    2: (("79654002", "Edema"), (0.55, 0.88, 0.89)),
-    3: (("108369006", "Neoplasm"), (1.0, 0.86, 0.2)),
-}
+#: BraTS class -> (DICOM / SNOMED CT type under "Morphologically Altered Structure", display colour).
+TUMOR_TERMINOLOGY = dict(
+    zip(
+        BRATS_CLASSES,
+        [
+            (("6574001", "Necrosis"), (0.86, 0.27, 0.22)),
+            (("79654002", "Edema"), (0.55, 0.88, 0.89)),
+            (("108369006", "Neoplasm"), (1.0, 0.86, 0.2)),
+        ],
+        strict=True,
+    )
+)
 _TERMINOLOGY_ENTRY = (
     "Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
     "~SCT^{code}^{meaning}~^^~Anatomic codes - DICOM master list~^^~^^"
@@ -79,16 +86,19 @@ def ras_to_ijk(node, ras: tuple[float, float, float]) -> tuple[int, int, int]:
 
 
 def observe_points(node, on_point) -> list[int]:
-    """Call ``on_point(ras)`` when a point list's last point is placed or moved, or when a crosshair node moves;
+    """Call ``on_point(ras)`` when a point of a point list is placed or moved, or when a crosshair node moves;
     returns the observer tags (for ``node.RemoveObserver``)."""
     if node.IsA("vtkMRMLCrosshairNode"):
         moved = vtk.vtkCommand.ModifiedEvent
         return [node.AddObserver(moved, lambda crosshair, _: on_point(crosshair.GetCrosshairRAS()))]
 
-    def on_change(points, _):
-        last = points.GetNumberOfControlPoints() - 1
-        if last >= 0 and points.GetNthControlPointPositionStatus(last) == points.PositionDefined:
-            on_point(points.GetNthControlPointPositionWorld(last))
+    @vtk.calldata_type(vtk.VTK_INT)
+    def on_change(points, _, index):
+        if (
+            0 <= index < points.GetNumberOfControlPoints()
+            and points.GetNthControlPointPositionStatus(index) == points.PositionDefined
+        ):
+            on_point(points.GetNthControlPointPositionWorld(index))
 
     return [node.AddObserver(event, on_change) for event in (node.PointPositionDefinedEvent, node.PointModifiedEvent)]
 
@@ -145,18 +155,20 @@ def show_layers(scene, background, foreground=None, opacity: float = 0.5) -> Non
 def add_segmentation(reference, labels: np.ndarray, classes, label_values, name: str):
     """A segmentation node with one named, coloured segment per label value of an (I, J, K) label volume.
 
-    Segments of the BraTS labels carry the DICOM terminology (necrosis, oedema, neoplasm) and its colours;
-    every segment is created, even an empty one, so the legend always lists the head's classes.
+    Segments of the BraTS classes carry the DICOM terminology (necrosis, oedema, neoplasm) and its colours;
+    every segment is created, even an empty one, so the legend always lists the head's classes. Segment IDs
+    are ``<node name>_<label value>``.
     """
     node = _new_node(reference.GetScene(), "vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    # the transform first: the reference geometry is taken in the segmentation's own (local) frame
     node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     voxels = labels.transpose(2, 1, 0)
     palette = np.array([[0.3, 0.75, 0.3], [0.85, 0.5, 0.85], [0.4, 0.6, 1.0], [1.0, 0.6, 0.2]])
     for index, (value, class_name) in enumerate(zip(label_values, classes, strict=True)):
-        code, color = TUMOR_TERMINOLOGY.get(value, (None, tuple(palette[index % len(palette)])))
-        segment_id = node.GetSegmentation().AddEmptySegment(f"{name}_{value}", class_name, color)
+        code, color = TUMOR_TERMINOLOGY.get(class_name, (None, tuple(palette[index % len(palette)])))
+        segment_id = node.GetSegmentation().AddEmptySegment(f"{node.GetName()}_{value}", class_name, color)
         if code:
             node.GetSegmentation().GetSegment(segment_id).SetTerminology(
                 _TERMINOLOGY_ENTRY.format(code=code[0], meaning=code[1])

@@ -202,14 +202,15 @@ class InferenceSession:
         """
         self.start(input_node, options, others)
         self._worker.join(timeout)
-        for event in self.poll():
-            if isinstance(event, Finished):
-                return event.run
-            if isinstance(event, Failed):
-                raise BrainDINOError(event.message)
-            if isinstance(event, Stopped):
-                raise BrainDINOError("the run was cancelled")
-        raise BrainDINOError(f"the run did not finish within {timeout} s")
+        if self._worker.is_alive():
+            self.cancel()
+            self._worker.join()
+            self.poll()
+            raise BrainDINOError(f"the run did not finish within {timeout} s and was cancelled")
+        outcome = [event for event in self.poll() if not isinstance(event, Progress)][-1]
+        if isinstance(outcome, Finished):
+            return outcome.run
+        raise BrainDINOError(outcome.message if isinstance(outcome, Failed) else "the run was cancelled")
 
     def query(self, ras: tuple[float, float, float]):
         """Show, in the latest run's similarity volume, how alike every patch is to the patch at a world RAS
@@ -234,14 +235,14 @@ class InferenceSession:
             mrml.place_in_folder(run.similarity, run.folder)
         else:
             mrml.set_voxels(run.similarity, similarity)
-        sample = similarity[::4, ::4, ::4]
-        low = float(np.percentile(sample[sample != 0], SIMILARITY_SHOWN))
+        analysed = similarity[similarity != 0]  # slices outside the analysed slab are 0
+        low = float(np.percentile(analysed[:: max(1, analysed.size // 100_000)], SIMILARITY_SHOWN))
         mrml.show_range(run.similarity, low, 1.0, threshold=low)
         self._query_patch = patch
         return run.similarity
 
     def observe(self, node) -> None:
-        """Answer queries from a point list (its last placed or moved point) or a crosshair node (Shift+move
+        """Answer queries from a point list (the point placed or moved) or a crosshair node (Shift+move
         in a slice view); messages (what was queried, or why not) go to ``on_query_message``."""
         self._observations += [(node, tag) for tag in mrml.observe_points(node, self._query_quietly)]
 

@@ -28,7 +28,8 @@ class LogLine:
 
 @dataclass(frozen=True)
 class JobEnded:
-    """The job is over: ``code`` 0 on success; ``cancelled`` when `BackgroundJob.cancel` ended it."""
+    """The job is over: ``code`` 0 on success (never 0 when cancelled); ``cancelled`` when `BackgroundJob.cancel`
+    ended it."""
 
     code: int
     cancelled: bool
@@ -85,33 +86,44 @@ class BackgroundJob:
 
     def _run_all(self) -> None:
         code = 0
-        for command in self.commands:
-            argv = [self.python, "-m", "BrainDINOTrainingLib", "--progress-lines", *command]
-            self._events.put(LogLine("$ " + " ".join(["PythonSlicer", *argv[1:]])))
-            with self._lock:
-                if self._cancelled.is_set():
+        try:
+            for command in self.commands:
+                code = self._run_one([self.python, "-m", "BrainDINOTrainingLib", "--progress-lines", *command])
+                if code != 0:
                     break
-                self._process = subprocess.Popen(
-                    argv,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=self.env,
-                    text=True,
-                    encoding="utf-8",
-                    errors="replace",
-                    bufsize=1,
-                    **_own_process_group(),
-                )
-            for line in self._process.stdout:
+        except OSError as error:  # the interpreter could not be started
+            self._events.put(LogLine(f"cannot start {self.python}: {error}"))
+            code = 127
+        finally:
+            cancelled = self._cancelled.is_set()
+            self._events.put(JobEnded(code or (-1 if cancelled else 0), cancelled))
+
+    def _run_one(self, argv: list[str]) -> int:
+        """Exit code of one command (-1 when cancelled before it started)."""
+        with self._lock:
+            if self._cancelled.is_set():
+                return -1
+            self._events.put(LogLine("$ " + " ".join(["PythonSlicer", *argv[1:]])))
+            self._process = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **_own_process_group(),
+            )
+        with self._process as process:
+            for line in process.stdout:
                 line = line.rstrip("\n")
                 progress = Progress.parse(line)
                 if progress or line:
                     self._events.put(progress or LogLine(line))
-            code = self._process.wait()
-            if code != 0 or self._cancelled.is_set():
-                break
-        self._events.put(JobEnded(code, self._cancelled.is_set()))
+            code = process.wait()
+        return -1 if self._cancelled.is_set() and code == 0 else code
 
     def poll(self) -> list[JobEvent]:
         """Events since the last call (never blocks)."""
@@ -128,17 +140,18 @@ class BackgroundJob:
         return self.poll()
 
     def cancel(self, grace: float = 5.0) -> None:
-        """End the running command and every process it started; later commands do not start."""
+        """End the running command and every process it started (asked politely, then killed after ``grace``
+        seconds); later commands do not start. Returns at once."""
         with self._lock:
             self._cancelled.set()
             process = self._process
         if process is None or process.poll() is not None:
             return
         _signal_tree(process, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            _signal_tree(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+        if os.name != "nt":  # processes that ignore SIGTERM, or outlive their parent, are killed
+            kill = threading.Timer(grace, _signal_tree, (process, signal.SIGKILL))
+            kill.daemon = True
+            kill.start()
 
 
 def _own_process_group() -> dict:
@@ -149,7 +162,8 @@ def _own_process_group() -> dict:
 
 def _signal_tree(process: subprocess.Popen, sig: int) -> None:
     if os.name == "nt":  # taskkill /T ends the whole tree
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        quiet = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, creationflags=quiet)
         return
     try:
         os.killpg(process.pid, sig)

@@ -18,7 +18,14 @@ import torch
 
 from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import HeadSpec, SegmentationDecoder, build_head, segment_slices, segmentation_input
+from BrainDINOLib.heads import (
+    BRATS_CLASSES,
+    HeadSpec,
+    SegmentationDecoder,
+    build_head,
+    segment_slices,
+    segmentation_input,
+)
 from BrainDINOLib.preprocess import PlaneGeometry
 from BrainDINOLib.volume import load_labels, load_volume
 
@@ -27,7 +34,6 @@ from .features import FeatureCache
 from .fit_heads import FitResult
 
 #: BraTS 2023 labels 1, 2, 3 (also the phantoms').
-BRATS_CLASSES = ("necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour")
 
 
 def default_layers(depth: int) -> tuple[int, ...]:

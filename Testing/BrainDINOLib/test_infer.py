@@ -126,6 +126,7 @@ def test_bad_options_are_one_line_errors(tmp_path, lps_run, capsys, args, proble
     assert _infer(scan.get_filename(), tmp_path / "out", "--no-report", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("braindino: error:") and problem in err[0]
+    assert not (tmp_path / "out").exists()  # a failed run leaves no trace
 
 
 def test_unwritable_output_folder_fails_before_encoding(tmp_path, lps_run, capsys):

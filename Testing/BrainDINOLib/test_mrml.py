@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
 import slicer
+import vtk
 
 from BrainDINOLib import mrml
 from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.heads import BRATS_CLASSES
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped
 from slicer_scene import add_volume_node
@@ -114,10 +118,17 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
     segmentation = run.segmentations["tumor"]
     segments = segmentation.GetSegmentation()
     names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
-    assert names == ["necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour"]
+    assert (
+        names
+        == list(BRATS_CLASSES)
+        == ["necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour"]
+    )
     terminology = app.terminologies_logic
-    for value, (code, color) in mrml.TUMOR_TERMINOLOGY.items():
-        segment = segments.GetSegment(f"{segmentation.GetName()}_{value}")
+    for value, class_name in zip((1, 2, 3), BRATS_CLASSES, strict=True):
+        (code, color), segment = (
+            mrml.TUMOR_TERMINOLOGY[class_name],
+            segments.GetSegment(f"{segmentation.GetName()}_{value}"),
+        )
         np.testing.assert_allclose(segment.GetColor(), color, atol=1e-6)
         entry = slicer.vtkSlicerTerminologyEntry()
         assert terminology.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
@@ -190,6 +201,8 @@ def test_outputs_keep_the_geometry_of_lps_and_oblique_inputs(slicer_app, mni_2mm
         attention[name] = run.analysis.volume.data, run.analysis.volume.to_source(run.analysis.attention), source
     for name in ("RAS", "LPS", "oblique"):
         np.testing.assert_array_equal(attention[name][1], attention[name][2])
+    # an oblique scan keeps its voxel axes (no resampling): the same voxels give the same map
+    np.testing.assert_allclose(attention["oblique"][2], attention["RAS"][2], atol=1e-4)
     # the same voxels read in another orientation give the same canonical maps
     np.testing.assert_allclose(
         reorient(nib.Nifti1Image(attention["LPS"][2], reorient(mni_2mm, "LPS").affine), "RAS").get_fdata(),
@@ -208,13 +221,57 @@ def test_cancel_leaves_the_scene_as_it_was(slicer_app, mni_2mm):
     events = []
     while session.running:
         events += session.poll()
+        time.sleep(0.01)
     assert isinstance(events[-1], Stopped) and not any(isinstance(e, Finished) for e in events)
+    assert not any(isinstance(e, Progress) and e.total and e.done == e.total for e in events)  # stopped early
     assert _scene_nodes(scene) == before and session.latest is None
 
     session.start(node, RunOptions(sequence="t1", device="cpu"))
     events = []
     while session.running:
         events += session.poll()
+        time.sleep(0.01)
     progress = [e for e in events if isinstance(e, Progress) and e.total]
     assert progress[-1].done == progress[-1].total > 0 and isinstance(events[-1], Finished)
     assert not any(isinstance(e, Failed) for e in events)
+
+
+def test_outputs_and_queries_follow_a_parent_transform(slicer_app):
+    scans, _ = demo_phantom()
+    node = add_volume_node(nib.load(scans["flair"]), "moved FLAIR")
+    shift = slicer_app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 100.0)  # 100 mm to the patient's right
+    shift.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(shift.GetID())
+    session = InferenceSession()
+    run = session.run(node, RunOptions(sequence="flair", device="cpu"))
+    segmentation = run.segmentations["tumor"]
+    for output in (run.attention, run.pca, segmentation):
+        assert output.GetTransformNodeID() == shift.GetID()
+    np.testing.assert_allclose(_geometry(run.attention), _geometry(node), atol=1e-9)
+    # the segmentation's grid is the input's own, not shifted a second time
+    geometry = segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    )
+    values = [float(v) for v in geometry.strip(";").split(";")]
+    np.testing.assert_allclose(np.reshape(values[:16], (4, 4)), _geometry(node), atol=1e-4)
+    # a world point is queried in the input's own voxels
+    ijk = (80, 90, 40)
+    world = slicer.util.arrayFromVTKMatrix(matrix) @ _geometry(node) @ np.array([*ijk, 1.0])
+    session.query(tuple(world[:3]))
+    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+
+
+def test_moving_any_point_of_a_list_queries_that_point(phantom_run):
+    app, session, run, _ = phantom_run
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "two points")
+    session.observe(points)
+    points.AddControlPoint(0.0, -10.0, 10.0)
+    points.AddControlPoint(40.0, 20.0, 30.0)
+    points.SetNthControlPointPosition(0, -20.0, 0.0, 20.0)  # the first point, not the last, moves
+    ijk = mrml.ras_to_ijk(run.input, (-20.0, 0.0, 20.0))
+    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+    session.stop_observing()

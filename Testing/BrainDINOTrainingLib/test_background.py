@@ -92,6 +92,9 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data)
     events += _finish(job)
     assert events[-1] == JobEnded(events[-1].code, cancelled=True) and events[-1].code != 0
     assert not any("models list" in e.text for e in events if isinstance(e, LogLine))  # later commands never start
+    deadline = time.monotonic() + 10  # SIGTERM now, SIGKILL after the 5 s grace
+    while _live_group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _live_group_members(group) == []
 
     resumed = _finish(BackgroundJob([[*pretrain, "--resume"]], python_path=LIB_DIRS).start())
@@ -161,3 +164,14 @@ def test_headless_script_returns_the_command_exit_code(tmp_path):
     missing = subprocess.run([sys.executable, script, "infer", str(tmp_path / "no.nii.gz"), "-o", str(tmp_path)],
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "no.nii.gz: no such file" in missing.stderr
+
+
+def test_a_job_that_cannot_start_or_is_cancelled_first_still_ends(tmp_path):
+    broken = BackgroundJob([["models", "list"]], python=str(tmp_path / "no-python")).start()
+    events = _finish(broken, timeout=30)
+    assert events[-1] == JobEnded(127, cancelled=False) and "cannot start" in events[-2].text
+
+    job = BackgroundJob([["models", "list"]], python_path=LIB_DIRS)
+    job.cancel()
+    events = _finish(job.start(), timeout=30)
+    assert events == [JobEnded(-1, cancelled=True)]  # nothing ran, nothing logged, not a success

@@ -180,6 +180,12 @@ def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle6
         predict_volume(spec, bundle.load_head(spec), tokens)["value"], abs=1e-3
     )
     assert both["age"]["reads"] == {"t1": str(t1), "t2": str(t2)}
+    unread = tmp_path / "phantom-0003_t1ce.nii.gz"
+    unread.write_text("not an image")  # no head reads t1ce: the file is never opened
+    assert main(["infer", str(flair), "-o", str(tmp_path / "e"), "--bundle", str(pooled), "-q",
+                 "--sequence", "flair", "--also", f"t1ce={unread}"]) == 0  # fmt: skip
+    warnings = json.loads((tmp_path / "e" / "result.json").read_text())["warnings"]
+    assert "the other t1ce scan was not used: no volume head of this bundle reads t1ce scans" in warnings
     assert main(["infer", str(flair), "-o", str(tmp_path / "c"), "--bundle", str(bundle64), "--also", f"t1={t1}"]) == 2
     for wrong in (["--sequence", "dwi"], ["--sequence", "T1", "--also", f"t1={t1}"], ["--also", f"t2={t2}.missing"]):
         assert main(["infer", str(flair), "-o", str(tmp_path / "d"), "--bundle", str(pooled), *wrong]) == 2
