@@ -220,7 +220,8 @@ def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
         other_scans=dict(getattr(args, "also", [])),
     )
     options = dataclasses.replace(options, **choices)
-    with ProgressBar(f"encoding {Path(scan).name}", "slice", disable=args.quiet) as progress:
+    others = f" and {len(options.other_scans)} other scan(s)" if options.other_scans else ""
+    with ProgressBar(f"encoding {Path(scan).name}{others}", "slice", disable=args.quiet) as progress:
         result = run_inference(scan, out_dir, options, progress=progress)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

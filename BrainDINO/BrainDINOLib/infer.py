@@ -150,14 +150,20 @@ def analyse(
         clock = now
 
     device = resolve_device(options.device)
-    check_sequences(bundle.head_specs, options.sequence, others or {})
+    others = others or {}
+    check_sequences(bundle.head_specs, options.sequence, others)
     encoder = bundle.load_encoder()
     lap("load_model")
     prepared = prepare(volume, bundle.card.preprocessing)
     grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
     if options.query:  # fail before encoding
         query_patch(volume, prepared, grid, options.query)
+    read = {m for spec in bundle.head_specs if spec.kind != "seg" for m in spec.modalities}
+    loaded = {name: o if isinstance(o, Volume) else load_volume(o) for name, o in others.items() if name in read}
+    prepared_others = {name: (other.path, prepare(other, bundle.card.preprocessing)) for name, other in loaded.items()}
     lap("prepare")
+    slices = len(prepared.slices) + sum(len(p.slices) for _, p in prepared_others.values())
+    part = _progress_parts(progress, slices)  # one count over the scan and the other scans
     layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
     encoded = encode_volume(
         prepared,
@@ -165,12 +171,13 @@ def analyse(
         device=device,
         batch_size=options.batch_size,
         layers=layers,
-        progress=progress,
+        progress=part(len(prepared.slices)),
         cancel=cancel,
     )
     lap("encode")
+    unused = [name for name in others if name not in read]
     predictions, segmentations, head_warnings = _apply_heads(
-        bundle, encoder, volume, prepared, encoded, options, others or {}, device, cancel
+        bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, part
     )
     lap("heads")
     attention_grid = mean_attention(encoded.attention)
@@ -192,6 +199,18 @@ def analyse(
     )
     lap("maps")
     return analysis
+
+
+def _progress_parts(progress: ProgressCallback | None, total: int):
+    """``part(size)`` gives the progress callback of the next ``size`` units of a job of ``total`` units."""
+    offset = 0
+
+    def part(size: int) -> ProgressCallback | None:
+        nonlocal offset
+        start, offset = offset, offset + size
+        return None if progress is None else lambda done, _: progress(start + done, total)
+
+    return part
 
 
 def _model_and_slice_warnings(card: ModelCard, volume: Volume, prepared: PreparedVolume) -> list[str]:
@@ -353,12 +372,15 @@ def check_sequences(specs, sequence: str | None, others) -> None:
         )
 
 
-def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, device, cancel):
+def _apply_heads(
+    bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, unused, device, cancel, part
+):
     """Predictions of the bundle's heads, label volumes of its segmentation heads, and notes on how each was fed.
 
     The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
-    every sequence it reads is at hand (the scan, or ``options.other_scans``: encoded here, slice
-    embeddings only); segmentation heads run on the scan alone. ``reads`` in each prediction names
+    every sequence it reads is at hand (the scan, or ``others``: sequence -> (path, prepared volume),
+    encoded here, slice embeddings only; ``unused`` names other scans no head reads); segmentation
+    heads run on the scan alone. ``reads`` in each prediction names
     the volumes a head read (their ``path``: a file, or a Slicer node's name). With the scan's sequence unknown,
     single-sequence heads read the scan as their own sequence, and a warning says so.
 
@@ -376,26 +398,27 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
                 sequence = predictions[spec.name]["prediction"]
                 probability = predictions[spec.name]["probabilities"][sequence]
                 warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
-    if sequence in others:
+    if sequence in others or sequence in unused:
         raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
                              f"other scans: name the scan's sequence {_SEQUENCE_HINT}")  # fmt: skip
     at_hand, embeddings = ({sequence: volume.path}, {sequence: own}) if sequence else ({}, {})
-    needed = {m for s in specs if s.kind != "seg" for m in s.modalities}
-    for name, other in others.items():
-        if name not in needed:
-            warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
-            continue
-        other = other if isinstance(other, Volume) else load_volume(other)
-        prepared_other = prepare(other, bundle.card.preprocessing)
+    for name in unused:
+        warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
+    for name, (path, prepared_other) in others.items():
         encoded_other = encode_volume(
-            prepared_other, encoder, device=device, batch_size=options.batch_size, cancel=cancel
+            prepared_other,
+            encoder,
+            device=device,
+            batch_size=options.batch_size,
+            progress=part(len(prepared_other.slices)),
+            cancel=cancel,
         )
-        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), other.path
+        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), path
     for spec in specs:
         if spec.kind == "seq":
             continue
         reads = spec.modalities
-        if sequence is None and len(reads) == 1 and not others:
+        if sequence is None and len(reads) == 1 and not others and not unused:
             sources, embeddings[reads[0]] = {reads[0]: volume.path}, own
             warnings.append(
                 f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: name it {_SEQUENCE_HINT})"

@@ -275,3 +275,21 @@ def test_moving_any_point_of_a_list_queries_that_point(phantom_run):
     expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
     np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
     session.stop_observing()
+
+
+def test_progress_counts_the_other_scans_too(slicer_app):
+    scans, _ = demo_phantom()
+    nodes = {s: add_volume_node(nib.load(scans[s]), f"phantom {s}") for s in ("flair", "t1", "t1ce")}
+    session = InferenceSession()
+    session.start(
+        nodes["flair"], RunOptions(sequence="flair", device="cpu"), others={"t1": nodes["t1"], "t1ce": nodes["t1ce"]}
+    )
+    events = []
+    while session.running:
+        events += session.poll()
+        time.sleep(0.01)
+    counts = [(e.done, e.total) for e in events if isinstance(e, Progress) and e.total]
+    analysed = len(events[-1].run.analysis.prepared.slices)
+    assert counts[-1][0] == counts[-1][1] > 2 * analysed  # the scan and both other scans, in one count
+    assert [done for done, _ in counts] == sorted(done for done, _ in counts)  # never runs backwards
+    assert len({total for _, total in counts}) == 1
