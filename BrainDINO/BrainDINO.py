@@ -264,10 +264,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 def dependencyNote():
     """What the first Apply will install, or '' when everything is there."""
-    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, read_requirements, unmet
+    from BrainDINOLib.dependencies import missing
 
-    missing = unmet(list(TORCH_REQUIREMENTS)) + unmet(read_requirements(REQUIREMENTS))
-    return f"The first Apply installs: {', '.join(missing)}." if missing else ""
+    problems = sum(missing(), [])
+    return f"The first Apply installs: {', '.join(problems)}." if problems else ""
 
 
 def ensureDependencies():
@@ -279,10 +279,9 @@ def ensureDependencies():
     """
     if sys.version_info < (3, 10):  # noqa: UP036 (Slicer before 5.8 ships Python 3.9)
         raise RuntimeError("BrainDINO needs 3D Slicer 5.8 or later (Python 3.10 or later)")
-    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, TORCH_VERSION, read_requirements, unmet
+    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, TORCH_VERSION, missing
 
-    torchProblems = unmet(list(TORCH_REQUIREMENTS))
-    otherProblems = unmet(read_requirements(REQUIREMENTS))
+    torchProblems, otherProblems = missing()
     if not torchProblems and not otherProblems:
         return True
     if any("installed:" in problem for problem in torchProblems):
@@ -310,7 +309,7 @@ def ensureDependencies():
             return False
     if otherProblems:
         slicer.util.pip_install(["-r", str(REQUIREMENTS)])
-    remaining = unmet(list(TORCH_REQUIREMENTS)) + unmet(read_requirements(REQUIREMENTS))
+    remaining = sum(missing(), [])
     if remaining:
         raise RuntimeError(f"still missing after installing: {', '.join(remaining)}; restart Slicer and try again")
     return True

@@ -38,3 +38,8 @@ def unmet(requirements: list[str]) -> list[str]:
         if not requirement.specifier.contains(installed, prereleases=True):
             problems.append(f"{line} (installed: {installed})")
     return problems
+
+
+def missing() -> tuple[list[str], list[str]]:
+    """What this interpreter lacks for BrainDINO: (torch and torchvision problems, problems of the rest)."""
+    return unmet(list(TORCH_REQUIREMENTS)), unmet(read_requirements(REQUIREMENTS))

@@ -132,15 +132,14 @@ def set_voxels(node, array: np.ndarray) -> None:
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array.transpose(axes)))
 
 
-def show_range(node, low: float, high: float, threshold: float | None = None) -> None:
-    """Fix a scalar map's display window to [low, high]; voxels below ``threshold`` become transparent."""
+def show_range(node, low: float, high: float) -> None:
+    """Fix a scalar map's display window to [low, high]; voxels below ``low`` become transparent."""
     display = node.GetDisplayNode()
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(low, high)
-    if threshold is not None:
-        display.SetApplyThreshold(True)
-        display.SetLowerThreshold(threshold)
-        display.SetUpperThreshold(max(high, float(slicer.util.arrayFromVolume(node).max())))
+    display.SetApplyThreshold(True)
+    display.SetLowerThreshold(low)
+    display.SetUpperThreshold(max(high, float(slicer.util.arrayFromVolume(node).max())))
 
 
 def show_layers(scene, background, foreground=None, opacity: float = 0.5) -> None:

@@ -225,19 +225,20 @@ class InferenceSession:
             raise BrainDINOError("run BrainDINO with the similarity output first: the map comes from its tokens")
         analysis = run.analysis
         patch = analysis.query_patch(mrml.ras_to_ijk(run.input, ras))
-        if run.similarity is not None and run.similarity.GetScene() is not None and patch == self._query_patch:
+        shown = run.similarity is not None and run.similarity.GetScene() is not None  # the user may delete it
+        if shown and patch == self._query_patch:
             return run.similarity
         similarity = analysis.volume.to_source(analysis.similarity(patch))
-        if run.similarity is None or run.similarity.GetScene() is None:
+        if shown:
+            mrml.set_voxels(run.similarity, similarity)
+        else:
             run.similarity = mrml.add_volume_like(
                 run.input, similarity, f"{run.input.GetName()} BrainDINO similarity", colors=mrml.SIMILARITY_COLORS
             )
             mrml.place_in_folder(run.similarity, run.folder)
-        else:
-            mrml.set_voxels(run.similarity, similarity)
         analysed = similarity[similarity != 0]  # slices outside the analysed slab are 0
         low = float(np.percentile(analysed[:: max(1, analysed.size // 100_000)], SIMILARITY_SHOWN))
-        mrml.show_range(run.similarity, low, 1.0, threshold=low)
+        mrml.show_range(run.similarity, low, 1.0)
         self._query_patch = patch
         return run.similarity
 
@@ -289,7 +290,7 @@ def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
                 colors=mrml.ATTENTION_COLORS,
             )  # fmt: skip
             low, high = attention_window(analysis)
-            mrml.show_range(run.attention, low, high, threshold=low)
+            mrml.show_range(run.attention, low, high)
             made.append(run.attention)
         if "pca" in outputs:
             run.pca = mrml.add_volume_like(input_node, volume.to_source(analysis.pca), f"{name} BrainDINO PCA")
