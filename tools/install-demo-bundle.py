@@ -24,7 +24,7 @@ from pathlib import Path
 
 from BrainDINOLib.bundle import CARD_FILE, CATALOG_DIR, load_bundle
 from BrainDINOLib.sample_data import DEMO_PHANTOM_DIR
-from BrainDINOTrainingLib.phantoms import Template, write_subject
+from BrainDINOTrainingLib.phantoms import SEQUENCES, Template, write_subject
 
 NAME = "braindino-tiny-phantom"
 DEMO_SEED = 300
@@ -90,7 +90,7 @@ def install_demo_phantom() -> Path:
         for path in sorted((Path(scratch) / subject).glob("*.nii.gz")):
             shutil.copy(path, DEMO_PHANTOM_DIR / path.name.replace(subject, "heldout-phantom"))
     labels = {"subject_id": "heldout-phantom", "generated": f"phantom seed {DEMO_SEED}, subject {index}"}
-    labels.update({k: v for k, v in row.items() if k not in ("subject_id", "t1", "t1ce", "t2", "flair", "seg")})
+    labels.update({k: v for k, v in row.items() if k not in ("subject_id", *SEQUENCES, "seg", "brain_mask")})
     (DEMO_PHANTOM_DIR / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     print(f"demo phantom (seed {DEMO_SEED}, subject {index}) in {DEMO_PHANTOM_DIR}")
     return DEMO_PHANTOM_DIR

@@ -25,12 +25,15 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     actions = cohort.add_subparsers(dest="action", required=True, metavar="{make}")
     make = actions.add_parser(
         "make",
-        help="write N phantom subjects (T1, T1ce, T2, FLAIR, tumor mask) and manifest.csv",
-        description="Generate N labelled phantom subjects from the real MNI ICBM152 template: four contrasts, "
-        "BraTS-labelled tumors with mass effect (60 %% of subjects), age- and diagnosis-dependent "
-        "atrophy, bias field, noise and varied resolution, slice thickness and orientation. "
-        "manifest.csv lists age, sex, diagnosis-like class, GM/WM/CSF volumes, tumor volumes, a "
-        "molecular-status-like marker and survival time/event. Deterministic by --seed.",
+        help="write N whole-head phantom subjects (T1, T1ce, T2, FLAIR, lesion mask, brain mask) and manifest.csv",
+        description="Generate N labelled phantom subjects from the real MNI ICBM152 template: whole heads (CSF rim, "
+        "skull, scalp, eyes, sinuses, neck) in four contrasts (T1ce with dural and vessel enhancement), gliomas with "
+        "mass effect or 1-5 metastases with BraTS labels (60 % of subjects), age- and diagnosis-dependent atrophy, "
+        "and clinical acquisitions: axial/sagittal/coronal planes, 1-7 mm slices, 0.5-1.5 mm in-plane, random "
+        "field of view, bias field, Rician noise, Gibbs ringing, motion ghosts, varied on-disk orientation. "
+        "Each subject also gets its brain mask. manifest.csv lists age, sex, diagnosis-like class, GM/WM/CSF "
+        "volumes, lesion type, count and volumes, a molecular-status-like marker and survival time/event. "
+        "Deterministic by --seed.",
     )
     make.add_argument("count", type=int, metavar="N")
     make.add_argument("out_dir", type=Path, metavar="OUTDIR")
@@ -40,6 +43,26 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=1.0,
         help="base grid in whole mm: 1 (default, realistic) or 2 (8x faster, for quick tests)",
+    )
+    make.add_argument(
+        "--skull-stripped",
+        action="store_true",
+        help="cut every image to its brain mask (background exactly 0), like BraTS data",
+    )
+    make.add_argument(
+        "--random-contrasts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write K images per subject in which every tissue, lesion compartment and head tissue has a "
+        "random intensity (SynthSeg-style; manifest columns random1..K), for contrast-agnostic training "
+        "(default %(default)s)",
+    )
+    make.add_argument(
+        "--tumor-fraction",
+        type=float,
+        default=0.6,
+        help="share of subjects with a lesion (default %(default)s)",
     )
     make.add_argument(
         "--workers", type=int, default=_default_workers(), help="parallel processes (default %(default)s)"
@@ -135,8 +158,9 @@ def _pretrain(args) -> None:
 
 
 def _cohort_make(args) -> None:
-    from .phantoms import make_cohort
+    from .phantoms import CohortOptions, make_cohort
 
+    options = CohortOptions(args.skull_stripped, args.random_contrasts, args.tumor_fraction)
     with cli.ProgressBar("phantoms", "subject") as progress:
         manifest = make_cohort(
             args.count,
@@ -144,6 +168,7 @@ def _cohort_make(args) -> None:
             seed=args.seed,
             resolution=args.resolution,
             workers=args.workers,
+            options=options,
             progress=progress,
         )
     print(f"wrote {args.count} phantom subjects and {manifest}")

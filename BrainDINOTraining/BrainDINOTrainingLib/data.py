@@ -20,7 +20,12 @@ from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES
 
 IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES
-MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "image")
+MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "brain_mask", "image")
+#: Image columns that hold masks, not scans: never pretrained on, never read as a sequence.
+MASKS = ("seg", "brain_mask")
+#: Columns ``random1``, ``random2``, ... hold images with randomised tissue contrast (`phantoms`): scans
+#: to pretrain and segment on, but of no MRI sequence.
+RANDOM_CONTRAST = "random"
 ID_COLUMNS = ("subject_id", "participant_id", "subject", "id")
 BRATS_SUFFIXES = {  # BraTS 2021 and 2023 file naming
     "t1": ("_t1", "-t1n"),
@@ -52,6 +57,16 @@ class Entry:
     labels: dict[str, float | str] = field(default_factory=dict)
     session: str = ""
 
+    @property
+    def scans(self) -> dict[str, Path]:
+        """The images that are scans (masks excluded)."""
+        return {m: p for m, p in self.images.items() if m not in MASKS}
+
+    @property
+    def sequences(self) -> dict[str, Path]:
+        """The scans of a named MRI sequence (randomised contrasts excluded)."""
+        return {m: p for m, p in self.scans.items() if not m.startswith(RANDOM_CONTRAST)}
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -76,8 +91,8 @@ class Manifest:
         return sorted({e.subject_id for e in self.entries})
 
     def image_paths(self, include_masks: bool = False) -> list[Path]:
-        """Every image of every scan (segmentations only when asked), in manifest order."""
-        return [p for e in self.entries for m, p in e.images.items() if include_masks or m != "seg"]
+        """Every image of every scan (masks only when asked), in manifest order."""
+        return [p for e in self.entries for p in (e.images if include_masks else e.scans).values()]
 
     def split(self, fractions: dict[str, float] | None = None, stratify: str | None = None, seed: int = 0) -> Manifest:
         """Subject-level split: all scans of a subject land in one split; stratified by a label if asked.
@@ -274,7 +289,7 @@ def read_table(path: Path, *, require_images: bool = True) -> Manifest:
         or (c != id_column and any(v.lower().endswith(IMAGE_SUFFIXES) for v in columns[c]))
     ]
     if require_images and not image_columns:
-        raise BrainDINOError(f"{path}: no image path column (name one t1, t1ce, t2, flair, seg, image or *_path)")
+        raise BrainDINOError(f"{path}: no image path column (name one {', '.join(MODALITIES)} or *_path)")
     units, labels = {}, {}
     for name in header:
         if name in (id_column, "session", "split", *image_columns):

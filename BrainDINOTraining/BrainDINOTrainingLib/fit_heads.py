@@ -127,9 +127,8 @@ def collect(
         if split not in splits:
             continue
         if options.task == "seq":
-            for modality, path in entry.images.items():
-                if modality != "seg":
-                    rows.append((split, entry.subject_id, cache.get(path).embeddings, modality, 1.0))
+            for modality, path in entry.sequences.items():
+                rows.append((split, entry.subject_id, cache.get(path).embeddings, modality, 1.0))
             continue
         if options.column not in entry.labels or not all(m in entry.images for m in options.modalities):
             continue

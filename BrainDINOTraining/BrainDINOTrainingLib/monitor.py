@@ -93,7 +93,7 @@ class ProbeSet:
             raise BrainDINOError(f"{source}: the probe needs scans of at least two '{label}' classes")
         slices, labels = [], []
         for entry in entries:
-            image = next(p for m, p in entry.images.items() if m != "seg")
+            image = next(iter(entry.scans.values()))
             prepared = prepare(load_volume(image), spec)
             chosen = prepared.slices[np.linspace(0, len(prepared.slices) - 1, max_slices).round().astype(int)]
             slices.append(prepared.model_input(np.unique(chosen))[:, 0].to(torch.float16))

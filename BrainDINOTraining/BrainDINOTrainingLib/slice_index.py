@@ -116,9 +116,8 @@ def collect_volumes(sources: Sequence[str | Path]) -> dict[Path, dict[str, float
     for source in sources:
         for entry in load_manifest(source).entries:
             numeric = {k: float(v) for k, v in entry.labels.items() if isinstance(v, int | float)}
-            for modality, path in entry.images.items():
-                if modality != "seg":
-                    volumes.setdefault(path.resolve(), numeric)
+            for path in entry.scans.values():
+                volumes.setdefault(path.resolve(), numeric)
     return volumes
 
 
