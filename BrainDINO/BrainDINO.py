@@ -6,6 +6,7 @@ by ``BrainDINOLib.session`` and ``BrainDINOLib.mrml``, which CI tests on a real 
 (PyTorch and friends) are installed on first use.
 """
 
+import html
 import logging
 import sys
 from typing import Annotated
@@ -209,7 +210,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seconds = sum(analysis.timings.values())
         folder = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene).GetItemName(run.folder)
         self.showStatus(f"Done in {seconds:.1f} s on {analysis.device}; the outputs are in the folder '{folder}'.")
-        self.ui.predictionsTextEdit.setPlainText("\n".join(run.prediction_lines))
+        lines = [html.escape(line) for line in run.prediction_lines]
+        if run.alert:  # out of distribution: the first line, in red
+            lines.insert(0, f'<b style="color:#d62728">{html.escape(run.alert)}</b>')
+        self.ui.predictionsTextEdit.setHtml("<br>".join(lines))
         for warning in analysis.warnings:
             self.log(f"warning: {warning}")
         if self._parameterNode:

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .brain import brain_head
 from .encoder import BrainEncoder, EncoderConfig, encoder_config
 from .errors import BrainDINOError, describe
 from .heads import HeadSpec, build_head
 from .preprocess import PreprocessSpec
+from .typicality import OOD_FILE, Typicality
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ModelCard:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.files, dict) or not all(
@@ -109,6 +112,29 @@ class Bundle:
     @property
     def head_specs(self) -> list[HeadSpec]:
         return [HeadSpec.from_dict(entry) for entry in self.card.heads]
+
+    def brain_head_sha256(self) -> str | None:
+        """sha256 of the brain-mask head's weights (what scans are prepared with), None without one."""
+        spec = brain_head(self.head_specs)
+        return self.card.files[f"{HEADS_DIR}/{spec.name}.safetensors"] if spec else None
+
+    def load_typicality(self) -> Typicality | None:
+        """The out-of-distribution reference (`braindino calibrate`), None if the bundle has none.
+
+        Raises:
+            BrainDINOError: the reference was made before the encoder or the brain-mask head changed.
+        """
+        if not self.card.ood:
+            return None
+        if self.card.ood.get("brain_head_sha256") != self.brain_head_sha256():
+            raise BrainDINOError(
+                f"{self.path}: the out-of-distribution reference predates the brain-mask head; "
+                "run 'braindino calibrate' on this bundle again"
+            )
+        if OOD_FILE not in self.card.files:  # only hashed files are read
+            raise BrainDINOError(f"{self.path}: {OOD_FILE} is not listed in {CARD_FILE}")
+        reference = load_file(self.path / OOD_FILE)["reference"].float().numpy()
+        return Typicality(reference, int(self.card.ood["k"]), float(self.card.ood["threshold"]))
 
     def load_head(self, spec: HeadSpec) -> torch.nn.Module:
         """The head's module with its weights (CPU, eval mode).
@@ -229,6 +255,23 @@ def add_head(directory: str | Path, spec: HeadSpec, module: torch.nn.Module) -> 
     os.replace(tmp, path)
     heads = [entry for entry in bundle.card.heads if entry.get("name") != spec.name] + [spec.to_dict()]
     card = dataclasses.replace(bundle.card, heads=tuple(heads), files={**bundle.card.files, relative: sha256(path)})
+    return _rewrite_card(bundle, card)
+
+
+def set_typicality(directory: str | Path, typicality: Typicality, info: dict) -> Bundle:
+    """Store an out-of-distribution reference (float16) and its settings (``info`` joins them in the card)."""
+    bundle = load_bundle(directory)
+    path = bundle.path / OOD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"reference": torch.from_numpy(typicality.reference).half()}, tmp)
+    os.replace(tmp, path)
+    ood = {**info, "k": typicality.k, "threshold": typicality.threshold,
+           "brain_head_sha256": bundle.brain_head_sha256()}  # fmt: skip
+    card = dataclasses.replace(bundle.card, ood=ood, files={**bundle.card.files, OOD_FILE: sha256(path)})
+    return _rewrite_card(bundle, card)
+
+
+def _rewrite_card(bundle: Bundle, card: ModelCard) -> Bundle:
     card_path = bundle.path / CARD_FILE
     card_path.with_name(CARD_FILE + ".tmp").write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     os.replace(card_path.with_name(CARD_FILE + ".tmp"), card_path)

@@ -2,8 +2,9 @@
 
 Outputs in ``out_dir`` (``<name>`` is the scan's file name without extension):
 ``<name>_attention.nii.gz``, ``<name>_pca.nii.gz`` (RGB), ``<name>_similarity.nii.gz`` (with a
-query voxel), ``<name>_seg.nii.gz`` (with a segmentation head), ``embeddings.safetensors``,
-``result.json`` (with the heads' predictions) and ``report.png``.
+query voxel), ``<name>_seg.nii.gz`` (with a segmentation head), ``<name>_brainmask.nii.gz`` (with a
+brain-mask head, which then bounds the analysed slices, the normalisation and every map),
+``embeddings.safetensors``, ``result.json`` (with the heads' predictions) and ``report.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .brain import brain_head, prepare_scan
 from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bundle
 from .engine import EncodedVolume, ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError, describe
@@ -93,6 +95,10 @@ class Analysis:
         predictions: head name -> prediction (as in ``result.json``).
         segmentations: segmentation head name -> (X, Y, Z) int16 label volume.
         segmentation_heads: segmentation head name -> its spec (class names and label values).
+        brain: (X, Y, Z) bool brain mask from the bundle's brain-mask head (None without one); attention,
+            PCA, similarity and segmentations are zero outside it.
+        brain_head: the name of that head.
+        ood: `Typicality.verdict` of the scan (None: the bundle has no out-of-distribution reference).
     """
 
     volume: Volume
@@ -108,6 +114,9 @@ class Analysis:
     segmentation_heads: dict[str, HeadSpec]
     warnings: list[str]
     timings: dict[str, float]
+    brain: np.ndarray | None = None
+    brain_head: str | None = None
+    ood: dict | None = None
 
     def query_patch(self, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
         """(slice position, row, col) of the patch holding source voxel ``ijk``.
@@ -119,7 +128,10 @@ class Analysis:
 
     def similarity(self, patch: tuple[int, int, int]) -> np.ndarray:
         """(X, Y, Z) cosine similarity of a patch (`query_patch`) to every patch, from the cached tokens."""
-        return to_volume(self.prepared, similarity_map(self.encoded.patch_tokens, patch))
+        similarity = to_volume(self.prepared, similarity_map(self.encoded.patch_tokens, patch))
+        if self.brain is not None:
+            similarity *= self.brain
+        return similarity
 
 
 def analyse(
@@ -154,61 +166,110 @@ def analyse(
     check_sequences(bundle.head_specs, options.sequence, others)
     encoder = bundle.load_encoder()
     lap("load_model")
-    prepared = prepare(volume, bundle.card.preprocessing)
-    grid = bundle.card.encoder.patch_grid(bundle.card.preprocessing.image_size)
+    spec = bundle.card.preprocessing
+    whole = prepare(volume, spec)
+    grid = bundle.card.encoder.patch_grid(spec.image_size)
     if options.query:  # fail before encoding
-        query_patch(volume, prepared, grid, options.query)
+        query_patch(volume, whole, grid, options.query)
     read = {m for spec in bundle.head_specs if spec.kind != "seg" for m in spec.modalities}
     loaded = {name: o if isinstance(o, Volume) else load_volume(o) for name, o in others.items() if name in read}
-    prepared_others = {name: (other.path, prepare(other, bundle.card.preprocessing)) for name, other in loaded.items()}
+    wholes = {name: prepare(other, spec) for name, other in loaded.items()}
     lap("prepare")
-    slices = len(prepared.slices) + sum(len(p.slices) for _, p in prepared_others.values())
-    part = _progress_parts(progress, slices)  # one count over the scan and the other scans
-    layers = sorted({i for spec in bundle.head_specs if len(spec.modalities) == 1 for i in spec.layers})
+    passes = 2 if brain_head(bundle.head_specs) else 1  # pass 1 finds the brain, pass 2 encodes it
+    part = _progress_parts(progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())))
+
+    def prepared_for_heads(scan: Volume, first: PreparedVolume):
+        """(prepared, brain, warnings, progress of pass 2) of a scan, through the brain-mask head if any."""
+        finding = part(len(first.slices)) if passes == 2 else None
+        prepared, brain, notes = prepare_scan(
+            scan, bundle, encoder, whole=first, device=device, batch_size=options.batch_size, progress=finding,
+            cancel=cancel,
+        )  # fmt: skip
+        return prepared, brain, notes, part(len(first.slices), len(prepared.slices))
+
+    prepared, brain, warnings, encoding = prepared_for_heads(volume, whole)
+    prepared_others = {}
+    for name, other in loaded.items():
+        prepared_other, _, notes, other_encoding = prepared_for_heads(other, wholes[name])
+        prepared_others[name] = (other.path, prepared_other, other_encoding)
+        warnings += notes
+    lap("brain")
+    brain_spec = brain_head(bundle.head_specs)
+    layers = sorted(
+        {
+            i
+            for s in bundle.head_specs
+            if s.kind == "seg" and len(s.modalities) <= 1 and s != brain_spec
+            for i in s.layers
+        }
+    )
     encoded = encode_volume(
-        prepared,
-        encoder,
-        device=device,
-        batch_size=options.batch_size,
-        layers=layers,
-        progress=part(len(prepared.slices)),
-        cancel=cancel,
+        prepared, encoder, device=device, batch_size=options.batch_size, layers=layers, progress=encoding, cancel=cancel
     )
     lap("encode")
+    typicality = bundle.load_typicality()
+    ood = typicality.verdict(encoded.slice_embeddings(bundle.card.pooling)) if typicality else None
+    if ood and ood["out_of_distribution"]:
+        warnings.append(ood_warning(bundle.card.name, ood))
     unused = [name for name in others if name not in read]
     predictions, segmentations, head_warnings = _apply_heads(
-        bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, part
+        bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
     )
+    if ood and ood["out_of_distribution"]:
+        for prediction in predictions.values():
+            prediction["unreliable"] = True
     lap("heads")
     attention_grid = mean_attention(encoded.attention)
-    colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
+    brain_patches = patch_foreground(prepared, encoded.grid)
+    if brain is not None:  # the 60 % outline and the map hold brain patches only
+        attention_grid = attention_grid * brain_patches
+    colors = PcaColors.fit(encoded.patch_tokens, brain_patches)
+    attention = to_volume(prepared, attention_grid)
+    if brain is not None:
+        attention *= brain
     analysis = Analysis(
         volume=volume,
         prepared=prepared,
         encoded=encoded,
         card=bundle.card,
         device=device,
-        attention=to_volume(prepared, attention_grid),
+        attention=attention,
         attention_threshold=dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True)),
         pca=to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True),
         predictions=predictions,
         segmentations=segmentations,
         segmentation_heads={s.name: s for s in bundle.head_specs if s.name in segmentations},
-        warnings=list(volume.warnings) + head_warnings + _model_and_slice_warnings(bundle.card, volume, prepared),
+        warnings=list(volume.warnings)
+        + warnings
+        + head_warnings
+        + _model_and_slice_warnings(bundle.card, volume, prepared),
         timings=timings,
+        brain=brain,
+        brain_head=brain_spec.name if brain is not None else None,
+        ood=ood,
     )
     lap("maps")
     return analysis
 
 
+def ood_warning(model: str, ood: dict) -> str:
+    """The one line that says a scan is out of distribution (stderr, report, Slicer)."""
+    return (
+        f"OUT OF DISTRIBUTION: this scan is unlike the scans model '{model}' was fitted on (typicality score "
+        f"{ood['ood_score']:.3f} > {ood['ood_threshold']:.3f}); its predictions are unreliable"
+    )
+
+
 def _progress_parts(progress: ProgressCallback | None, total: int):
-    """``part(size)`` gives the progress callback of the next ``size`` units of a job of ``total`` units."""
+    """``part(size, steps)`` gives the progress callback of the next ``size`` units of a job of ``total`` units,
+    for a task reporting ``steps`` steps (default ``size``: one unit per step)."""
     offset = 0
 
-    def part(size: int) -> ProgressCallback | None:
+    def part(size: int, steps: int | None = None) -> ProgressCallback | None:
         nonlocal offset
         start, offset = offset, offset + size
-        return None if progress is None else lambda done, _: progress(start + done, total)
+        scale = size / max(steps or size, 1)
+        return None if progress is None else lambda done, _: progress(start + round(done * scale), total)
 
     return part
 
@@ -276,6 +337,8 @@ def run_inference(
     }
     if similarity is not None:
         outputs["similarity"] = f"{stem}_similarity.nii.gz"
+    if analysis.brain is not None:
+        outputs["brain_mask"] = f"{stem}_brainmask.nii.gz"
     segmentations = analysis.segmentations
     for name in segmentations:
         outputs[f"segmentation:{name}"] = (
@@ -290,6 +353,9 @@ def run_inference(
         ]
         if similarity is not None:
             jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
+        if analysis.brain is not None:
+            brain = analysis.brain.astype(np.uint8)
+            jobs.append(pool.submit(save_like, volume, brain, out_dir / outputs["brain_mask"]))
         for name, labels in segmentations.items():
             jobs.append(pool.submit(save_like, volume, labels, out_dir / outputs[f"segmentation:{name}"]))
         if options.report:
@@ -306,6 +372,9 @@ def run_inference(
                 query_xyz,
                 [prediction_text(name, p) for name, p in analysis.predictions.items()],
                 next(iter(segmentations.values()), None),
+                alert=ood_warning(bundle.card.name, analysis.ood)
+                if analysis.ood and analysis.ood["out_of_distribution"]
+                else None,
             )
         for job in jobs:
             job.result()
@@ -337,6 +406,13 @@ def run_inference(
         },
         "device": str(analysis.device),
         "query_voxel": list(options.query) if options.query else None,
+        **(analysis.ood or {"out_of_distribution": None, "ood_score": None, "ood_threshold": None}),
+        "brain_mask": None
+        if analysis.brain is None
+        else {
+            "head": analysis.brain_head,
+            "volume_ml": round(float(analysis.brain.sum()) * float(np.prod(volume.spacing)) / 1000, 1),
+        },
         "predictions": analysis.predictions,
         "outputs": outputs,
         "timings_s": {**timings, "total": round(sum(timings.values()), 3)},
@@ -372,17 +448,17 @@ def check_sequences(specs, sequence: str | None, others) -> None:
         )
 
 
-def _apply_heads(
-    bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, unused, device, cancel, part
-):
+def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, unused, device, cancel,
+                 brain):  # fmt: skip
     """Predictions of the bundle's heads, label volumes of its segmentation heads, and notes on how each was fed.
 
     The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
-    every sequence it reads is at hand (the scan, or ``others``: sequence -> (path, prepared volume),
-    encoded here, slice embeddings only; ``unused`` names other scans no head reads); segmentation
-    heads run on the scan alone. ``reads`` in each prediction names
-    the volumes a head read (their ``path``: a file, or a Slicer node's name). With the scan's sequence unknown,
-    single-sequence heads read the scan as their own sequence, and a warning says so.
+    every sequence it reads is at hand (the scan, or ``others``: sequence -> (path, prepared volume,
+    progress callback), encoded here, slice embeddings only; ``unused`` names other scans no head reads);
+    segmentation heads run on the scan alone, those that read no named sequence on any scan. ``reads`` in
+    each prediction names the volumes a head read (their ``path``: a file, or a Slicer node's name). With
+    the scan's sequence unknown, single-sequence heads read the scan as their own sequence, and a warning
+    says so. Segmentations are cut to ``brain`` when there is one; the brain-mask head itself is not applied here.
 
     Raises:
         BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
@@ -404,21 +480,19 @@ def _apply_heads(
     at_hand, embeddings = ({sequence: volume.path}, {sequence: own}) if sequence else ({}, {})
     for name in unused:
         warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
-    for name, (path, prepared_other) in others.items():
+    for name, (path, prepared_other, encoding) in others.items():
         encoded_other = encode_volume(
-            prepared_other,
-            encoder,
-            device=device,
-            batch_size=options.batch_size,
-            progress=part(len(prepared_other.slices)),
-            cancel=cancel,
+            prepared_other, encoder, device=device, batch_size=options.batch_size, progress=encoding, cancel=cancel
         )
         embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), path
+    brain_spec = brain_head(specs)
     for spec in specs:
-        if spec.kind == "seq":
+        if spec.kind == "seq" or spec == brain_spec:
             continue
         reads = spec.modalities
-        if sequence is None and len(reads) == 1 and not others and not unused:
+        if spec.kind == "seg" and not reads:  # contrast-agnostic: reads the scan, whatever its sequence
+            sources = {sequence or "scan": volume.path}
+        elif sequence is None and len(reads) == 1 and not others and not unused:
             sources, embeddings[reads[0]] = {reads[0]: volume.path}, own
             warnings.append(
                 f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: name it {_SEQUENCE_HINT})"
@@ -442,6 +516,8 @@ def _apply_heads(
             labels = np.zeros(volume.data.shape, dtype=np.int16)
             features = segmentation_input([encoded.layers], spec.layers)
             labels[:, :, prepared.slices] = segment_slices(spec, head, features, prepared.plane).transpose(1, 2, 0)
+            if brain is not None:
+                labels[~brain] = 0
             segmentations[spec.name] = labels
             predictions[spec.name] = segmentation_summary(spec, labels, volume.spacing)
         else:

@@ -21,21 +21,17 @@ from .volume import Volume, volume_from_array
 ATTENTION_COLORS = "vtkMRMLColorTableNodeIron"
 SIMILARITY_COLORS = "vtkMRMLColorTableNodeReverseRainbow"
 
-#: BraTS class -> (DICOM / SNOMED CT type under "Morphologically Altered Structure", display colour).
-TUMOR_TERMINOLOGY = dict(
-    zip(
-        BRATS_CLASSES,
-        [
-            (("6574001", "Necrosis"), (0.86, 0.27, 0.22)),
-            (("79654002", "Edema"), (0.55, 0.88, 0.89)),
-            (("108369006", "Neoplasm"), (1.0, 0.86, 0.2)),
-        ],
-        strict=True,
-    )
-)
+_ALTERED = ("49755003", "Morphologically Altered Structure")
+#: Segment name -> (DICOM / SNOMED CT category, type, display colour): the BraTS classes and the brain.
+SEGMENT_TERMINOLOGY = {
+    BRATS_CLASSES[0]: (_ALTERED, ("6574001", "Necrosis"), (0.86, 0.27, 0.22)),
+    BRATS_CLASSES[1]: (_ALTERED, ("79654002", "Edema"), (0.55, 0.88, 0.89)),
+    BRATS_CLASSES[2]: (_ALTERED, ("108369006", "Neoplasm"), (1.0, 0.86, 0.2)),
+    "Brain": (("123037004", "Anatomical Structure"), ("12738006", "Brain"), (0.93, 0.78, 0.65)),
+}
 _TERMINOLOGY_ENTRY = (
-    "Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
-    "~SCT^{code}^{meaning}~^^~Anatomic codes - DICOM master list~^^~^^"
+    "Segmentation category and type - DICOM master list~SCT^{category[0]}^{category[1]}"
+    "~SCT^{type[0]}^{type[1]}~^^~Anatomic codes - DICOM master list~^^~^^"
 )
 
 
@@ -151,12 +147,13 @@ def show_layers(scene, background, foreground=None, opacity: float = 0.5) -> Non
         composite.SetForegroundOpacity(opacity)
 
 
-def add_segmentation(reference, labels: np.ndarray, classes, label_values, name: str):
+def add_segmentation(reference, labels: np.ndarray, classes, label_values, name: str, brain: np.ndarray | None = None):
     """A segmentation node with one named, coloured segment per label value of an (I, J, K) label volume.
 
     Segments of the BraTS classes carry the DICOM terminology (necrosis, oedema, neoplasm) and its colours;
     every segment is created, even an empty one, so the legend always lists the head's classes. Segment IDs
-    are ``<node name>_<label value>``.
+    are ``<node name>_<label value>``. An (I, J, K) bool ``brain`` mask adds a "Brain" segment (anatomical
+    terminology, ID ``<node name>_brain``) that overlaps the others.
     """
     node = _new_node(reference.GetScene(), "vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -164,15 +161,17 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
     node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     voxels = labels.transpose(2, 1, 0)
+    segments = [(f"{node.GetName()}_{value}", class_name, voxels == value) for value, class_name in
+                zip(label_values, classes, strict=True)]  # fmt: skip
+    if brain is not None:
+        segments.append((f"{node.GetName()}_brain", "Brain", brain.transpose(2, 1, 0)))
     palette = np.array([[0.3, 0.75, 0.3], [0.85, 0.5, 0.85], [0.4, 0.6, 1.0], [1.0, 0.6, 0.2]])
-    for index, (value, class_name) in enumerate(zip(label_values, classes, strict=True)):
-        code, color = TUMOR_TERMINOLOGY.get(class_name, (None, tuple(palette[index % len(palette)])))
-        segment_id = node.GetSegmentation().AddEmptySegment(f"{node.GetName()}_{value}", class_name, color)
-        if code:
-            node.GetSegmentation().GetSegment(segment_id).SetTerminology(
-                _TERMINOLOGY_ENTRY.format(code=code[0], meaning=code[1])
-            )
-        mask = voxels == value
+    for index, (segment_id, segment_name, mask) in enumerate(segments):
+        category, kind, color = SEGMENT_TERMINOLOGY.get(segment_name, (None, None, tuple(palette[index % 4])))
+        node.GetSegmentation().AddEmptySegment(segment_id, segment_name, color)
+        if category:
+            entry = _TERMINOLOGY_ENTRY.format(category=category, type=kind)
+            node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
         if mask.any():
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)
     return node

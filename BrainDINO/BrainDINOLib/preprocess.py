@@ -4,7 +4,8 @@ A `PreprocessSpec` is stored in every model card, so a bundle is always fed slic
 the way it was trained. Steps (BrainDINO paper, downstream protocol):
 
 1. clip intensities to percentiles (default 1-99) of the non-zero voxels, z-score over them,
-   leave zero voxels at 0;
+   leave zero voxels at 0; with a brain mask (a bundle's brain-mask head, see `brain`), the
+   percentiles, mean and std come from the brain's voxels and the brain is the foreground;
 2. keep the axial slices of the brain extent (slices with enough foreground), optionally
    filtered by image entropy and relative position in that extent (tailored MoCo v3 pretraining);
 3. place each slice on a square canvas (default 224 px) in radiological view (anterior up,
@@ -191,20 +192,25 @@ class PreparedVolume:
         return canvas.expand(-1, self.spec.in_chans, -1, -1)
 
 
-def normalize(data: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile clip + z-score over non-zero voxels.
+def normalize(data: np.ndarray, spec: PreprocessSpec, brain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile clip + z-score of the non-zero voxels, with statistics of the non-zero voxels or of ``brain``.
+
+    Args:
+        brain: (X, Y, Z) bool brain mask: clip levels, mean and std come from its voxels (so a scan with
+            skull and one without get the same brain intensities), and it is the foreground.
 
     Returns:
         (image, foreground): (X, Y, Z) float32 normalised intensities and bool foreground.
     """
     nonzero = data != 0
     values = data[nonzero]
-    low, high = np.percentile(values, spec.clip_percentiles)
+    inside = brain[nonzero] if brain is not None and (brain & nonzero).any() else slice(None)
+    low, high = np.percentile(values[inside], spec.clip_percentiles)
     np.clip(values, low, high, out=values)
-    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    mean, std = float(values[inside].mean(dtype=np.float64)), float(values[inside].std(dtype=np.float64))
     image = np.zeros(data.shape, dtype=np.float32)
     image[nonzero] = (values - mean) / max(std, 1e-6)
-    foreground = nonzero & (data > low + spec.foreground_level * (high - low))
+    foreground = brain.copy() if brain is not None else nonzero & (data > low + spec.foreground_level * (high - low))
     return image, foreground
 
 
@@ -225,13 +231,19 @@ def slice_entropy(image: np.ndarray, value_range: tuple[float, float]) -> np.nda
     return entropy
 
 
-def prepare(volume: Volume, spec: PreprocessSpec) -> PreparedVolume:
+def prepare(volume: Volume, spec: PreprocessSpec, brain: np.ndarray | None = None) -> PreparedVolume:
     """Normalise a volume and choose the slices to encode.
+
+    Args:
+        brain: (X, Y, Z) bool brain mask in the volume's canonical voxel order: it gives the
+            normalisation statistics, the foreground and so the analysed slices (its extent).
 
     Raises:
         BrainDINOError: if no slice passes the selection.
     """
-    image, foreground = normalize(volume.data, spec)
+    if brain is not None and brain.shape != volume.data.shape:
+        raise BrainDINOError(f"{volume.path}: brain mask of shape {brain.shape} for a volume of {volume.data.shape}")
+    image, foreground = normalize(volume.data, spec, brain)
     fraction = foreground.mean(axis=(0, 1))
     brain = np.flatnonzero(fraction >= spec.min_foreground_fraction)
     if brain.size == 0:

@@ -78,6 +78,7 @@ def write_report(
     predictions: list[str] = (),
     segmentation: np.ndarray | None = None,
     columns: int = 6,
+    alert: str | None = None,
 ) -> Path:
     """Render the montage.
 
@@ -90,6 +91,7 @@ def write_report(
         query_xyz: canonical voxel of the similarity query.
         predictions: one line per task head, listed under the montage.
         segmentation: (X, Y, Z) canonical label values of a segmentation head, drawn in colour over the MRI.
+        alert: a warning in red under the title (e.g. the scan is out of distribution).
     """
     focus = query_xyz[2] if query_xyz else None
     if focus is None and segmentation is not None and segmentation.any():  # show the largest segmented slice
@@ -152,11 +154,13 @@ def write_report(
     draw.text((LABEL_WIDTH + 4, first_top + 2), "R", fill="yellow", font=small)
     draw.text((LABEL_WIDTH + cell_width - 4, first_top + 2), "L", fill="yellow", font=small, anchor="ra")
     draw.text((8, 6), f"BrainDINO  |  {Path(volume.path).name}  |  model: {card.name}", fill="white", font=font)
-    if card.random_init:
+    if alert:
+        notice = alert
+    elif card.random_init:
         notice = "RANDOMLY INITIALISED ENCODER: these maps test the pipeline; they show no learned anatomy"
     else:
         notice = f"intended use: {card.intended_use}"
-    draw.text((8, 26), notice, fill=WARNING_COLOUR if card.random_init else NOTICE_COLOUR, font=small)
+    draw.text((8, 26), notice, fill=WARNING_COLOUR if alert or card.random_init else NOTICE_COLOUR, font=small)
     if predictions:
         draw.text((8, montage_height + 6), "Predictions (task heads of the bundle)", fill="white", font=font)
         for i, line in enumerate(predictions):

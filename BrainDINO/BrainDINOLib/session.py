@@ -22,7 +22,7 @@ from .cli import Progress
 from .engine import Cancelled, resolve_device
 from .errors import BrainDINOError
 from .heads import prediction_row, prediction_text
-from .infer import Analysis, InferenceOptions, analyse, check_sequences
+from .infer import Analysis, InferenceOptions, analyse, check_sequences, ood_warning
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ class RunNodes:
         """The prediction panel: one line per head, then the model's intended use."""
         lines = [prediction_text(name, p) for name, p in self.analysis.predictions.items()]
         return [*lines, f"Model '{self.analysis.card.name}': {self.analysis.card.intended_use}"]
+
+    @property
+    def alert(self) -> str | None:
+        """The out-of-distribution warning, shown in red above the predictions, if the scan is flagged."""
+        ood = self.analysis.ood
+        return ood_warning(self.analysis.card.name, ood) if ood and ood["out_of_distribution"] else None
 
 
 class InferenceSession:
@@ -277,11 +283,17 @@ def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
     volume, name, made = analysis.volume, input_node.GetName(), []
     try:
         if "segmentation" in outputs:
-            for head, labels in analysis.segmentations.items():
-                spec = analysis.segmentation_heads[head]
+            brain = None if analysis.brain is None else volume.to_source(analysis.brain)
+            segmentations = dict(analysis.segmentations)
+            if brain is not None and not segmentations:  # the brain alone gets a segmentation of its own
+                segmentations[analysis.brain_head] = np.zeros(analysis.brain.shape, np.int16)
+            for head, labels in segmentations.items():
+                spec = analysis.segmentation_heads.get(head)
+                classes, values = (spec.classes, spec.label_values) if spec else ((), ())
                 node = mrml.add_segmentation(
-                    input_node, volume.to_source(labels), spec.classes, spec.label_values, f"{name} BrainDINO {head}"
+                    input_node, volume.to_source(labels), classes, values, f"{name} BrainDINO {head}", brain
                 )
+                brain = None  # one "Brain" segment, in the run's first segmentation
                 run.segmentations[head] = node
                 made.append(node)
         if "attention" in outputs:

@@ -199,7 +199,10 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         help="fit a task head on the frozen encoder and measure it under label scarcity",
         description="Fit a head on a manifest's scans with the bundle's frozen encoder: seg (a tumour "
         "segmentation decoder on multi-layer patch tokens of the given sequences, BraTS labels 1/2/3 from the "
-        "manifest's seg masks; Dice and HD95), or a volume head (cls: classes of a label column; reg: a "
+        "manifest's seg masks; Dice and HD95; '--modality any' makes every scan a sample and gives a head that "
+        "reads any contrast), brain (a brain-mask decoder from the manifest's brain_mask column, on every scan of "
+        "whole heads: infer then analyses, normalises and shows the brain only), or a volume head (cls: classes of "
+        "a label column; reg: a "
         "number such as age; surv: time to event; seq: MRI sequence type). "
         "Subjects are split train/val/test (60/20/20, by subject); each label fraction keeps that share "
         "of the training subjects, each seed draws it anew. The head (and for volume heads linear, kNN and "
@@ -208,7 +211,7 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         "stored in the bundle (heads/NAME.safetensors + model.json) and used by 'braindino infer'. "
         "Encoder features are cached per scan (see --cache).",
     )
-    fit.add_argument("--task", required=True, choices=["seg", "cls", "reg", "surv", "seq"])
+    fit.add_argument("--task", required=True, choices=["seg", "brain", "cls", "reg", "surv", "seq"])
     fit.add_argument("--manifest", required=True, help="manifest table, folder with manifest.csv, BIDS or BraTS")
     fit.add_argument("--target", default="", help="label column (cls: required; reg: age; surv: survival_days)")
     fit.add_argument("--event", default="event", help="surv: event column, 1 = observed (default %(default)s)")
@@ -216,7 +219,9 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("-o", "--out-bundle", type=Path, help="write a copy of the bundle with the head here")
     fit.add_argument("--name", help="head name (default: the target, or 'sequence')")
     fit.add_argument(
-        "--modality", nargs="+", help="scans read per subject (default: t1; seg: flair; several are fused)"
+        "--modality",
+        nargs="+",
+        help="scans read per subject (default: t1; seg: flair; several are fused; seg: 'any' = every scan alone)",
     )
     fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
     fit.add_argument(
@@ -228,6 +233,12 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--steps", type=int, help="seg: optimizer steps of 16 slices, the same at every label fraction (default 1000)"
     )
+    fit.add_argument(
+        "--slices-per-scan",
+        type=int,
+        help="seg, brain: training slices kept per scan, evenly spaced (default: all; brain and '--modality any': "
+        "24, to bound memory)",
+    )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -235,9 +246,8 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fit_head(args) -> None:
-    import shutil
-
-    from BrainDINOLib.bundle import CATALOG_DIR, add_head, find_bundle, load_bundle
+    from BrainDINOLib.brain import BRAIN_CLASSES, BRAIN_TARGET
+    from BrainDINOLib.bundle import add_head, load_bundle
 
     from .data import load_manifest
     from .evaluation import fit_and_evaluate, write_report
@@ -245,26 +255,28 @@ def _fit_head(args) -> None:
     from .fit_heads import FitOptions
     from .fit_segmentation import BRATS_CLASSES, SegOptions, default_layers, fit_and_evaluate_segmentation
 
-    source = find_bundle(args.bundle)
-    if args.out_bundle is None and source.resolve().is_relative_to(CATALOG_DIR.resolve()):
-        raise BrainDINOError(f"{source} ships with BrainDINO and stays unchanged: pass -o NEW_BUNDLE for a copy")
-    if args.out_bundle is not None and args.out_bundle.exists():
-        raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
-    if (args.task == "seg" and args.epochs) or (args.task != "seg" and args.steps):
-        raise BrainDINOError("--steps sets segmentation training, --epochs volume-head training")
+    source = _checked_bundle(args)
+    decoder = args.task in ("seg", "brain")
+    if (decoder and args.epochs) or (not decoder and (args.steps or args.slices_per_scan)):
+        raise BrainDINOError("--steps and --slices-per-scan set segmentation training, --epochs volume-head training")
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
-    if args.task == "seg":
-        values = tuple(args.label_values)
+    if decoder:
+        values = (1,) if args.task == "brain" else tuple(args.label_values)
+        modalities = () if args.task == "brain" or args.modality == ["any"] else tuple(args.modality or ("flair",))
         options = SegOptions(
-            modalities=tuple(args.modality or SegOptions.modalities),
+            modalities=modalities,
+            target=BRAIN_TARGET if args.task == "brain" else "seg",
+            slices_per_scan=args.slices_per_scan if args.slices_per_scan is not None else (0 if modalities else 24),
             label_values=values,
-            classes=BRATS_CLASSES if len(values) == 3 else tuple(f"label {v}" for v in values),
+            classes=BRAIN_CLASSES if args.task == "brain" else BRATS_CLASSES if len(values) == 3
+            else tuple(f"label {v}" for v in values),
             label_fractions=tuple(args.label_fraction),
             seeds=tuple(args.seeds),
             steps=args.steps or SegOptions.steps,
-        )
-        name = args.name or "tumor"
-        cache = FeatureCache(bundle, args.cache, default_layers(bundle.card.encoder.depth), args.device)
+        )  # fmt: skip
+        name = args.name or ("brain" if args.task == "brain" else "tumor")
+        layers = default_layers(bundle.card.encoder.depth)
+        cache = FeatureCache(bundle, args.cache, layers, args.device, masked=args.task != "brain")
         fit = fit_and_evaluate_segmentation
     else:
         options = FitOptions(
@@ -281,12 +293,9 @@ def _fit_head(args) -> None:
         cache = FeatureCache(bundle, args.cache, device=args.device)
         fit = fit_and_evaluate
     with cli.ProgressBar("features", "scan") as progress, cli.ProgressBar("decoder", "step") as steps:
-        extra = {"training_progress": steps} if args.task == "seg" else {}
+        extra = {"training_progress": steps} if decoder else {}
         result = fit(manifest, cache, options, name, progress=progress, **extra)
-    target = source
-    if args.out_bundle is not None:
-        shutil.copytree(source, args.out_bundle)
-        target = args.out_bundle
+    target = _changed_bundle(args, source)
     training = {**result.spec.training, "command": args.command_line}
     add_head(target, dataclasses.replace(result.spec, training=training), result.head)
     written = write_report(result, args.report or Path("reports") / name)
@@ -345,12 +354,78 @@ def _evaluate(args) -> None:
     print(f"report in {args.report}")
 
 
+def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
+    """``calibrate``."""
+    calibrate = subparsers.add_parser(
+        "calibrate",
+        help="record the encoder's embeddings of training data for the out-of-distribution warning",
+        description="Encode every scan of DATA as 'braindino infer' does (through the bundle's brain-mask head, if "
+        "any), keep their slice embeddings as the bundle's reference (ood.safetensors) and set the threshold of the "
+        "typicality score from held-out subjects (MARGIN x the largest held-out score). 'braindino infer' then "
+        "scores every scan and flags those above it as out of distribution. Run it after the last head is added "
+        "(a new brain-mask head makes the reference stale).",
+    )
+    calibrate.add_argument("--manifest", required=True, help="training-like data: manifest, folder, BIDS or BraTS")
+    calibrate.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
+    calibrate.add_argument("-o", "--out-bundle", type=Path, help="write a calibrated copy of the bundle here")
+    calibrate.add_argument("--k", type=int, default=10, help="nearest reference slices per slice (default %(default)s)")
+    calibrate.add_argument("--margin", type=float, default=2.0, help="threshold factor (default %(default)s)")
+    calibrate.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
+    calibrate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    calibrate.set_defaults(func=_calibrate)
+
+
+def _checked_bundle(args) -> Path:
+    """The bundle a command reads (``--bundle``); it will change it, or its copy at ``-o`` (`_changed_bundle`).
+
+    Raises:
+        BrainDINOError: the bundle ships with BrainDINO and no copy was asked for, or the copy's folder exists.
+    """
+
+    source = _checked_bundle(args)
+    return source
+
+
+def _changed_bundle(args, source: Path) -> Path:
+    """Once the work is done: the copy at ``-o`` (made now), else the source itself."""
+    import shutil
+
+    if args.out_bundle is None:
+        return source
+    shutil.copytree(source, args.out_bundle)
+    return args.out_bundle
+
+
+def _calibrate(args) -> None:
+    from BrainDINOLib.bundle import load_bundle, set_typicality
+
+    from .calibration import CalibrationOptions, calibrate_typicality
+    from .data import load_manifest
+    from .features import FeatureCache
+
+    source = _checked_bundle(args)
+    manifest = load_manifest(args.manifest)
+    cache = FeatureCache(load_bundle(source), args.cache, device=args.device)
+    with cli.ProgressBar("features", "scan") as progress:
+        options = CalibrationOptions(k=args.k, margin=args.margin)
+        typicality, info = calibrate_typicality(manifest, cache, options, progress=progress)
+    target = _changed_bundle(args, source)
+    set_typicality(target, typicality, {**info, "command": args.command_line})
+    scores = info["held_out_scores"]
+    print(
+        f"{target}: out-of-distribution threshold {typicality.threshold:.4f} (held-out scans: median score "
+        f"{scores['median']:.4f}, largest {scores['max']:.4f}); reference of {info['reference_slices']} slices "
+        f"from {info['scans']} scans"
+    )
+
+
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.
 TRAINING_COMMANDS: tuple[cli.CommandAdder, ...] = (
     add_data_commands,
     add_pretrain_command,
     add_head_commands,
     add_evaluate_command,
+    add_calibrate_command,
 )
 
 

@@ -1,9 +1,14 @@
 """Per-volume feature cache shared by every head: encode a scan once, fit and evaluate many heads.
 
-One file per (scan, encoder weights, preprocessing, layers): the key hashes the encoder's sha256 and
-slice pooling, the preprocessing spec, the intermediate layers kept, and the scan's resolved path, size and
-modification time, so features of a changed scan, another encoder or other settings are never
-reused. Files are safetensors (no pickle), written atomically.
+Scans are prepared exactly as ``infer`` prepares them (`BrainDINOLib.brain.prepare_scan`): with a
+bundle's brain-mask head, normalised over and cut to the brain it finds; ``masked=False`` gives the
+features of whole scans, which a brain-mask head is fitted on.
+
+One file per (scan, encoder weights, preprocessing, brain-mask head, layers): the key hashes the
+encoder's sha256 and slice pooling, the preprocessing spec, the brain-mask head's sha256, the
+intermediate layers kept, and the scan's resolved path, size and modification time, so features of
+a changed scan, another encoder or other settings are never reused. Files are safetensors (no
+pickle), written atomically.
 
 Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the encoder was
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
@@ -24,6 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from BrainDINOLib import __version__
+from BrainDINOLib.brain import prepare_scan
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.engine import encode_volume, resolve_device
 from BrainDINOLib.preprocess import prepare
@@ -48,6 +54,7 @@ class FeatureCache:
         folder: where feature files live (default ``~/.braindino/cache/features``).
         layers: encoder blocks whose patch tokens are kept (segmentation heads need them).
         device, batch_size: passed to `encode_volume`.
+        masked: prepare scans through the bundle's brain-mask head, if it has one (as ``infer`` does).
     """
 
     def __init__(
@@ -57,8 +64,10 @@ class FeatureCache:
         layers: Sequence[int] = (),
         device: str = "auto",
         batch_size: int | None = None,
+        masked: bool = True,
     ):
         self.bundle, self.layers = bundle, tuple(sorted(layers))
+        self.brain_head = bundle.brain_head_sha256() if masked else None
         self.folder = Path(folder) if folder else DEFAULT_CACHE_DIR
         self.device, self.batch_size = resolve_device(device), batch_size
         self._encoder = None
@@ -68,8 +77,9 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 3,
+            "format": 4,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
+            "brain_head_sha256": self.brain_head,
             "pooling": self.bundle.card.pooling,
             "preprocessing": self.bundle.card.preprocessing.to_dict(),
             "layers": list(self.layers),
@@ -101,7 +111,13 @@ class FeatureCache:
     def _compute(self, scan: str | Path) -> dict[str, np.ndarray]:
         if self._encoder is None:
             self._encoder = self.bundle.load_encoder()
-        prepared = prepare(load_volume(scan), self.bundle.card.preprocessing)
+        volume = load_volume(scan)
+        if self.brain_head:
+            prepared, _, _ = prepare_scan(
+                volume, self.bundle, self._encoder, device=self.device, batch_size=self.batch_size
+            )
+        else:
+            prepared = prepare(volume, self.bundle.card.preprocessing)
         encoded = encode_volume(
             prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=self.layers
         )

@@ -43,7 +43,20 @@ def default_layers(depth: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SegOptions:
-    modalities: tuple[str, ...] = ("flair",)  # several (e.g. t1 t1ce t2 flair) are fused; infer reads one scan
+    """How a segmentation head is fitted.
+
+    Attributes:
+        modalities: the scans the decoder reads; several (e.g. t1 t1ce t2 flair) are fused; empty: every scan
+            of a subject is a sample of its own, so the head learns to read any contrast (and ``infer``
+            applies it to any scan).
+        target: the manifest column of the masks (``seg``: tumour labels; ``brain_mask``: a brain-mask head).
+        slices_per_scan: training slices kept per scan, evenly spaced (0: all); bounds memory when every
+            scan of many subjects is a sample.
+    """
+
+    modalities: tuple[str, ...] = ("flair",)
+    target: str = "seg"
+    slices_per_scan: int = 0
     layers: tuple[int, ...] = ()  # default: `default_layers`
     label_values: tuple[int, ...] = (1, 2, 3)
     classes: tuple[str, ...] = BRATS_CLASSES
@@ -78,7 +91,7 @@ def collect_segmentation(
     progress=None,
     splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> dict[str, list[SegVolume]]:
-    """Subjects with a mask and every chosen sequence, for each of ``splits``.
+    """Samples (subjects with a mask and every chosen sequence, or each scan of such subjects) for each of ``splits``.
 
     Raises:
         BrainDINOError: no such subjects, a split without them, or mask values outside ``label_values``.
@@ -89,48 +102,66 @@ def collect_segmentation(
     for done, entry in enumerate(manifest.entries):
         if progress:
             progress(done, len(manifest.entries))
-        wanted = manifest.splits.get(entry.subject_id) in found
-        if not wanted or "seg" not in entry.images or not all(m in entry.images for m in options.modalities):
+        split = manifest.splits.get(entry.subject_id)
+        if split not in found or options.target not in entry.images:
             continue
-        reference = load_volume(entry.images[options.modalities[0]])
-        labels = load_labels(entry.images["seg"], reference)
-        for modality in options.modalities[1:]:  # tokens are concatenated slice by slice: one voxel grid
-            other = load_volume(entry.images[modality])
-            if other.data.shape != reference.data.shape or not np.allclose(other.affine, reference.affine, atol=1e-3):
-                raise BrainDINOError(f"{entry.images[modality]}: not on the voxel grid of {reference.path}")
-        unknown = set(np.unique(labels).tolist()) - {0, *options.label_values}
-        if unknown:
-            raise BrainDINOError(f"{entry.images['seg']}: label values {sorted(unknown)} not in {options.label_values}")
-        features = [cache.get(entry.images[m]) for m in options.modalities]
-        slices = features[0].slices
-        if any(not np.array_equal(f.slices, slices) for f in features[1:]):  # other extents: common slices only
-            slices = np.array(sorted(set.intersection(*(set(f.slices.tolist()) for f in features))), dtype=int)
-        if not len(slices):
-            raise BrainDINOError(f"{entry.subject_id}: its sequences share no analysed axial slice")
-        rows = [np.searchsorted(f.slices, slices) for f in features]
-        layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
-        spacing, size = reference.spacing, cache.bundle.card.preprocessing.image_size
-        plane = PlaneGeometry.fit(reference.data.shape[:2], (spacing[0], spacing[1]), size)  # as prepare() places it
-        classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
-        found[manifest.splits[entry.subject_id]].append(
-            SegVolume(
-                entry.subject_id,
-                segmentation_input(layers, cache.layers).to(torch.float16),
-                plane.labels_to_canvas(classes).to(torch.uint8),
-                labels,
-                slices,
-                plane,
-                reference.spacing,
-            )
-        )
+        samples = [options.modalities] if options.modalities else [(m,) for m in entry.scans]
+        for modalities in samples:
+            if all(m in entry.images for m in modalities):
+                volume = _seg_volume(entry, modalities, options, cache, lookup)
+                found[split].append(_thin(volume, options.slices_per_scan) if split == "train" else volume)
     if progress:
         progress(len(manifest.entries), len(manifest.entries))
     for name, volumes in found.items():
         if not volumes:
             raise BrainDINOError(
-                f"{manifest.source}: no '{name}' subjects with a mask and {list(options.modalities)}; use more subjects"
+                f"{manifest.source}: no '{name}' subjects with a '{options.target}' mask and "
+                f"{list(options.modalities) or 'a scan'}; use more subjects"
             )
     return found
+
+
+def _seg_volume(entry, modalities: tuple[str, ...], options: SegOptions, cache: FeatureCache, lookup) -> SegVolume:
+    """One sample: the decoder input of ``modalities`` of a subject and the canvas targets of its mask."""
+    reference = load_volume(entry.images[modalities[0]])
+    labels = load_labels(entry.images[options.target], reference)
+    for modality in modalities[1:]:  # tokens are concatenated slice by slice: one voxel grid
+        other = load_volume(entry.images[modality])
+        if other.data.shape != reference.data.shape or not np.allclose(other.affine, reference.affine, atol=1e-3):
+            raise BrainDINOError(f"{entry.images[modality]}: not on the voxel grid of {reference.path}")
+    unknown = set(np.unique(labels).tolist()) - {0, *options.label_values}
+    if unknown:
+        mask = entry.images[options.target]
+        raise BrainDINOError(f"{mask}: label values {sorted(unknown)} not in {options.label_values}")
+    features = [cache.get(entry.images[m]) for m in modalities]
+    slices = features[0].slices
+    if any(not np.array_equal(f.slices, slices) for f in features[1:]):  # other extents: common slices only
+        slices = np.array(sorted(set.intersection(*(set(f.slices.tolist()) for f in features))), dtype=int)
+    if not len(slices):
+        raise BrainDINOError(f"{entry.subject_id}: its sequences share no analysed axial slice")
+    rows = [np.searchsorted(f.slices, slices) for f in features]
+    layers = [{i: f.layers[i][r] for i in f.layers} for f, r in zip(features, rows, strict=True)]
+    spacing, size = reference.spacing, cache.bundle.card.preprocessing.image_size
+    plane = PlaneGeometry.fit(reference.data.shape[:2], (spacing[0], spacing[1]), size)  # as prepare() places it
+    classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
+    return SegVolume(
+        entry.subject_id,
+        segmentation_input(layers, cache.layers).to(torch.float16),
+        plane.labels_to_canvas(classes).to(torch.uint8),
+        labels,
+        slices,
+        plane,
+        reference.spacing,
+    )
+
+
+def _thin(volume: SegVolume, count: int) -> SegVolume:
+    """At most ``count`` evenly spaced slices of a training sample (0: all)."""
+    if not count or len(volume.slices) <= count:
+        return volume
+    keep = np.unique(np.linspace(0, len(volume.slices) - 1, count).round().astype(int))
+    return dataclasses.replace(volume, features=volume.features[keep], targets=volume.targets[keep],
+                               slices=volume.slices[keep])  # fmt: skip
 
 
 def fit_decoder(
@@ -210,7 +241,7 @@ def fit_and_evaluate_segmentation(
     spec = HeadSpec(
         name=name,
         kind="seg",
-        target="seg",
+        target=options.target,
         modalities=options.modalities,
         classes=options.classes,
         label_values=options.label_values,

@@ -14,7 +14,7 @@ from BrainDINOLib.errors import BrainDINOError
 
 OBJECTIVES = ("dino", "moco", "mae", "jepa", "anatcl")
 MODEL_SIZES = ("tiny-cpu", "vit-s16", "vit-b16-braindino")
-TASKS = ("seg", "cls", "reg", "surv", "seq")
+TASKS = ("seg", "brain", "cls", "reg", "surv", "seq")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -131,6 +131,6 @@ class FitHeadForm:
         command += ["--bundle", self.bundle] if self.bundle else []
         command += ["--label-fraction", *(f"{f:g}" for f in self.label_fractions)]
         if self.iterations:
-            command += ["--steps" if self.task == "seg" else "--epochs", str(self.iterations)]
+            command += ["--steps" if self.task in ("seg", "brain") else "--epochs", str(self.iterations)]
         report = out_bundle.parent / f"{out_bundle.name}-report"
         return [command + ["--report", str(report), "--device", self.device]]

@@ -144,10 +144,12 @@ def build_head(
     vertebrae = ((x / 14) ** 2 + ((y - cord_y - 21) / 9) ** 2 <= 1) & (z < -80) & (labels >= MUSCLE)
     labels[vertebrae] = BONE
     labels[vertebrae & ((x / 12) ** 2 + ((y - cord_y - 21) / 7) ** 2 <= 1)] = MARROW
-    airway = (x**2 + ((y - cord_y - 40) / 1.3) ** 2 <= 7**2) & (z < -55)
-    nasal = (np.abs(x) < 6) & (y > 35) & (y < 66) & (z < -40) & (z > -80)
+    airway = (x**2 + ((y - cord_y - 40) / 1.3) ** 2 <= 7**2) & (z < -60)
+    airway |= _ellipsoid(world, (0, cord_y + 44, -60), (10, 12, 10))  # pharynx, joining the nasal cavity
+    nasal = _ellipsoid(world, (0, 48, -58), (6, 20, 18))
     sinuses = _ellipsoid(world, (24, 45, -62), (11, 13, 13)) | _ellipsoid(world, (-24, 45, -62), (11, 13, 13))
-    labels[(airway | nasal | sinuses) & (labels >= MUSCLE)] = AIR
+    air = ndimage.gaussian_filter((airway | nasal | sinuses).astype(np.float32), 1.5 / mm) > 0.5
+    labels[air & (labels >= MUSCLE)] = AIR
 
     # Eyes: globe (vitreous), lens at its front, orbital fat behind, clear of the brain's coverings.
     radius = rng.uniform(11, 12.5)

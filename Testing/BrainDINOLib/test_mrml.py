@@ -125,8 +125,8 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
     )
     terminology = app.terminologies_logic
     for value, class_name in zip((1, 2, 3), BRATS_CLASSES, strict=True):
-        (code, color), segment = (
-            mrml.TUMOR_TERMINOLOGY[class_name],
+        (_, code, color), segment = (
+            mrml.SEGMENT_TERMINOLOGY[class_name],
             segments.GetSegment(f"{segmentation.GetName()}_{value}"),
         )
         np.testing.assert_allclose(segment.GetColor(), color, atol=1e-6)

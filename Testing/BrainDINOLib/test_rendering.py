@@ -37,7 +37,7 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
     drawn = render(view, _voxel_ras(run.input, (k, 0, 0))[2]).astype(int)
     # deep inside the oedema (not on an outline): the fill blends the segment colour over the grey scan
     inner = np.argwhere(oedema[k] & np.roll(oedema[k], 3, 0) & np.roll(oedema[k], -3, 0) & np.roll(oedema[k], 3, 1))
-    color = np.array(mrml.TUMOR_TERMINOLOGY["peritumoral oedema"][1])
+    color = np.array(mrml.SEGMENT_TERMINOLOGY["peritumoral oedema"][2])
     shifts = []
     for j, i in inner[:: max(1, len(inner) // 40)]:
         row, col = pixel_of(view, app.scene, _voxel_ras(run.input, (k, j, i)))

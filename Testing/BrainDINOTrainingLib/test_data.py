@@ -14,9 +14,10 @@ def test_table_manifest_of_the_cohort(cohort):
     manifest = load_manifest(cohort)
     assert manifest.kind == "table" and len(manifest.entries) == 12
     entry = manifest.entries[0]
-    assert set(entry.images) == {"t1", "t1ce", "t2", "flair", "seg"} and all(p.is_file() for p in entry.images.values())
+    assert set(entry.images) == {"t1", "t1ce", "t2", "flair", "seg", "brain_mask"}
+    assert all(p.is_file() for p in entry.images.values()) and set(entry.scans) == {"t1", "t1ce", "t2", "flair"}
     assert isinstance(entry.labels["age"], float) and entry.labels["diagnosis"] in ("CN", "MCI", "AD")
-    assert len(manifest.image_paths()) == 48 and len(manifest.image_paths(include_masks=True)) == 60
+    assert len(manifest.image_paths()) == 48 and len(manifest.image_paths(include_masks=True)) == 72
 
 
 def test_folder_of_volumes(tmp_path, cohort):

@@ -1,0 +1,111 @@
+"""Brain-mask head: fitted on whole-head phantoms through the command line, measured on held-out phantoms of
+several contrasts and slice thicknesses, and what ``infer`` does with it (mask file, maps, slices)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from BrainDINOLib.brain import BRAIN_TARGET, brain_head, largest_component
+from BrainDINOLib.bundle import find_bundle, load_bundle
+from BrainDINOTrainingLib.cli import main
+from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
+from testdata import reorient
+
+
+@pytest.fixture(scope="module")
+def brain_bundle(tmp_path_factory):
+    """The shipped encoder with a brain-mask head fitted on 16 whole-head phantoms (2 mm; four sequences and a
+    randomised contrast each, every plane and slice thickness)."""
+    work = tmp_path_factory.mktemp("brain")
+    make_cohort(16, work / "cohort", seed=11, resolution=2, workers=2, options=CohortOptions(random_contrasts=1))
+    command = ["fit-head", "--task", "brain", "--manifest", str(work / "cohort"), "--bundle", str(find_bundle(None))]
+    command += ["-o", str(work / "bundle"), "--steps", "300", "--cache", str(work / "cache")]
+    assert main([*command, "--report", str(work / "report"), "--device", "cpu"]) == 0
+    return work / "bundle"
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Three phantoms no head saw (another seed), whole heads with their true brain masks."""
+    folder = tmp_path_factory.mktemp("held-out") / "cohort"
+    make_cohort(3, folder, seed=12, resolution=2, workers=1, options=CohortOptions(random_contrasts=1))
+    with open(folder / "manifest.csv") as handle:
+        return folder, list(csv.DictReader(handle))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1)
+
+
+def test_brain_head_is_stored_with_its_metrics(brain_bundle):
+    bundle = load_bundle(brain_bundle)
+    spec = brain_head(bundle.head_specs)
+    assert spec.name == "brain" and spec.target == BRAIN_TARGET and spec.modalities == () and spec.classes == ("brain",)
+    assert spec.metrics["dice_label_1"] > 0.85
+
+
+def test_brain_masks_of_held_out_phantoms_in_every_contrast(tmp_path, brain_bundle, held_out):
+    folder, rows = held_out
+    scores = []
+    for row in rows:
+        truth = np.asarray(nib.load(folder / row["brain_mask"]).dataobj) > 0
+        for column in ("t1", "t2", "flair", "random1"):
+            out = tmp_path / f"{row['subject_id']}-{column}"
+            assert main(["infer", str(folder / row[column]), "-o", str(out), "--bundle", str(brain_bundle),
+                               "--device", "cpu", "--no-report"]) == 0  # fmt: skip
+            written = nib.load(next(out.glob("*_brainmask.nii.gz")))
+            assert np.allclose(written.affine, nib.load(folder / row[column]).affine)
+            scores.append(_dice(np.asarray(written.dataobj) > 0, truth))
+    spacing = {row["spacing_mm"] for row in rows}
+    assert len(spacing) > 1 and np.mean(scores) >= 0.9 and min(scores) > 0.8, (spacing, scores)
+
+
+def test_infer_follows_the_brain_mask(tmp_path, brain_bundle, held_out):
+    """Maps are zero outside the mask, slices follow its extent, and an oblique LPS copy of the scan gets the
+    same mask in its own geometry."""
+    folder, rows = held_out
+    scan = folder / rows[0]["t1"]
+    out = tmp_path / "plain"
+    assert main(["infer", str(scan), "-o", str(out), "--bundle", str(brain_bundle), "--device", "cpu"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["brain_mask"]["head"] == "brain" and result["brain_mask"]["volume_ml"] > 800
+    brain = np.asarray(nib.load(out / result["outputs"]["brain_mask"]).dataobj) > 0
+    canonical = nib.as_closest_canonical(nib.load(out / result["outputs"]["brain_mask"]))
+    extent = np.flatnonzero(np.asarray(canonical.dataobj).any(axis=(0, 1)))
+    assert result["slices"]["first"] >= extent[0] and result["slices"]["last"] <= extent[-1]
+    for name in ("attention", "pca"):
+        data = np.asarray(nib.load(out / result["outputs"][name]).dataobj)
+        outside = data[~brain] if data.ndim == 3 else data[~brain].reshape(-1)
+        assert not outside.any() and data.any(), name
+    assert (
+        "tumor" not in result["predictions"]
+        or not np.asarray(nib.load(out / result["outputs"]["segmentation:tumor"]).dataobj)[~brain].any()
+    )
+
+    image = nib.load(scan)
+    tilt = np.eye(4)
+    tilt[1:3, 1:3] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    oblique = reorient(nib.Nifti1Image(np.asarray(image.dataobj), tilt @ image.affine), "LPS")
+    nib.save(oblique, tmp_path / "oblique.nii.gz")
+    again = tmp_path / "oblique"
+    assert main(["infer", str(tmp_path / "oblique.nii.gz"), "-o", str(again), "--bundle", str(brain_bundle),
+                       "--device", "cpu", "--no-report"]) == 0  # fmt: skip
+    mask = nib.load(again / "oblique_brainmask.nii.gz")
+    assert np.allclose(mask.affine, oblique.affine) and mask.shape == oblique.shape
+    moved = nib.as_closest_canonical(mask)
+    original = nib.as_closest_canonical(nib.load(out / result["outputs"]["brain_mask"]))
+    assert _dice(np.asarray(moved.dataobj) > 0, np.asarray(original.dataobj) > 0) > 0.97
+
+
+def test_largest_component_drops_islands_and_fills_holes():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:12, 2:12, 2:12] = True
+    mask[5:8, 5:8, 5:8] = False  # a hole
+    mask[16:18, 16:18, 16:18] = True  # an island
+    kept = largest_component(mask)
+    assert kept[6, 6, 6] and not kept[17, 17, 17] and kept.sum() == 1000
