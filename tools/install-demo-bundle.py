@@ -40,15 +40,18 @@ def install_bundle(source: Path, work: Path) -> Path:
         name=NAME,
         description=(
             f"DEMONSTRATION: tiny DINO ViT/16 pretrained on one CPU ({bundle.card.training['steps']} steps) on axial "
-            "slices of 48 synthetic phantoms derived from the MNI template, with heads fitted on 80 other phantoms: "
+            "slices of 48 synthetic whole-head phantoms derived from the MNI template (four sequences and two "
+            "randomised contrasts each, a quarter skull-stripped), with heads fitted on 80 other phantoms: "
             f"{heads}. Phantom-trained: not for clinical use."
         ),
         intended_use="demonstration on synthetic phantoms only; not a medical device; its heads learned the "
         "phantom generator's rules, not real disease",
         training={
             **bundle.card.training,
-            "data": "48 phantoms, braindino cohort make 48 --seed 100 (1 mm)",
-            "heads_data": "80 other phantoms, braindino cohort make 80 --seed 200 (1 mm), split 60/20/20 by subject",
+            "data": "48 phantoms, braindino cohort make 48 --seed 100 --skull-stripped 0.25 "
+            "--random-contrasts 2 (1 mm)",
+            "heads_data": "80 other phantoms, braindino cohort make 80 --seed 200 --skull-stripped 0.25 "
+            "--random-contrasts 1 (1 mm), split 60/20/20 by subject",
             "built_by": "bash tools/make-demo-bundle.sh",
             "config": pretrain,
         },

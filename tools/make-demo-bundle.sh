@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the phantom-trained demo bundle from scratch, one resumable step at a time:
-#   1. a pretraining cohort of phantoms (48 subjects, 1 mm) and its slice index;
-#   2. tiny DINO pretraining on one CPU (tiny-cpu config, 2 epochs of 600 steps; resumes after an interruption);
-#   3. a separate labelled phantom cohort for the heads (80 subjects, 1 mm);
-#   4. heads of every kind on the frozen encoder (sequence, tumour segmentation, diagnosis, marker, age, survival);
+#   1. a pretraining cohort of whole-head phantoms (48 subjects, 1 mm; four sequences and two randomised
+#      contrasts each, a quarter of them skull-stripped) and its slice index;
+#   2. tiny DINO pretraining on one CPU (tiny-cpu config, 2 epochs of 900 steps; resumes after an interruption);
+#   3. a separate labelled cohort for the heads (80 subjects, 1 mm, one randomised contrast each, a quarter
+#      skull-stripped);
+#   4. heads on the frozen encoder: the brain mask first (every later head is fitted on scans prepared through
+#      it, as infer prepares them), then sequence, tumour segmentation on any contrast, diagnosis, marker, age,
+#      survival; then the out-of-distribution reference (braindino calibrate);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
 #   6. MoCo v3 and MAE encoders with the same pretraining budget, for benchmarks/label_efficiency.py.
 # Re-run it after an interruption: finished steps are skipped, pretraining continues from its checkpoint.
@@ -11,7 +15,7 @@
 set -euo pipefail
 work=${1:-build/demo}
 mkdir -p "$work"
-budget=(--config tiny-cpu --data "$work/pretrain-index" --set epochs=2 --set steps_per_epoch=600)
+budget=(--config tiny-cpu --data "$work/pretrain-index" --set epochs=2 --set steps_per_epoch=900)
 
 pretrain() {  # OBJECTIVE OUT_DIR
   local resume=()
@@ -19,18 +23,19 @@ pretrain() {  # OBJECTIVE OUT_DIR
   [ -f "$2/checkpoint.pt" ] && resume=(--resume)
   braindino pretrain "${budget[@]}" --objective "$1" -o "$2" "${resume[@]}"
 }
+cohort() {  # N FOLDER SEED options...; an interrupted cohort is made again from the start
+  [ -f "$2/manifest.csv" ] && return
+  rm -rf "$2"
+  braindino cohort make "$1" "$2" --seed "$3" --skull-stripped 0.25 "${@:4}"
+}
 
-if [ ! -f "$work/pretrain-cohort/manifest.csv" ]; then
-  braindino cohort make 48 "$work/pretrain-cohort" --seed 100
-fi
+cohort 48 "$work/pretrain-cohort" 100 --random-contrasts 2
 if [ ! -f "$work/pretrain-index/index.json" ]; then
   braindino index "$work/pretrain-cohort" -o "$work/pretrain-index"
 fi
 pretrain dino "$work/pretrain"
 
-if [ ! -f "$work/heads-cohort/manifest.csv" ]; then
-  braindino cohort make 80 "$work/heads-cohort" --seed 200
-fi
+cohort 80 "$work/heads-cohort" 200 --random-contrasts 1
 bundle="$work/braindino-tiny-phantom"
 fit() {  # NAME fit-head options...; the first call creates the bundle with its head
   local name=$1
@@ -40,15 +45,20 @@ fit() {  # NAME fit-head options...; the first call creates the bundle with its 
     --report "$work/reports/$name" --label-fraction 0.1 1 --seeds 0 1 2 "$@"
 }
 if [ -d "$bundle" ]; then
-  fit sequence --task seq --bundle "$bundle"
+  fit brain --task brain --steps 800 --label-fraction 1 --seeds 0 --bundle "$bundle"
 else
-  fit sequence --task seq --bundle "$work/pretrain/bundle" -o "$bundle"
+  fit brain --task brain --steps 800 --label-fraction 1 --seeds 0 --bundle "$work/pretrain/bundle" -o "$bundle"
 fi
+fit sequence --task seq --bundle "$bundle"
+fit tumor --task seg --modality any --steps 1500 --label-fraction 1 --seeds 0 --bundle "$bundle"
 fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
 fit age --task reg --target age --modality t1 --bundle "$bundle"
 fit survival --task surv --modality t1ce --bundle "$bundle"
-fit tumor --task seg --modality flair --steps 600 --label-fraction 1 --seeds 0 --bundle "$bundle"
+if [ ! -f "$work/reports/calibrated" ]; then
+  braindino calibrate --manifest "$work/heads-cohort" --bundle "$bundle" --cache "$work/cache"
+  touch "$work/reports/calibrated"
+fi
 installed=BrainDINO/BrainDINOLib/models/braindino-tiny-phantom
 if [ ! -f "$installed/model.json" ] || [ "$bundle/model.json" -nt "$installed/model.json" ]; then
   python tools/install-demo-bundle.py "$bundle" --work "$work"

@@ -92,8 +92,9 @@ def main() -> None:
 
         def subject(index: int, options: CohortOptions | None = None) -> dict:
             options = options or CohortOptions()
-            row = write_subject(template, out / f"{index}-{options.skull_stripped}", seed, index, options)
-            return {k: out / f"{index}-{options.skull_stripped}" / v for k, v in row.items() if str(v).endswith(".gz")}
+            folder = out / f"{index}-{options.skull_stripped:g}"
+            row = write_subject(template, folder, seed, index, options)
+            return {k: folder / v for k, v in row.items() if str(v).endswith(".gz")}
 
         files = subject(glioma, CohortOptions(random_contrasts=2))
         seg = canonical(files["seg"])
@@ -116,7 +117,7 @@ def main() -> None:
         level = (low[0] + 0.3 * (low[-1] - low[0])) / brain.shape[2]
         show(axes[1, 3], *view(files["t2"], "axial", level), "t2, thick slices, eye level")
         show(axes[1, 4], *view(files["t1"], "axial", level + 0.25), "t1, same scan, higher")
-        files = subject(glioma, CohortOptions(skull_stripped=True))
+        files = subject(glioma, CohortOptions(skull_stripped=1.0))
         show(axes[1, 5], *view(files["t1ce"], "axial", around=seg == 3), "t1ce, --skull-stripped")
         show(axes[1, 6], *view(files["t2"], "axial", around=seg == 3), "t2, --skull-stripped")
     fig.tight_layout()

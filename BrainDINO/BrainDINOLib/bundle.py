@@ -133,8 +133,8 @@ class Bundle:
             )
         if OOD_FILE not in self.card.files:  # only hashed files are read
             raise BrainDINOError(f"{self.path}: {OOD_FILE} is not listed in {CARD_FILE}")
-        reference = load_file(self.path / OOD_FILE)["reference"].float().numpy()
-        return Typicality(reference, int(self.card.ood["k"]), float(self.card.ood["threshold"]))
+        references = {c: t.float().numpy() for c, t in load_file(self.path / OOD_FILE).items()}
+        return Typicality(references, int(self.card.ood["k"]), dict(self.card.ood["thresholds"]))
 
     def load_head(self, spec: HeadSpec) -> torch.nn.Module:
         """The head's module with its weights (CPU, eval mode).
@@ -263,9 +263,9 @@ def set_typicality(directory: str | Path, typicality: Typicality, info: dict) ->
     bundle = load_bundle(directory)
     path = bundle.path / OOD_FILE
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"reference": torch.from_numpy(typicality.reference).half()}, tmp)
+    save_file({c: torch.from_numpy(r).half() for c, r in typicality.references.items()}, tmp)
     os.replace(tmp, path)
-    ood = {**info, "k": typicality.k, "threshold": typicality.threshold,
+    ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds,
            "brain_head_sha256": bundle.brain_head_sha256()}  # fmt: skip
     card = dataclasses.replace(bundle.card, ood=ood, files={**bundle.card.files, OOD_FILE: sha256(path)})
     return _rewrite_card(bundle, card)

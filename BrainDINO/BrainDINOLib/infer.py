@@ -38,6 +38,7 @@ from .featuremaps import (
 from .heads import HeadSpec, predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
 from .preprocess import PreparedVolume, prepare
 from .report import write_report
+from .typicality import slice_thumbnails
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, load_volume, save_like
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,13 @@ def analyse(
     )
     lap("encode")
     typicality = bundle.load_typicality()
-    ood = typicality.verdict(encoded.slice_embeddings(bundle.card.pooling)) if typicality else None
+    ood = None
+    if typicality:
+        descriptions = {
+            "embedding": encoded.slice_embeddings(bundle.card.pooling),
+            "thumbnail": slice_thumbnails(prepared),
+        }
+        ood = typicality.verdict(descriptions)
     if ood and ood["out_of_distribution"]:
         warnings.append(ood_warning(bundle.card.name, ood))
     unused = [name for name in others if name not in read]
@@ -255,8 +262,8 @@ def analyse(
 def ood_warning(model: str, ood: dict) -> str:
     """The one line that says a scan is out of distribution (stderr, report, Slicer)."""
     return (
-        f"OUT OF DISTRIBUTION: this scan is unlike the scans model '{model}' was fitted on (typicality score "
-        f"{ood['ood_score']:.3f} > {ood['ood_threshold']:.3f}); its predictions are unreliable"
+        f"OUT OF DISTRIBUTION: this scan is unlike the scans model '{model}' was fitted on (atypicality "
+        f"{ood['ood_score']:.2f} x the calibrated threshold); its predictions are unreliable"
     )
 
 
@@ -406,7 +413,7 @@ def run_inference(
         },
         "device": str(analysis.device),
         "query_voxel": list(options.query) if options.query else None,
-        **(analysis.ood or {"out_of_distribution": None, "ood_score": None, "ood_threshold": None}),
+        **(analysis.ood or dict.fromkeys(("out_of_distribution", "ood_score", "ood_threshold", "ood_channels"))),
         "brain_mask": None
         if analysis.brain is None
         else {

@@ -1,11 +1,18 @@
-"""Out-of-distribution check: how typical a scan's slice embeddings are of the scans a bundle was fitted on.
+"""Out-of-distribution check: how typical a scan's slices are of the scans a bundle was fitted on.
 
-A calibrated bundle keeps ``ood.safetensors``: L2-normalised slice embeddings of its training scans
-(prepared as ``infer`` prepares them) and, in its card, ``k`` and a threshold. A slice's atypicality
-is the mean cosine distance of its embedding to its ``k`` nearest reference embeddings; a scan's
-score is the median over its analysed slices, so a few odd slices (the vertex, a lesion) do not flag
-a scan, and a stack of photographs or a terrain map, whose every slice is odd, is flagged. The
-threshold is set by `braindino calibrate` from held-out scans of the training data.
+A calibrated bundle keeps ``ood.safetensors``: for slices of its training scans (prepared as
+``infer`` prepares them), two L2-normalised descriptions, each a channel of the check:
+
+- ``embedding``: the encoder's slice embedding (what the model makes of the slice);
+- ``thumbnail``: the 16 x 16 average of the model's input canvas (how the slice is laid out: a head
+  or brain surrounded by background, at the intensities the normalisation gives). It does not depend
+  on the encoder, which matters for small encoders that map anything onto what they know.
+
+A slice's atypicality in a channel is the mean cosine distance to its ``k`` nearest reference slices;
+a scan's is the median over its analysed slices, so a few odd slices (the vertex, a lesion) do not
+flag a scan, while a stack of photographs, whose every slice is odd, is flagged. Each channel has
+its own threshold (`braindino calibrate`, from held-out training scans); the scan's score is the
+largest ratio of channel score to threshold, and it is out of distribution above 1.
 """
 
 from __future__ import annotations
@@ -17,50 +24,72 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrainDINOError
+from .preprocess import PreparedVolume
 
 OOD_FILE = "ood.safetensors"
+CHANNELS = ("embedding", "thumbnail")
+THUMBNAIL = 16
+_CHUNK = 64
+
+
+def slice_thumbnails(prepared: PreparedVolume) -> np.ndarray:
+    """(S, 256) float32: each analysed slice's canvas averaged down to 16 x 16 (the `thumbnail` channel)."""
+    parts = []
+    for start in range(0, len(prepared.slices), _CHUNK):
+        canvas = prepared.model_input(prepared.slices[start : start + _CHUNK])[:, :1]
+        parts.append(F.adaptive_avg_pool2d(canvas, THUMBNAIL).flatten(1))
+    return torch.cat(parts).numpy()
+
+
+def _normalised(values: np.ndarray) -> torch.Tensor:
+    return F.normalize(torch.from_numpy(np.asarray(values, np.float32)), dim=1)
 
 
 @dataclass(frozen=True)
 class Typicality:
-    """Reference embeddings and the calibrated threshold.
+    """Reference slices and calibrated thresholds.
 
     Attributes:
-        reference: (N, D) float32 L2-normalised slice embeddings of training scans.
+        references: channel -> (N, D) float32 L2-normalised descriptions of training slices.
         k: neighbours averaged per slice.
-        threshold: scans scoring above it are out of distribution.
+        thresholds: channel -> the score above which a scan is atypical in that channel.
     """
 
-    reference: np.ndarray
+    references: dict[str, np.ndarray]
     k: int
-    threshold: float
+    thresholds: dict[str, float]
 
     def __post_init__(self):
-        if self.reference.ndim != 2 or len(self.reference) < self.k or self.k < 1:
-            raise BrainDINOError(f"typicality reference of shape {self.reference.shape} cannot serve k={self.k}")
+        if set(self.references) != set(CHANNELS) or set(self.thresholds) != set(CHANNELS):
+            raise BrainDINOError(f"a typicality reference needs the channels {', '.join(CHANNELS)}")
+        if self.k < 1 or any(len(r) < self.k for r in self.references.values()):
+            raise BrainDINOError(f"typicality reference too small for k={self.k}")
 
     @classmethod
-    def from_embeddings(cls, embeddings: np.ndarray, k: int, threshold: float = float("inf")) -> Typicality:
-        """A reference from (N, D) slice embeddings (normalised here)."""
-        reference = F.normalize(torch.from_numpy(np.asarray(embeddings, np.float32)), dim=1).numpy()
-        return cls(reference, k, threshold)
+    def from_slices(cls, descriptions: dict[str, np.ndarray], k: int, thresholds: dict[str, float] | None = None):
+        """A reference from per-channel (N, D) slice descriptions (normalised here)."""
+        references = {c: _normalised(descriptions[c]).numpy() for c in CHANNELS}
+        return cls(references, k, thresholds or dict.fromkeys(CHANNELS, float("inf")))
 
-    def slice_scores(self, embeddings: np.ndarray) -> np.ndarray:
-        """(S,) mean cosine distance of each (S, D) slice embedding to its ``k`` nearest reference embeddings."""
-        queries = F.normalize(torch.from_numpy(np.asarray(embeddings, np.float32)), dim=1)
-        similarity = queries @ torch.from_numpy(self.reference).T
-        nearest = similarity.topk(self.k, dim=1).values
-        return (1 - nearest.mean(dim=1)).numpy()
+    def slice_scores(self, channel: str, descriptions: np.ndarray) -> np.ndarray:
+        """(S,) mean cosine distance of each (S, D) slice description to its ``k`` nearest reference slices."""
+        similarity = _normalised(descriptions) @ torch.from_numpy(self.references[channel]).T
+        return (1 - similarity.topk(self.k, dim=1).values.mean(dim=1)).numpy()
 
-    def score(self, embeddings: np.ndarray) -> float:
-        """The scan's atypicality: the median of its slices' scores."""
-        return float(np.median(self.slice_scores(embeddings)))
+    def channel_scores(self, descriptions: dict[str, np.ndarray]) -> dict[str, float]:
+        """channel -> the scan's atypicality in it: the median of its slices' scores."""
+        return {c: float(np.median(self.slice_scores(c, descriptions[c]))) for c in CHANNELS}
 
-    def verdict(self, embeddings: np.ndarray) -> dict:
-        """What ``result.json`` records: ``out_of_distribution``, ``ood_score`` and ``ood_threshold``."""
-        score = self.score(embeddings)
+    def verdict(self, descriptions: dict[str, np.ndarray]) -> dict:
+        """What ``result.json`` records: ``out_of_distribution``, ``ood_score`` (the largest ratio of a channel's
+        score to its threshold), ``ood_threshold`` (1) and the channels' own scores and thresholds."""
+        scores = self.channel_scores(descriptions)
+        score = max(scores[c] / self.thresholds[c] for c in CHANNELS)
         return {
-            "out_of_distribution": bool(score > self.threshold),
+            "out_of_distribution": bool(score > 1),
             "ood_score": round(score, 4),
-            "ood_threshold": round(self.threshold, 4),
+            "ood_threshold": 1.0,
+            "ood_channels": {
+                c: {"score": round(scores[c], 4), "threshold": round(self.thresholds[c], 4)} for c in CHANNELS
+            },
         }

@@ -46,8 +46,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     make.add_argument(
         "--skull-stripped",
-        action="store_true",
-        help="cut every image to its brain mask (background exactly 0), like BraTS data",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="SHARE",
+        help="cut the images to the brain mask (background exactly 0), like BraTS data: every subject, or the "
+        "given share of subjects (e.g. 0.25)",
     )
     make.add_argument(
         "--random-contrasts",
@@ -360,16 +365,16 @@ def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
         "calibrate",
         help="record the encoder's embeddings of training data for the out-of-distribution warning",
         description="Encode every scan of DATA as 'braindino infer' does (through the bundle's brain-mask head, if "
-        "any), keep their slice embeddings as the bundle's reference (ood.safetensors) and set the threshold of the "
-        "typicality score from held-out subjects (MARGIN x the largest held-out score). 'braindino infer' then "
-        "scores every scan and flags those above it as out of distribution. Run it after the last head is added "
-        "(a new brain-mask head makes the reference stale).",
+        "any), keep their slice embeddings and 16 x 16 slice thumbnails as the bundle's reference (ood.safetensors) "
+        "and set a threshold per channel from held-out subjects (MARGIN x the largest held-out score). "
+        "'braindino infer' then scores every scan and flags it as out of distribution when a channel exceeds its "
+        "threshold. Run it after the last head is added (a new brain-mask head makes the reference stale).",
     )
     calibrate.add_argument("--manifest", required=True, help="training-like data: manifest, folder, BIDS or BraTS")
     calibrate.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
     calibrate.add_argument("-o", "--out-bundle", type=Path, help="write a calibrated copy of the bundle here")
     calibrate.add_argument("--k", type=int, default=10, help="nearest reference slices per slice (default %(default)s)")
-    calibrate.add_argument("--margin", type=float, default=2.0, help="threshold factor (default %(default)s)")
+    calibrate.add_argument("--margin", type=float, default=1.5, help="threshold factor (default %(default)s)")
     calibrate.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     calibrate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     calibrate.set_defaults(func=_calibrate)
@@ -381,8 +386,13 @@ def _checked_bundle(args) -> Path:
     Raises:
         BrainDINOError: the bundle ships with BrainDINO and no copy was asked for, or the copy's folder exists.
     """
+    from BrainDINOLib.bundle import CATALOG_DIR, find_bundle
 
-    source = _checked_bundle(args)
+    source = find_bundle(args.bundle)
+    if args.out_bundle is None and source.resolve().is_relative_to(CATALOG_DIR.resolve()):
+        raise BrainDINOError(f"{source} ships with BrainDINO and stays unchanged: pass -o NEW_BUNDLE for a copy")
+    if args.out_bundle is not None and args.out_bundle.exists():
+        raise BrainDINOError(f"{args.out_bundle}: already exists (choose another folder)")
     return source
 
 
@@ -411,12 +421,12 @@ def _calibrate(args) -> None:
         typicality, info = calibrate_typicality(manifest, cache, options, progress=progress)
     target = _changed_bundle(args, source)
     set_typicality(target, typicality, {**info, "command": args.command_line})
-    scores = info["held_out_scores"]
-    print(
-        f"{target}: out-of-distribution threshold {typicality.threshold:.4f} (held-out scans: median score "
-        f"{scores['median']:.4f}, largest {scores['max']:.4f}); reference of {info['reference_slices']} slices "
-        f"from {info['scans']} scans"
-    )
+    for channel, scores in info["held_out_scores"].items():
+        print(
+            f"{channel}: threshold {typicality.thresholds[channel]:.4f} (held-out scans: median score "
+            f"{scores['median']:.4f}, largest {scores['max']:.4f})"
+        )
+    print(f"{target}: calibrated on {info['scans']} scans; reference of {info['reference_slices']} slices")
 
 
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.

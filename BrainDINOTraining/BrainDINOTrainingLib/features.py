@@ -12,7 +12,8 @@ pickle), written atomically.
 
 Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the encoder was
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
-their mean (the volume embedding), ``slices`` (S,) canonical slice indices, and
+their mean (the volume embedding), ``thumbnails`` (S, 256) the slices' 16 x 16 canvases (the
+out-of-distribution check's second channel), ``slices`` (S,) canonical slice indices, and
 ``layer_<i>`` (S, h, w, D) float16 patch tokens of each kept block.
 """
 
@@ -33,6 +34,7 @@ from BrainDINOLib.brain import prepare_scan
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.engine import encode_volume, resolve_device
 from BrainDINOLib.preprocess import prepare
+from BrainDINOLib.typicality import slice_thumbnails
 from BrainDINOLib.volume import load_volume
 
 DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
@@ -42,6 +44,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
 class VolumeFeatures:
     embeddings: np.ndarray
     pooled: np.ndarray
+    thumbnails: np.ndarray
     slices: np.ndarray
     layers: dict[int, np.ndarray]
 
@@ -77,7 +80,7 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 4,
+            "format": 5,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
             "brain_head_sha256": self.brain_head,
             "pooling": self.bundle.card.pooling,
@@ -104,6 +107,7 @@ class FeatureCache:
         return VolumeFeatures(
             embeddings=arrays["embeddings"],
             pooled=arrays["pooled"],
+            thumbnails=arrays["thumbnails"],
             slices=arrays["slices"],
             layers={i: arrays[f"layer_{i}"] for i in self.layers},
         )
@@ -125,6 +129,7 @@ class FeatureCache:
         arrays = {
             "embeddings": embeddings,
             "pooled": embeddings.mean(axis=0),
+            "thumbnails": slice_thumbnails(prepared),
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in self.layers})

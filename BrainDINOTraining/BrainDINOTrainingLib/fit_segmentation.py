@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from BrainDINOLib.brain import BRAIN_TARGET, largest_component
 from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import (
@@ -203,6 +204,8 @@ def segmentation_metrics(spec: HeadSpec, decoder: SegmentationDecoder, volumes: 
     for volume in volumes:
         predicted = np.zeros_like(volume.labels)
         predicted[:, :, volume.slices] = segment_slices(spec, decoder, volume.features, volume.plane).transpose(1, 2, 0)
+        if spec.target == BRAIN_TARGET:  # as prepare_scan keeps it
+            predicted = largest_component(predicted > 0).astype(predicted.dtype)
         pairs = {"whole_tumor": (predicted > 0, volume.labels > 0)}
         pairs.update({f"label_{v}": (predicted == v, volume.labels == v) for v in spec.label_values})
         for name, (p, t) in pairs.items():

@@ -28,8 +28,8 @@ gets, by documented rules (all drawn from one seeded generator per subject):
   slices 1-7 mm), axial/sagittal/coronal planes, field of view, motion ghosts, Gibbs ringing, Rician
   noise and on-disk orientation.
 
-Every subject also gets its brain mask (the template's brain, deformed) on the images' grid. With
-``skull_stripped`` the images are cut to that mask, like BraTS data (background exactly 0).
+Every subject also gets its brain mask (the template's brain, deformed) on the images' grid. A
+skull-stripped subject's images are cut to that mask, like BraTS data (background exactly 0).
 Anything trained on phantoms is a demonstration on synthetic data.
 """
 
@@ -235,6 +235,7 @@ class SubjectPlan:
         marker: molecular-status-like class of a glioma (0 for other subjects).
         enhancing: whether a glioma enhances at all (low-grade-like gliomas do not).
         pose_deg: head rotation (pitch, roll, yaw) in degrees.
+        skull_stripped: its images are cut to the brain mask.
     """
 
     subject_id: str
@@ -247,6 +248,7 @@ class SubjectPlan:
     enhancing: bool
     pose_deg: tuple[float, float, float]
     acquisition: Acquisition
+    skull_stripped: bool = False
 
     @property
     def tumor(self) -> bool:
@@ -258,18 +260,19 @@ class CohortOptions:
     """What every subject of a cohort gets.
 
     Attributes:
-        skull_stripped: images cut to the brain mask (background exactly 0), like BraTS.
+        skull_stripped: share of subjects whose images are cut to the brain mask (background exactly 0), like
+            BraTS (0: none, 1: all).
         random_contrasts: images per subject with randomised tissue intensities (``random1`` ...).
         tumor_fraction: share of subjects with a lesion.
     """
 
-    skull_stripped: bool = False
+    skull_stripped: float = 0.0
     random_contrasts: int = 0
     tumor_fraction: float = 0.6
 
 
 def plan_subject(
-    rng: np.random.Generator, subject_id: str, template: Template, tumor_fraction: float = 0.6
+    rng: np.random.Generator, subject_id: str, template: Template, options: CohortOptions = CohortOptions()
 ) -> SubjectPlan:
     age = float(rng.uniform(20, 85))
     ageing = (age - 20) / 65
@@ -277,13 +280,14 @@ def plan_subject(
     diagnosis = str(rng.choice(DIAGNOSES, p=[1 - p_ad - p_mci, p_mci, p_ad]))
     sex = str(rng.choice(["F", "M"]))
     head_scale = float(rng.uniform(0.93, 1.0) if sex == "F" else rng.uniform(0.97, 1.07))
-    lesion = str(rng.choice(LESIONS, p=[0.7, 0.3])) if rng.random() < tumor_fraction else ""
+    lesion = str(rng.choice(LESIONS, p=[0.7, 0.3])) if rng.random() < options.tumor_fraction else ""
     marker = int(lesion == "glioma" and rng.random() < (0.65 if age < 45 else 0.2))
     enhancing = not (marker and rng.random() < 0.4)
     pose = (float(rng.uniform(-10, 10)), float(rng.uniform(-5, 5)), float(rng.uniform(-5, 5)))
     acquisition = plan_acquisition(rng, template.brain_box, template.mm)
+    stripped = bool(rng.random() < options.skull_stripped)
     return SubjectPlan(
-        subject_id, round(age, 1), sex, diagnosis, head_scale, lesion, marker, enhancing, pose, acquisition
+        subject_id, round(age, 1), sex, diagnosis, head_scale, lesion, marker, enhancing, pose, acquisition, stripped
     )
 
 
@@ -412,7 +416,7 @@ def make_subject(
             image = image * (1 - tumor_total) + sum(
                 w * contrast.lesion[name] * heterogeneity for name, w in compartments.items()
             )
-        if options.skull_stripped:
+        if plan.skull_stripped:
             image = image * brain_weight
         else:
             around = np.asarray(contrast.head, np.float32)[head] * texture
@@ -519,7 +523,7 @@ def write_subject(
 ) -> dict:
     """Generate subject ``index`` and write its images, lesion labels and brain mask; returns its manifest row."""
     rng = subject_rng(seed, index)
-    plan = plan_subject(rng, f"phantom-{index:04d}", template, options.tumor_fraction)
+    plan = plan_subject(rng, f"phantom-{index:04d}", template, options)
     subject = make_subject(template, plan, rng, options)
     folder = out_dir / plan.subject_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -529,7 +533,7 @@ def write_subject(
     brain, brain_affine = acquire(brain_mask, template.affine, plan.acquisition, labels=True)
     for name, image in subject.images.items():
         data, affine = acquire(image, template.affine, plan.acquisition, artefacts=draw_artefacts(rng), rng=rng)
-        if options.skull_stripped:
+        if plan.skull_stripped:
             data = data * brain
         path = folder / f"{plan.subject_id}_{name}.nii.gz"
         _save(np.round(data * scanner_gain).astype(np.int16), affine, path)
@@ -566,7 +570,7 @@ def write_subject(
         marker=plan.marker if plan.lesion == "glioma" else "",
         survival_days=survival_days,
         event=event,
-        head="skull-stripped" if options.skull_stripped else "whole",
+        head="skull-stripped" if plan.skull_stripped else "whole",
         acquisition=plan.acquisition.plane,
         orientation=plan.acquisition.orientation,
         spacing_mm="x".join(f"{s:g}" for s in np.round(spacing, 3)),
@@ -626,10 +630,10 @@ def make_cohort(
     out_dir = Path(out_dir)
     if count < 1:
         raise BrainDINOError(f"cohort size must be at least 1, got {count}")
-    if options.random_contrasts < 0 or not 0 <= options.tumor_fraction <= 1:
+    if options.random_contrasts < 0 or not 0 <= options.tumor_fraction <= 1 or not 0 <= options.skull_stripped <= 1:
         raise BrainDINOError(
-            f"random contrasts must be >= 0 and the tumour fraction in [0, 1], got {options.random_contrasts}, "
-            f"{options.tumor_fraction}"
+            "random contrasts must be >= 0, the tumour and skull-stripped shares in [0, 1]; got "
+            f"{options.random_contrasts}, {options.tumor_fraction}, {options.skull_stripped}"
         )
     if (out_dir / "manifest.csv").exists():
         raise BrainDINOError(f"{out_dir}: already holds a cohort (manifest.csv); choose another folder")

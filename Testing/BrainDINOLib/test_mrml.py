@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import nibabel as nib
@@ -11,11 +12,13 @@ import slicer
 import vtk
 
 from BrainDINOLib import mrml
+from BrainDINOLib.bundle import find_bundle, load_bundle
 from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import BRATS_CLASSES
+from BrainDINOLib.infer import InferenceOptions, analyse
 from BrainDINOLib.sample_data import demo_phantom
-from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped
+from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped, add_run_nodes
 from slicer_scene import add_volume_node
 from testdata import reorient
 
@@ -293,3 +296,27 @@ def test_progress_counts_the_other_scans_too(slicer_app):
     assert counts[-1][0] == counts[-1][1] > 2 * analysed  # the scan and both other scans, in one count
     assert [done for done, _ in counts] == sorted(done for done, _ in counts)  # never runs backwards
     assert len({total for _, total in counts}) == 1
+
+
+def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm):
+    """The run's brain mask (here the template's own brain, given to a real run's analysis) is a "Brain" segment
+    with its anatomical terminology in the run's first segmentation, in the input's grid voxel for voxel; without
+    a segmentation head it gets a segmentation of its own."""
+    node = add_volume_node(reorient(mni_2mm, "LPS"), "mni")
+    volume = mrml.volume_from_node(node)
+    bundle = load_bundle(find_bundle(None))
+    brain = volume.data > 0
+    for sequence, expected in (("flair", "tumor"), ("t1", "brain")):
+        analysis = analyse(volume, bundle, InferenceOptions(device="cpu", sequence=sequence))
+        run = add_run_nodes(node, dataclasses.replace(analysis, brain=brain, brain_head="brain"))
+        assert list(run.segmentations) == [expected]
+        segmentation = run.segmentations[expected]
+        segment_id = f"{segmentation.GetName()}_brain"
+        segment = segmentation.GetSegmentation().GetSegment(segment_id)
+        assert segment.GetName() == "Brain"
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert slicer_app.terminologies_logic.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
+        assert entry.GetTypeObject().GetCodeValue() == "12738006"
+        assert entry.GetCategoryObject().GetCodeMeaning() == "Anatomical Structure"
+        found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, node) > 0
+        np.testing.assert_array_equal(found, volume.to_source(brain).transpose(2, 1, 0))

@@ -1,10 +1,12 @@
-"""Brain-mask head: fitted on whole-head phantoms through the command line, measured on held-out phantoms of
-several contrasts and slice thicknesses, and what ``infer`` does with it (mask file, maps, slices)."""
+"""Brain-mask head and out-of-distribution check: fitted and calibrated on whole-head phantoms through the
+command line, measured on held-out phantoms of several contrasts and slice thicknesses, the MNI template and
+volumes that are not head MRI, and what ``infer`` does with them (mask file, maps, slices, flags)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -12,9 +14,12 @@ import pytest
 
 from BrainDINOLib.brain import BRAIN_TARGET, brain_head, largest_component
 from BrainDINOLib.bundle import find_bundle, load_bundle
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.sample_data import mni_path
+from BrainDINOLib.typicality import CHANNELS
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
-from testdata import reorient
+from testdata import non_head_volumes, reorient
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,15 @@ def brain_bundle(tmp_path_factory):
     command += ["-o", str(work / "bundle"), "--steps", "300", "--cache", str(work / "cache")]
     assert main([*command, "--report", str(work / "report"), "--device", "cpu"]) == 0
     return work / "bundle"
+
+
+@pytest.fixture(scope="module")
+def calibrated(brain_bundle):
+    """The brain bundle with an out-of-distribution reference from the same 16 phantoms."""
+    work = brain_bundle.parent
+    command = ["calibrate", "--manifest", str(work / "cohort"), "--bundle", str(brain_bundle)]
+    assert main([*command, "-o", str(work / "calibrated"), "--cache", str(work / "cache"), "--device", "cpu"]) == 0
+    return work / "calibrated"
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +123,41 @@ def test_largest_component_drops_islands_and_fills_holes():
     mask[16:18, 16:18, 16:18] = True  # an island
     kept = largest_component(mask)
     assert kept[6, 6, 6] and not kept[17, 17, 17] and kept.sum() == 1000
+
+
+def test_calibration_is_stored_and_refuses_a_stale_brain_head(calibrated, tmp_path):
+    bundle = load_bundle(calibrated)
+    typicality, ood = bundle.load_typicality(), bundle.card.ood
+    for channel in CHANNELS:
+        threshold = typicality.thresholds[channel]
+        assert threshold == pytest.approx(ood["thresholds"][channel]) > ood["held_out_scores"][channel]["max"]
+        assert len(typicality.references[channel]) == ood["reference_slices"] and typicality.k == 10
+    stale = tmp_path / "stale"
+    shutil.copytree(calibrated, stale)
+    card = json.loads((stale / "model.json").read_text())
+    card["ood"]["brain_head_sha256"] = "0" * 64
+    (stale / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BrainDINOError, match="calibrate"):
+        load_bundle(stale).load_typicality()
+
+
+def test_out_of_distribution_flags_what_is_not_a_head_mri(tmp_path, calibrated, held_out, capsys):
+    """Held-out phantoms and the real MNI template pass; photographs, a terrain map and noise are flagged, with a
+    warning on stderr, their predictions kept but marked unreliable."""
+    folder, rows = held_out
+    scans = {"mni": mni_path("t1"), **{f"{r['subject_id']}-{c}": folder / r[c] for r in rows for c in ("t1", "flair")}}
+    strangers = non_head_volumes(tmp_path)
+    flags, scores = {}, {}
+    for name, path in {**scans, **strangers}.items():
+        capsys.readouterr()
+        out = tmp_path / name
+        assert main(["infer", str(path), "-o", str(out), "--bundle", str(calibrated), "--device", "cpu", "-q"]) == 0
+        result = json.loads((out / "result.json").read_text())
+        flags[name], scores[name] = result["out_of_distribution"], result["ood_score"]
+        assert result["ood_threshold"] == 1.0 and set(result["ood_channels"]) == set(CHANNELS)
+        flagged_line = "OUT OF DISTRIBUTION" in capsys.readouterr().err
+        assert flagged_line == flags[name]
+        if flags[name]:
+            assert all(p.get("unreliable") for p in result["predictions"].values())
+    assert not any(flags[name] for name in scans), scores
+    assert all(flags[name] for name in strangers), scores
