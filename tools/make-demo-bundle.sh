@@ -23,9 +23,8 @@ pretrain() {  # OBJECTIVE OUT_DIR
   [ -f "$2/checkpoint.pt" ] && resume=(--resume)
   braindino pretrain "${budget[@]}" --objective "$1" -o "$2" "${resume[@]}"
 }
-cohort() {  # N FOLDER SEED options...; an interrupted cohort is made again from the start
+cohort() {  # N FOLDER SEED options...; an interrupted cohort resumes where it stopped
   [ -f "$2/manifest.csv" ] && return
-  rm -rf "$2"
   braindino cohort make "$1" "$2" --seed "$3" --skull-stripped 0.25 "${@:4}"
 }
 

@@ -36,6 +36,8 @@ Anything trained on phantoms is a demonstration on synthetic data.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from BrainDINOLib import __version__
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.sample_data import mni_path
 
@@ -604,10 +607,15 @@ _WORKER_TEMPLATE: dict[float, Template] = {}
 
 
 def _write_one(job: tuple[float, str, int, int, CohortOptions]) -> dict:
+    """Make one subject and record its manifest row beside its files (written last: the subject is done)."""
     resolution, out_dir, seed, index, options = job
     if resolution not in _WORKER_TEMPLATE:  # loaded once per worker process
         _WORKER_TEMPLATE[resolution] = Template.load(resolution)
-    return write_subject(_WORKER_TEMPLATE[resolution], Path(out_dir), seed, index, options)
+    row = write_subject(_WORKER_TEMPLATE[resolution], Path(out_dir), seed, index, options)
+    path = _row_path(Path(out_dir), index)
+    path.with_suffix(".tmp").write_text(json.dumps(row))
+    path.with_suffix(".tmp").replace(path)
+    return row
 
 
 def make_cohort(
@@ -622,10 +630,13 @@ def make_cohort(
 ) -> Path:
     """Write ``count`` phantom subjects and ``manifest.csv`` to ``out_dir``; returns the manifest path.
 
-    Deterministic by seed: subject i depends only on (seed, i, options), whatever ``workers`` is.
+    Deterministic by seed: subject i depends only on (seed, i, options), whatever ``workers`` is. An
+    interrupted run resumes in the same folder with the same settings: each finished subject leaves
+    ``row.json`` and is not made again (``cohort.json`` records the settings).
 
     Raises:
-        BrainDINOError: bad count or options, or ``out_dir`` already holds a cohort.
+        BrainDINOError: bad count or options, ``out_dir`` already holds a cohort, or an unfinished one made
+            with other settings.
     """
     out_dir = Path(out_dir)
     if count < 1:
@@ -638,10 +649,20 @@ def make_cohort(
     if (out_dir / "manifest.csv").exists():
         raise BrainDINOError(f"{out_dir}: already holds a cohort (manifest.csv); choose another folder")
     Template.load(resolution)  # fail early on a bad resolution or a missing template
+    settings = {"seed": seed, "resolution": resolution, "options": dataclasses.asdict(options), "version": __version__}
+    record = out_dir / "cohort.json"
+    if record.exists() and json.loads(record.read_text()) != settings:
+        raise BrainDINOError(
+            f"{out_dir}: holds an unfinished cohort made with other settings ({record.read_text().strip()}); "
+            "choose another folder, or the same settings to resume it"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(resolution, str(out_dir), seed, i, options) for i in range(count)]
-    rows = []
-    if workers > 1 and count > 1:
+    record.write_text(json.dumps(settings) + "\n")
+    rows = [json.loads(p.read_text()) for i in range(count) if (p := _row_path(out_dir, i)).exists()]
+    jobs = [(resolution, str(out_dir), seed, i, options) for i in range(count) if not _row_path(out_dir, i).exists()]
+    if progress:
+        progress(len(rows), count)
+    if workers > 1 and len(jobs) > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -656,3 +677,7 @@ def make_cohort(
                 progress(len(rows), count)
     write_manifest(rows, out_dir / "manifest.csv", options)
     return out_dir / "manifest.csv"
+
+
+def _row_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"phantom-{index:04d}" / "row.json"

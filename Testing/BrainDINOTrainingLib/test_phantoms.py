@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from BrainDINOLib.errors import BrainDINOError
 from BrainDINOTrainingLib import head_model
 from BrainDINOTrainingLib.acquisition import Acquisition, acquire
 from BrainDINOTrainingLib.cli import main
@@ -15,6 +16,7 @@ from BrainDINOTrainingLib.phantoms import (
     CohortOptions,
     SubjectPlan,
     Template,
+    make_cohort,
     make_subject,
     subject_rng,
     write_subject,
@@ -202,3 +204,18 @@ def test_deterministic_by_seed(tmp_path, template, cohort):
         )
     other = write_subject(template, tmp_path / "other", 8, 3)
     assert other["age"] != again["age"]
+
+
+def test_an_interrupted_cohort_resumes_with_the_same_settings_only(tmp_path):
+    folder = tmp_path / "cohort"
+    make_cohort(3, folder, seed=4, resolution=2)
+    first = (folder / "manifest.csv").read_text()
+    (folder / "manifest.csv").unlink()  # as if stopped before the end, with subject 1 unfinished
+    (folder / "phantom-0001" / "row.json").unlink()
+    done = (folder / "phantom-0000" / "phantom-0000_t1.nii.gz").stat().st_mtime_ns
+    make_cohort(3, folder, seed=4, resolution=2)
+    assert (folder / "manifest.csv").read_text() == first
+    assert (folder / "phantom-0000" / "phantom-0000_t1.nii.gz").stat().st_mtime_ns == done  # not made again
+    (folder / "manifest.csv").unlink()
+    with pytest.raises(BrainDINOError, match="other settings"):
+        make_cohort(3, folder, seed=5, resolution=2)
