@@ -166,17 +166,19 @@ def analyse(
     others = others or {}
     check_sequences(bundle.head_specs, options.sequence, others)
     encoder = bundle.load_encoder()
+    typicality = bundle.load_typicality()
+    brain_spec = brain_head(bundle.head_specs)
     lap("load_model")
     spec = bundle.card.preprocessing
     whole = prepare(volume, spec)
     grid = bundle.card.encoder.patch_grid(spec.image_size)
     if options.query:  # fail before encoding
         query_patch(volume, whole, grid, options.query)
-    read = {m for spec in bundle.head_specs if spec.kind != "seg" for m in spec.modalities}
+    read = {m for s in bundle.head_specs if s.kind != "seg" for m in s.modalities}
     loaded = {name: o if isinstance(o, Volume) else load_volume(o) for name, o in others.items() if name in read}
     wholes = {name: prepare(other, spec) for name, other in loaded.items()}
     lap("prepare")
-    passes = 2 if brain_head(bundle.head_specs) else 1  # pass 1 finds the brain, pass 2 encodes it
+    passes = 2 if brain_spec else 1  # pass 1 finds the brain, pass 2 encodes it
     part = _progress_parts(progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())))
 
     def prepared_for_heads(scan: Volume, first: PreparedVolume):
@@ -195,7 +197,6 @@ def analyse(
         prepared_others[name] = (other.path, prepared_other, other_encoding)
         warnings += notes
     lap("brain")
-    brain_spec = brain_head(bundle.head_specs)
     layers = sorted(
         {
             i
@@ -208,29 +209,24 @@ def analyse(
         prepared, encoder, device=device, batch_size=options.batch_size, layers=layers, progress=encoding, cancel=cancel
     )
     lap("encode")
-    typicality = bundle.load_typicality()
-    ood = None
-    if typicality:
-        descriptions = {
-            "embedding": encoded.slice_embeddings(bundle.card.pooling),
-            "thumbnail": slice_thumbnails(prepared),
-        }
-        ood = typicality.verdict(descriptions)
-    if ood and ood["out_of_distribution"]:
-        warnings.append(ood_warning(bundle.card.name, ood))
     unused = [name for name in others if name not in read]
     predictions, segmentations, head_warnings = _apply_heads(
         bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
     )
-    if ood and ood["out_of_distribution"]:
-        for prediction in predictions.values():
-            prediction["unreliable"] = True
+    ood = None
+    if typicality:
+        embeddings = encoded.slice_embeddings(bundle.card.pooling)
+        ood = typicality.verdict({"embedding": embeddings, "thumbnail": slice_thumbnails(prepared)})
+        if ood["out_of_distribution"]:
+            warnings.append(ood_warning(bundle.card.name, ood))
+            for prediction in predictions.values():
+                prediction["unreliable"] = True
     lap("heads")
     attention_grid = mean_attention(encoded.attention)
-    brain_patches = patch_foreground(prepared, encoded.grid)
+    foreground_patches = patch_foreground(prepared, encoded.grid)  # with a brain mask: brain patches
     if brain is not None:  # the 60 % outline and the map hold brain patches only
-        attention_grid = attention_grid * brain_patches
-    colors = PcaColors.fit(encoded.patch_tokens, brain_patches)
+        attention_grid = attention_grid * foreground_patches
+    colors = PcaColors.fit(encoded.patch_tokens, foreground_patches)
     attention = to_volume(prepared, attention_grid)
     if brain is not None:
         attention *= brain
