@@ -21,7 +21,6 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from BrainDINOTrainingLib.acquisition import SLICE_AXIS  # noqa: E402
 from BrainDINOTrainingLib.phantoms import CohortOptions, Template, plan_subject, subject_rng, write_subject  # noqa: E402
@@ -38,14 +37,14 @@ def find(template: Template, seed: int, wanted, start: int = 0) -> int:
 
 
 def view(path: Path, plane: str, position: float | None = None, around: np.ndarray | None = None):
-    """A slice in the acquisition plane, radiological view, with its pixel aspect; ``around``: slice through
-    the centre of this mask (same grid) instead of the relative ``position``."""
+    """A slice in the acquisition plane, radiological view, with its pixel aspect; ``around``: the slice holding
+    most of this mask (same grid) instead of the relative ``position``."""
     image = nib.as_closest_canonical(nib.load(path))
     data = np.asarray(image.dataobj).astype(np.float32)
     spacing = np.abs(np.diag(image.affine))[:3]
     axis = SLICE_AXIS[plane]
     if around is not None and around.any():
-        index = int(round(ndimage.center_of_mass(around)[axis]))
+        index = int(np.argmax(around.sum(axis=tuple(a for a in range(3) if a != axis))))
     else:
         index = int(data.shape[axis] * (position if position is not None else 0.5))
     picture = np.take(data, index, axis=axis)
