@@ -70,6 +70,12 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         help="share of subjects with a lesion (default %(default)s)",
     )
     make.add_argument(
+        "--metastasis-share",
+        type=float,
+        default=0.3,
+        help="share of lesions that are metastases, the others gliomas (default %(default)s)",
+    )
+    make.add_argument(
         "--workers", type=int, default=_default_workers(), help="parallel processes (default %(default)s)"
     )
     make.set_defaults(func=_cohort_make)
@@ -165,7 +171,7 @@ def _pretrain(args) -> None:
 def _cohort_make(args) -> None:
     from .phantoms import CohortOptions, make_cohort
 
-    options = CohortOptions(args.skull_stripped, args.random_contrasts, args.tumor_fraction)
+    options = CohortOptions(args.skull_stripped, args.random_contrasts, args.tumor_fraction, args.metastasis_share)
     with cli.ProgressBar("phantoms", "subject") as progress:
         manifest = make_cohort(
             args.count,

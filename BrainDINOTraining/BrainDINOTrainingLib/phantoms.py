@@ -267,11 +267,13 @@ class CohortOptions:
             BraTS (0: none, 1: all).
         random_contrasts: images per subject with randomised tissue intensities (``random1`` ...).
         tumor_fraction: share of subjects with a lesion.
+        metastasis_share: share of those lesions that are metastases (the others are gliomas).
     """
 
     skull_stripped: float = 0.0
     random_contrasts: int = 0
     tumor_fraction: float = 0.6
+    metastasis_share: float = 0.3
 
 
 def plan_subject(
@@ -283,7 +285,8 @@ def plan_subject(
     diagnosis = str(rng.choice(DIAGNOSES, p=[1 - p_ad - p_mci, p_mci, p_ad]))
     sex = str(rng.choice(["F", "M"]))
     head_scale = float(rng.uniform(0.93, 1.0) if sex == "F" else rng.uniform(0.97, 1.07))
-    lesion = str(rng.choice(LESIONS, p=[0.7, 0.3])) if rng.random() < options.tumor_fraction else ""
+    share = options.metastasis_share
+    lesion = str(rng.choice(LESIONS, p=[1 - share, share])) if rng.random() < options.tumor_fraction else ""
     marker = int(lesion == "glioma" and rng.random() < (0.65 if age < 45 else 0.2))
     enhancing = not (marker and rng.random() < 0.4)
     pose = (float(rng.uniform(-10, 10)), float(rng.uniform(-5, 5)), float(rng.uniform(-5, 5)))
@@ -641,10 +644,11 @@ def make_cohort(
     out_dir = Path(out_dir)
     if count < 1:
         raise BrainDINOError(f"cohort size must be at least 1, got {count}")
-    if options.random_contrasts < 0 or not 0 <= options.tumor_fraction <= 1 or not 0 <= options.skull_stripped <= 1:
+    shares = (options.tumor_fraction, options.skull_stripped, options.metastasis_share)
+    if options.random_contrasts < 0 or not all(0 <= share <= 1 for share in shares):
         raise BrainDINOError(
-            "random contrasts must be >= 0, the tumour and skull-stripped shares in [0, 1]; got "
-            f"{options.random_contrasts}, {options.tumor_fraction}, {options.skull_stripped}"
+            "random contrasts must be >= 0, the tumour, skull-stripped and metastasis shares in [0, 1]; got "
+            f"{options.random_contrasts}, {shares}"
         )
     if (out_dir / "manifest.csv").exists():
         raise BrainDINOError(f"{out_dir}: already holds a cohort (manifest.csv); choose another folder")

@@ -25,13 +25,17 @@ from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_a
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
 from BrainDINOTrainingLib.fit_segmentation import SegOptions
-from BrainDINOTrainingLib.phantoms import make_cohort
+from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 
 
 @pytest.fixture(scope="module")
 def cohort40(tmp_path_factory):
+    """Skull-stripped phantoms with gliomas only, as the shipped encoder was pretrained on (head fitting is tested
+    here; whole heads and the brain-mask head in test_brain.py)."""
     folder = tmp_path_factory.mktemp("heads") / "cohort"
-    make_cohort(40, folder, seed=5, resolution=2, workers=2)
+    make_cohort(
+        40, folder, seed=5, resolution=2, workers=2, options=CohortOptions(skull_stripped=1.0, metastasis_share=0)
+    )
     return folder
 
 
