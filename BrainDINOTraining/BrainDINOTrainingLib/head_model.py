@@ -39,8 +39,6 @@ TISSUES = (
     "lens",
     "cord",
 )
-# Tissues outside the brain that make up the head (air excluded), in label order.
-HEAD_TISSUES = tuple(range(CSF, CORD + 1))
 
 # Typical thickness range (mm) of each layer outward from the brain surface.
 _LAYERS = (
