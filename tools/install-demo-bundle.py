@@ -39,9 +39,10 @@ def install_bundle(source: Path, work: Path) -> Path:
         bundle.card,
         name=NAME,
         description=(
-            f"DEMONSTRATION: tiny DINO ViT/16 pretrained on one CPU ({bundle.card.training['steps']} steps) on axial "
-            "slices of 48 synthetic whole-head phantoms derived from the MNI template (four sequences and two "
-            "randomised contrasts each, a quarter skull-stripped), with heads fitted on 80 other phantoms: "
+            f"DEMONSTRATION: tiny DINO ViT/16 pretrained for {bundle.card.training['steps']} steps of "
+            f"{pretrain['batch_size']} axial slices of 48 synthetic whole-head phantoms derived from the MNI "
+            "template (four sequences and two randomised contrasts each, a quarter skull-stripped), with heads "
+            "fitted on 80 other phantoms: "
             f"{heads}. Phantom-trained: not for clinical use."
         ),
         intended_use="demonstration on synthetic phantoms only; not a medical device; its heads learned the "

@@ -67,6 +67,15 @@ def test_koleo_matches_lightly_and_rewards_spread():
         KoLeoLoss()(x[:1])
 
 
+def test_koleo_stays_fp32_under_bf16_autocast():
+    """Nearly collapsed embeddings (as early in training): bf16 similarities would pick wrong neighbours."""
+    x = torch.randn(1, 32, generator=G) + 0.01 * torch.randn(64, 32, generator=G)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = KoLeoLoss()(x)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, KoLeoLoss()(x.double()).float())
+
+
 def test_dino_head_shapes_and_fixed_norm():
     head = DINOHead(96, prototypes=128, hidden_dim=64, bottleneck_dim=32)
     out = head(torch.randn(5, 96, generator=G))

@@ -25,9 +25,10 @@ class KoLeoLoss(nn.Module):
         """(B, D) embeddings -> scalar."""
         if embeddings.shape[0] < 2:
             raise ValueError("KoLeo needs at least 2 samples per batch")
-        x = F.normalize(embeddings.float(), p=2, dim=-1, eps=self.eps)
-        similarity = x @ x.t()
-        similarity.fill_diagonal_(-2)
-        neighbour = similarity.argmax(dim=1)
-        distance = F.pairwise_distance(x, x[neighbour], eps=self.eps)
-        return -torch.log(distance + self.eps).mean()
+        with torch.autocast(embeddings.device.type, enabled=False):  # bf16 similarities pick wrong neighbours
+            x = F.normalize(embeddings.float(), p=2, dim=-1, eps=self.eps)
+            similarity = x @ x.t()
+            similarity.fill_diagonal_(-2)
+            neighbour = similarity.argmax(dim=1)
+            distance = F.pairwise_distance(x, x[neighbour], eps=self.eps)
+            return -torch.log(distance + self.eps).mean()
