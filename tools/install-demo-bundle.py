@@ -6,8 +6,9 @@
   what it is (a demonstration trained on synthetic phantoms, not a clinical model) and records the
   pretraining run and head cohorts; it must stay within 25 MB;
 - the catalogue's default becomes that bundle (the random bundle stays listed);
-- one phantom with a tumour, generated with a seed no training cohort used (300), is written to
-  ``BrainDINO/BrainDINOLib/samples/demo-phantom`` (four sequences, mask, ``labels.json``) for
+- one phantom with an enhancing glioma, axial 2D slices and a small volume (`demo_subject`), generated with a
+  seed no training cohort used (300), is written to
+  ``BrainDINO/BrainDINOLib/samples/demo-phantom`` (four sequences, lesion and brain masks, ``labels.json``) for
   ``braindino demo``: neither the encoder nor any head saw it.
 
 Run by ``tools/make-demo-bundle.sh``; the shipped files are then committed (CMakeLists.txt lists them).
@@ -22,9 +23,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from BrainDINOLib.bundle import CARD_FILE, CATALOG_DIR, load_bundle
 from BrainDINOLib.sample_data import DEMO_PHANTOM_DIR
-from BrainDINOTrainingLib.phantoms import SEQUENCES, Template, write_subject
+from BrainDINOTrainingLib.acquisition import SLICE_AXIS
+from BrainDINOTrainingLib.phantoms import SEQUENCES, Template, plan_subject, subject_rng, write_subject
 
 NAME = "braindino-tiny-phantom"
 DEMO_SEED = 300
@@ -41,9 +45,9 @@ def install_bundle(source: Path, work: Path) -> Path:
         description=(
             f"DEMONSTRATION: tiny DINO ViT/16 pretrained for {bundle.card.training['steps']} steps of "
             f"{pretrain['batch_size']} axial slices of 48 synthetic whole-head phantoms derived from the MNI "
-            "template (four sequences and two randomised contrasts each, a quarter skull-stripped), with heads "
-            "fitted on 80 other phantoms: "
-            f"{heads}. Phantom-trained: not for clinical use."
+            "template (four sequences and two randomised contrasts each, a quarter skull-stripped), with a brain-mask "
+            f"head fitted on 80 other phantoms and the other heads on 24 of them: {heads}. Phantom-trained: not for "
+            "clinical use."
         ),
         intended_use="demonstration on synthetic phantoms only; not a medical device; its heads learned the "
         "phantom generator's rules, not real disease",
@@ -52,7 +56,8 @@ def install_bundle(source: Path, work: Path) -> Path:
             "data": "48 phantoms, braindino cohort make 48 --seed 100 --skull-stripped 0.25 "
             "--random-contrasts 2 (1 mm)",
             "heads_data": "80 other phantoms, braindino cohort make 80 --seed 200 --skull-stripped 0.25 "
-            "--random-contrasts 1 (1 mm), split 60/20/20 by subject",
+            "--random-contrasts 1 (1 mm), split 60/20/20 by subject; the brain-mask head on all 80, the other heads "
+            "and the out-of-distribution reference on the first 24",
             "built_by": "bash tools/make-demo-bundle.sh",
             "config": pretrain,
         },
@@ -77,16 +82,26 @@ def install_bundle(source: Path, work: Path) -> Path:
     return target
 
 
+def demo_subject(template: Template, candidates: int = 200) -> int:
+    """The first subject of seed ``DEMO_SEED`` that makes a small, typical clinical demo: an enhancing glioma in a
+    whole head, scanned in axial 2D slices at most 1.5 M voxels (so the four sequences stay small in the package)."""
+    for index in range(candidates):
+        plan = plan_subject(subject_rng(DEMO_SEED, index), f"phantom-{index:04d}", template)
+        acquisition = plan.acquisition
+        spacing = np.full(3, acquisition.in_plane_mm)
+        spacing[SLICE_AXIS[acquisition.plane]] = acquisition.thickness_mm
+        voxels = np.prod(np.diff(np.array(acquisition.fov_mm), axis=1).ravel() / spacing)
+        if plan.lesion == "glioma" and plan.enhancing and acquisition.plane == "axial" and voxels <= 1.5e6:
+            return index
+    raise SystemExit(f"none of the first {candidates} phantoms of seed {DEMO_SEED} suits the demo")
+
+
 def install_demo_phantom() -> Path:
-    """The first subject of seed ``DEMO_SEED`` with a tumour, renamed ``heldout-phantom``."""
+    """`demo_subject`, renamed ``heldout-phantom``."""
     template = Template.load(1.0)
+    index = demo_subject(template)
     with tempfile.TemporaryDirectory() as scratch:
-        for index in range(20):
-            row = write_subject(template, Path(scratch), DEMO_SEED, index)
-            if row["tumor"] == 1:
-                break
-        else:
-            raise SystemExit(f"none of the first 20 phantoms of seed {DEMO_SEED} has a tumour")
+        row = write_subject(template, Path(scratch), DEMO_SEED, index)
         if DEMO_PHANTOM_DIR.exists():
             shutil.rmtree(DEMO_PHANTOM_DIR)
         DEMO_PHANTOM_DIR.mkdir(parents=True)

@@ -4,11 +4,13 @@ Scans are prepared exactly as ``infer`` prepares them (`BrainDINOLib.brain.prepa
 bundle's brain-mask head, normalised over and cut to the brain it finds; ``masked=False`` gives the
 features of whole scans, which a brain-mask head is fitted on.
 
-One file per (scan, encoder weights, preprocessing, brain-mask head, layers): the key hashes the
-encoder's sha256 and slice pooling, the preprocessing spec, the brain-mask head's sha256, the
-intermediate layers kept, and the scan's resolved path, size and modification time, so features of
-a changed scan, another encoder or other settings are never reused. Files are safetensors (no
-pickle), written atomically.
+One file per (scan, encoder weights, preprocessing, brain-mask head): the key hashes the encoder's
+sha256 and slice pooling, the preprocessing spec, the brain-mask head's sha256, and the scan's
+resolved path, size and modification time, so features of a changed scan, another encoder or other
+settings are never reused. A file holds the patch tokens of every block any head asked for, so a
+segmentation head's file also serves volume heads (read without its patch tokens), and a head that
+needs another block re-encodes the scan once for all of them. Files are safetensors (no pickle),
+written atomically.
 
 Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the encoder was
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from BrainDINOLib import __version__
 from BrainDINOLib.brain import prepare_scan
@@ -80,12 +83,11 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 5,
+            "format": 6,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
             "brain_head_sha256": self.brain_head,
             "pooling": self.bundle.card.pooling,
             "preprocessing": self.bundle.card.preprocessing.to_dict(),
-            "layers": list(self.layers),
             "scan": str(path),
             "size": status.st_size,
             "mtime_ns": status.st_mtime_ns,
@@ -96,10 +98,15 @@ class FeatureCache:
     def get(self, scan: str | Path) -> VolumeFeatures:
         """The scan's features, from the cache or computed now (and stored)."""
         path = self.folder / f"{self.key(scan)}.safetensors"
+        wanted = ["embeddings", "pooled", "thumbnails", "slices", *(f"layer_{i}" for i in self.layers)]
+        stored = []
         if path.is_file():
-            arrays = load_file(path)
-        else:
-            arrays = self._compute(scan)
+            with safe_open(path, "numpy") as handle:
+                stored = list(handle.keys())
+                arrays = {name: handle.get_tensor(name) for name in wanted if name in stored}
+        if not set(wanted) <= set(stored):
+            kept = {int(name.removeprefix("layer_")) for name in stored if name.startswith("layer_")}
+            arrays = self._compute(scan, sorted(kept | set(self.layers)))
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             save_file(arrays, tmp)
@@ -112,7 +119,7 @@ class FeatureCache:
             layers={i: arrays[f"layer_{i}"] for i in self.layers},
         )
 
-    def _compute(self, scan: str | Path) -> dict[str, np.ndarray]:
+    def _compute(self, scan: str | Path, layers: Sequence[int]) -> dict[str, np.ndarray]:
         if self._encoder is None:
             self._encoder = self.bundle.load_encoder()
         volume = load_volume(scan)
@@ -123,7 +130,7 @@ class FeatureCache:
         else:
             prepared = prepare(volume, self.bundle.card.preprocessing)
         encoded = encode_volume(
-            prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=self.layers
+            prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=tuple(layers)
         )
         embeddings = encoded.slice_embeddings(self.bundle.card.pooling)  # float32, as infer gives a head
         arrays = {
@@ -132,5 +139,5 @@ class FeatureCache:
             "thumbnails": slice_thumbnails(prepared),
             "slices": encoded.slices.astype(np.int32),
         }
-        arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in self.layers})
+        arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in layers})
         return arrays

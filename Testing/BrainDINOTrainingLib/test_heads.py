@@ -134,7 +134,7 @@ def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(t
     assert not (tmp_path / "x").exists()
 
 
-def test_feature_cache_reuses_only_identical_inputs(tmp_path, cohort40, bundle64):
+def test_feature_cache_reuses_only_identical_inputs_and_shares_blocks_between_heads(tmp_path, cohort40, bundle64):
     scan = tmp_path / "scan.nii.gz"
     scan.write_bytes((cohort40 / "phantom-0000" / "phantom-0000_t1.nii.gz").read_bytes())
     cache = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu", layers=[1, 5])
@@ -149,8 +149,15 @@ def test_feature_cache_reuses_only_identical_inputs(tmp_path, cohort40, bundle64
     assert (
         not np.array_equal(cache.get(scan).embeddings[:3], first.embeddings[:3]) and len(os.listdir(cache.folder)) == 2
     )
-    other = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu")  # other layers
-    assert other.key(scan) != cache.key(scan)
+    file = cache.folder / f"{cache.key(scan)}.safetensors"
+    written = file.stat().st_mtime_ns
+    volume_heads = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu")  # no patch tokens
+    assert np.array_equal(volume_heads.get(scan).embeddings, cache.get(scan).embeddings)
+    assert file.stat().st_mtime_ns == written  # read from the segmentation head's file
+    deeper = FeatureCache(load_bundle(bundle64), tmp_path / "features", device="cpu", layers=[3])
+    assert deeper.get(scan).layers[3].shape[1:] == (4, 4, 96) and file.stat().st_mtime_ns != written
+    np.testing.assert_array_equal(cache.get(scan).layers[5], deeper._compute(scan, [5])["layer_5"])  # all kept
+    assert len(os.listdir(cache.folder)) == 2
 
 
 def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle64):
