@@ -65,13 +65,15 @@ def metrics(task: str, predictions: np.ndarray, samples: Samples) -> dict[str, f
         }
         if task == "cls":
             present = np.unique(targets)
+            # Renormalised over the classes present; a model that gives them all 0 (a kNN vote, a head fitted
+            # without them) ranks that sample as a tie rather than making the AUC undefined.
+            probabilities = predictions[:, present] + 1e-12
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
             if len(present) < 2:
                 result["auc"] = float("nan")
             elif len(present) == 2:  # binary, or only two of more classes among the test subjects
-                scores = predictions[:, present[1]] / predictions[:, present].sum(axis=1)
-                result["auc"] = float(roc_auc_score(targets == present[1], scores))
+                result["auc"] = float(roc_auc_score(targets == present[1], probabilities[:, 1]))
             else:
-                probabilities = predictions[:, present] / predictions[:, present].sum(axis=1, keepdims=True)
                 result["auc"] = float(roc_auc_score(targets, probabilities, multi_class="ovr", labels=present))
         return result
     if task == "reg":

@@ -21,7 +21,7 @@ from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.data import load_manifest
-from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier
+from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier, metrics
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
 from BrainDINOTrainingLib.fit_segmentation import SegOptions
@@ -219,6 +219,18 @@ def test_baselines_fitted_on_one_subject_give_finite_predictions():
     for task in ("surv", "reg"):
         for values in baseline_predictions(task, samples(1), samples(4), 0, seed=0).values():
             assert np.isfinite(values).all()
+
+
+def test_auc_of_predictions_that_give_the_present_classes_no_probability():
+    """A head or kNN vote fitted on few subjects can put all probability on a class absent from the test split;
+    such samples tie instead of making the AUC undefined."""
+    targets = torch.tensor([0, 0, 1, 1])
+    samples = Samples(torch.zeros(4, 1, 8), torch.ones(4, 1, dtype=torch.bool), targets, torch.ones(4), list("abcd"))
+    predictions = np.array([[0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.2, 0.8, 0.0], [0.5, 0.5, 0.0]])
+    assert metrics("cls", predictions, samples)["auc"] == pytest.approx(0.875)  # 3 of 4 pairs and a tie
+    three = Samples(torch.zeros(3, 1, 8), torch.ones(3, 1, dtype=torch.bool), torch.tensor([0, 1, 2]),
+                    torch.ones(3), list("abc"))  # fmt: skip
+    assert np.isfinite(metrics("cls", np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0.0]]), three)["auc"])
 
 
 def test_survival_statistics_by_hand():
