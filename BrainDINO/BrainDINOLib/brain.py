@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from .engine import ProgressCallback, encode_volume
+from .engine import EncodedVolume, ProgressCallback, encode_volume
 from .heads import HeadSpec, segment_slices, segmentation_input
 from .preprocess import PreparedVolume, prepare
 from .volume import Volume
@@ -49,7 +49,7 @@ def prepare_scan(
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
-) -> tuple[PreparedVolume, np.ndarray | None, list[str]]:
+) -> tuple[PreparedVolume, np.ndarray | None, list[str], EncodedVolume | None]:
     """The scan prepared as the bundle's heads expect it.
 
     Args:
@@ -59,7 +59,9 @@ def prepare_scan(
         progress: follows the encoding of pass 1 (``len(whole.slices)`` slices).
 
     Returns:
-        (prepared, brain, warnings): ``brain`` is the (X, Y, Z) bool mask, None without a brain-mask head.
+        (prepared, brain, warnings, first_pass): ``brain`` is the (X, Y, Z) bool mask, None without a brain-mask
+        head; ``first_pass`` is the encoding of ``whole`` that found it (what the out-of-distribution check reads),
+        None without a brain-mask head.
 
     Raises:
         BrainDINOError: no slice with foreground. Cancelled: when ``cancel()`` returned True.
@@ -68,7 +70,7 @@ def prepare_scan(
     whole = whole or prepare(volume, spec)
     head_spec = brain_head(bundle.head_specs)
     if head_spec is None:
-        return whole, None, []
+        return whole, None, [], None
     encoded = encode_volume(
         whole, encoder, device=device, batch_size=batch_size, layers=head_spec.layers, progress=progress, cancel=cancel
     )
@@ -83,5 +85,5 @@ def prepare_scan(
             f"the brain-mask head '{head_spec.name}' found no brain in {volume.path}: the whole scan was analysed "
             "(is this a brain MRI?)"
         )
-        return whole, None, [warning]
-    return prepare(volume, spec, brain), brain, []
+        return whole, None, [warning], encoded
+    return prepare(volume, spec, brain), brain, [], encoded

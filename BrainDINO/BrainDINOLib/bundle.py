@@ -122,15 +122,10 @@ class Bundle:
         """The out-of-distribution reference (`braindino calibrate`), None if the bundle has none.
 
         Raises:
-            BrainDINOError: the reference was made before the encoder or the brain-mask head changed.
+            BrainDINOError: its file is not listed (and so not hashed) in the card.
         """
         if not self.card.ood:
             return None
-        if self.card.ood.get("brain_head_sha256") != self.brain_head_sha256():
-            raise BrainDINOError(
-                f"{self.path}: the out-of-distribution reference predates the brain-mask head; "
-                "run 'braindino calibrate' on this bundle again"
-            )
         if OOD_FILE not in self.card.files:  # only hashed files are read
             raise BrainDINOError(f"{self.path}: {OOD_FILE} is not listed in {CARD_FILE}")
         references = {c: t.float().numpy() for c, t in load_file(self.path / OOD_FILE).items()}
@@ -265,8 +260,7 @@ def set_typicality(directory: str | Path, typicality: Typicality, info: dict) ->
     tmp = path.with_name(path.name + ".tmp")
     save_file({c: torch.from_numpy(r).half() for c, r in typicality.references.items()}, tmp)
     os.replace(tmp, path)
-    ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds,
-           "brain_head_sha256": bundle.brain_head_sha256()}  # fmt: skip
+    ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds}
     card = dataclasses.replace(bundle.card, ood=ood, files={**bundle.card.files, OOD_FILE: sha256(path)})
     return _rewrite_card(bundle, card)
 

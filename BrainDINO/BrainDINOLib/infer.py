@@ -38,7 +38,7 @@ from .featuremaps import (
 from .heads import HeadSpec, predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
 from .preprocess import PreparedVolume, prepare
 from .report import write_report
-from .typicality import slice_thumbnails
+from .typicality import scan_descriptions
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, load_volume, save_like
 
 logger = logging.getLogger(__name__)
@@ -182,18 +182,19 @@ def analyse(
     part = _progress_parts(progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())))
 
     def prepared_for_heads(scan: Volume, first: PreparedVolume):
-        """(prepared, brain, warnings, progress of pass 2) of a scan, through the brain-mask head if any."""
+        """(prepared, brain, warnings, pass 1's encoding, progress of pass 2) of a scan, through the brain-mask head
+        if any."""
         finding = part(len(first.slices)) if passes == 2 else None
-        prepared, brain, notes = prepare_scan(
+        prepared, brain, notes, first_pass = prepare_scan(
             scan, bundle, encoder, whole=first, device=device, batch_size=options.batch_size, progress=finding,
             cancel=cancel,
         )  # fmt: skip
-        return prepared, brain, notes, part(len(first.slices), len(prepared.slices))
+        return prepared, brain, notes, first_pass, part(len(first.slices), len(prepared.slices))
 
-    prepared, brain, warnings, encoding = prepared_for_heads(volume, whole)
+    prepared, brain, warnings, first_pass, encoding = prepared_for_heads(volume, whole)
     prepared_others = {}
     for name, other in loaded.items():
-        prepared_other, _, notes, other_encoding = prepared_for_heads(other, wholes[name])
+        prepared_other, _, notes, _, other_encoding = prepared_for_heads(other, wholes[name])
         prepared_others[name] = (other.path, prepared_other, other_encoding)
         warnings += notes
     lap("brain")
@@ -214,9 +215,9 @@ def analyse(
         bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
     )
     ood = None
-    if typicality:
-        embeddings = encoded.slice_embeddings(bundle.card.pooling)
-        ood = typicality.verdict({"embedding": embeddings, "thumbnail": slice_thumbnails(prepared)})
+    if typicality:  # the whole scan, as pass 1 saw it (without a brain-mask head, the only pass)
+        seen = first_pass if first_pass is not None else encoded
+        ood = typicality.verdict(scan_descriptions(whole, seen, bundle.card.pooling))
         if ood["out_of_distribution"]:
             warnings.append(ood_warning(bundle.card.name, ood))
             for prediction in predictions.values():

@@ -1,7 +1,8 @@
 """Out-of-distribution check: how typical a scan's slices are of the scans a bundle was fitted on.
 
-A calibrated bundle keeps ``ood.safetensors``: for slices of its training scans (prepared as
-``infer`` prepares them), two L2-normalised descriptions, each a channel of the check:
+A calibrated bundle keeps ``ood.safetensors``: for slices of its training scans, prepared whole
+(without a brain mask, as ``infer``'s first pass sees them: cut to a brain, a photograph looks like
+one), two L2-normalised descriptions, each a channel of the check:
 
 - ``embedding``: the encoder's slice embedding (what the model makes of the slice);
 - ``thumbnail``: the 16 x 16 average of the model's input canvas (how the slice is laid out: a head
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .engine import EncodedVolume
 from .errors import BrainDINOError
 from .preprocess import PreparedVolume
 
@@ -39,6 +41,11 @@ def slice_thumbnails(prepared: PreparedVolume) -> np.ndarray:
         canvas = prepared.model_input(prepared.slices[start : start + _CHUNK])[:, :1]
         parts.append(F.adaptive_avg_pool2d(canvas, THUMBNAIL).flatten(1))
     return torch.cat(parts).numpy()
+
+
+def scan_descriptions(whole: PreparedVolume, encoded: EncodedVolume, pooling: str) -> dict[str, np.ndarray]:
+    """channel -> (S, D) descriptions of the analysed slices of a scan prepared without a brain mask."""
+    return {"embedding": encoded.slice_embeddings(pooling), "thumbnail": slice_thumbnails(whole)}
 
 
 def _normalised(values: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Calibrate a bundle's out-of-distribution check (`BrainDINOLib.typicality`) on its training data.
 
 The manifest's subjects are split: the slice descriptions (both channels) of the reference subjects'
-scans (every scan, prepared as ``infer`` prepares it, through the feature cache) form the reference;
+scans (every scan, prepared whole as ``infer``'s first pass prepares it, through the feature cache)
+form the reference;
 each held-out scan is scored against it. A channel's threshold is ``margin`` times its largest
 held-out score: every held-out training-like scan passes with room for real scans that differ from
 the training data in ways the model handles (contrast, resolution, skull), while images whose every

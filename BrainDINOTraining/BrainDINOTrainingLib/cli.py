@@ -421,7 +421,7 @@ def _calibrate(args) -> None:
 
     source = _checked_bundle(args)
     manifest = load_manifest(args.manifest)
-    cache = FeatureCache(load_bundle(source), args.cache, device=args.device)
+    cache = FeatureCache(load_bundle(source), args.cache, device=args.device, masked=False)  # whole scans
     with cli.ProgressBar("features", "scan") as progress:
         options = CalibrationOptions(k=args.k, margin=args.margin)
         typicality, info = calibrate_typicality(manifest, cache, options, progress=progress)

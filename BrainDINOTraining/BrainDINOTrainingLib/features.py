@@ -124,7 +124,7 @@ class FeatureCache:
             self._encoder = self.bundle.load_encoder()
         volume = load_volume(scan)
         if self.brain_head:
-            prepared, _, _ = prepare_scan(
+            prepared, _, _, _ = prepare_scan(
                 volume, self.bundle, self._encoder, device=self.device, batch_size=self.batch_size
             )
         else:

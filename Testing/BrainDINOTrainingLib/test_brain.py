@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -14,10 +13,10 @@ import pytest
 
 from BrainDINOLib.brain import BRAIN_TARGET, brain_head, largest_component
 from BrainDINOLib.bundle import find_bundle, load_bundle
-from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.sample_data import mni_path
 from BrainDINOLib.typicality import CHANNELS
 from BrainDINOTrainingLib.cli import main
+from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 from testdata import non_head_volumes, reorient
 
@@ -129,7 +128,9 @@ def test_largest_component_drops_islands_and_fills_holes():
     assert kept[6, 6, 6] and not kept[17, 17, 17] and kept.sum() == 1000
 
 
-def test_calibration_is_stored_and_refuses_a_stale_brain_head(calibrated, tmp_path):
+def test_calibration_is_stored_and_describes_whole_scans_as_infer_reads_them(calibrated, held_out, tmp_path):
+    """The reference and ``infer`` both describe the scan prepared whole (cut to a brain, anything looks like one),
+    so the verdict ``infer`` writes is the reference's verdict on the whole scan's features."""
     bundle = load_bundle(calibrated)
     typicality, ood = bundle.load_typicality(), bundle.card.ood
     for channel in CHANNELS:
@@ -137,13 +138,13 @@ def test_calibration_is_stored_and_refuses_a_stale_brain_head(calibrated, tmp_pa
         assert threshold == pytest.approx(ood["thresholds"][channel])
         assert threshold > ood["held_out_scores"][channel]["max"]
         assert len(typicality.references[channel]) == ood["reference_slices"] and typicality.k == 10
-    stale = tmp_path / "stale"
-    shutil.copytree(calibrated, stale)
-    card = json.loads((stale / "model.json").read_text())
-    card["ood"]["brain_head_sha256"] = "0" * 64
-    (stale / "model.json").write_text(json.dumps(card))
-    with pytest.raises(BrainDINOError, match="calibrate"):
-        load_bundle(stale).load_typicality()
+    folder, rows = held_out
+    scan = folder / rows[1]["flair"]
+    assert main(["infer", str(scan), "-o", str(tmp_path), "--bundle", str(calibrated), "--no-report", "-q"]) == 0
+    written = json.loads((tmp_path / "result.json").read_text())["ood_channels"]
+    whole = FeatureCache(bundle, tmp_path / "cache", device="cpu", masked=False).get(scan)
+    expected = typicality.verdict({"embedding": whole.embeddings, "thumbnail": whole.thumbnails})["ood_channels"]
+    assert written == expected
 
 
 def test_out_of_distribution_flags_noise_and_passes_held_out_phantoms(tmp_path, calibrated, held_out, capsys):
