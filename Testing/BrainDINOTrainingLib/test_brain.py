@@ -150,9 +150,9 @@ def test_calibration_is_stored_and_describes_whole_scans_as_infer_reads_them(cal
 def test_out_of_distribution_flags_noise_and_passes_held_out_phantoms(tmp_path, calibrated, held_out, capsys):
     """Held-out phantoms pass; a noise volume is flagged, with a warning on stderr and its predictions kept but
     marked unreliable; every scan gets a score per channel. The MNI template, photographs and a terrain map are
-    scored too but not asserted: with the shipped tiny encoder (pretrained on skull-stripped phantoms) and a head
-    fitted on 8 phantoms, the MNI template is flagged and the photographs and terrain are not (the README gives
-    these numbers); the retrained default bundle is to be held to all three."""
+    scored too but not asserted: the shipped tiny encoder (pretrained on skull-stripped phantoms) with a reference
+    from 8 phantoms does not separate them reliably (the README gives what a retrained candidate scores); the
+    retrained default bundle is to be held to all three."""
     folder, rows = held_out
     scans = {f"{r['subject_id']}-t2": folder / r["t2"] for r in rows}
     others = {"mni": mni_path("t1"), **non_head_volumes(tmp_path)}
