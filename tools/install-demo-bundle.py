@@ -6,7 +6,7 @@
   what it is (a demonstration trained on synthetic phantoms, not a clinical model) and records the
   pretraining run and head cohorts; it must stay within 25 MB;
 - the catalogue's default becomes that bundle (the random bundle stays listed);
-- one phantom with an enhancing glioma, axial 2D slices and a small volume (`demo_subject`), generated with a
+- one phantom with an enhancing glioma, axial 2D slices and a small volume (`suits_the_demo`), generated with a
   seed no training cohort used (300), is written to
   ``BrainDINO/BrainDINOLib/samples/demo-phantom`` (four sequences, lesion and brain masks, ``labels.json``) for
   ``braindino demo``: neither the encoder nor any head saw it.
@@ -27,8 +27,7 @@ import numpy as np
 
 from BrainDINOLib.bundle import CARD_FILE, CATALOG_DIR, load_bundle
 from BrainDINOLib.sample_data import DEMO_PHANTOM_DIR
-from BrainDINOTrainingLib.acquisition import SLICE_AXIS
-from BrainDINOTrainingLib.phantoms import SEQUENCES, Template, plan_subject, subject_rng, write_subject
+from BrainDINOTrainingLib.phantoms import SEQUENCES, SubjectPlan, Template, first_subject, write_subject
 
 NAME = "braindino-tiny-phantom"
 DEMO_SEED = 300
@@ -82,24 +81,18 @@ def install_bundle(source: Path, work: Path) -> Path:
     return target
 
 
-def demo_subject(template: Template, candidates: int = 200) -> int:
-    """The first subject of seed ``DEMO_SEED`` that makes a small, typical clinical demo: an enhancing glioma in a
-    whole head, scanned in axial 2D slices at most 1.5 M voxels (so the four sequences stay small in the package)."""
-    for index in range(candidates):
-        plan = plan_subject(subject_rng(DEMO_SEED, index), f"phantom-{index:04d}", template)
-        acquisition = plan.acquisition
-        spacing = np.full(3, acquisition.in_plane_mm)
-        spacing[SLICE_AXIS[acquisition.plane]] = acquisition.thickness_mm
-        voxels = np.prod(np.diff(np.array(acquisition.fov_mm), axis=1).ravel() / spacing)
-        if plan.lesion == "glioma" and plan.enhancing and acquisition.plane == "axial" and voxels <= 1.5e6:
-            return index
-    raise SystemExit(f"none of the first {candidates} phantoms of seed {DEMO_SEED} suits the demo")
+def suits_the_demo(plan: SubjectPlan) -> bool:
+    """A small, typical clinical demo: an enhancing glioma in a whole head, scanned in axial 2D slices, at most
+    1.5 M voxels (so the four sequences stay small in the package)."""
+    acquisition = plan.acquisition
+    voxels = np.prod(np.diff(np.array(acquisition.fov_mm), axis=1).ravel() / acquisition.spacing_mm)
+    return plan.lesion == "glioma" and plan.enhancing and acquisition.plane == "axial" and voxels <= 1.5e6
 
 
 def install_demo_phantom() -> Path:
-    """`demo_subject`, renamed ``heldout-phantom``."""
+    """The first subject of seed ``DEMO_SEED`` that `suits_the_demo`, renamed ``heldout-phantom``."""
     template = Template.load(1.0)
-    index = demo_subject(template)
+    index = first_subject(template, DEMO_SEED, suits_the_demo)
     with tempfile.TemporaryDirectory() as scratch:
         row = write_subject(template, Path(scratch), DEMO_SEED, index)
         if DEMO_PHANTOM_DIR.exists():

@@ -23,17 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from BrainDINOTrainingLib.acquisition import SLICE_AXIS  # noqa: E402
-from BrainDINOTrainingLib.phantoms import CohortOptions, Template, plan_subject, subject_rng, write_subject  # noqa: E402
+from BrainDINOTrainingLib.phantoms import CohortOptions, Template, first_subject, write_subject  # noqa: E402
 
 LABEL_COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.2, 0.8, 0.2), 3: (1.0, 0.85, 0.1)}
-
-
-def find(template: Template, seed: int, wanted, start: int = 0) -> int:
-    """The first subject index from ``start`` whose plan satisfies ``wanted(plan)``."""
-    for index in range(start, start + 500):
-        if wanted(plan_subject(subject_rng(seed, index), "x", template)):
-            return index
-    raise SystemExit(f"no subject of seed {seed} fits")
 
 
 def view(path: Path, plane: str, position: float | None = None, around: np.ndarray | None = None):
@@ -79,11 +71,13 @@ def main() -> None:
     args = parser.parse_args()
     template = Template.load(1.0)
     seed = args.seed
-    glioma = find(template, seed, lambda p: p.lesion == "glioma" and p.marker == 0 and p.acquisition.plane == "axial")
-    metastases = find(template, seed, lambda p: p.lesion == "metastases" and p.acquisition.plane == "axial")
-    sagittal = find(template, seed, lambda p: p.acquisition.plane == "sagittal")
-    coronal = find(template, seed, lambda p: p.acquisition.plane == "coronal")
-    thick = find(template, seed, lambda p: p.acquisition.plane == "axial" and p.acquisition.thickness_mm >= 5)
+    glioma = first_subject(
+        template, seed, lambda p: p.lesion == "glioma" and p.marker == 0 and p.acquisition.plane == "axial"
+    )
+    metastases = first_subject(template, seed, lambda p: p.lesion == "metastases" and p.acquisition.plane == "axial")
+    sagittal = first_subject(template, seed, lambda p: p.acquisition.plane == "sagittal")
+    coronal = first_subject(template, seed, lambda p: p.acquisition.plane == "coronal")
+    thick = first_subject(template, seed, lambda p: p.acquisition.plane == "axial" and p.acquisition.thickness_mm >= 5)
 
     fig, axes = plt.subplots(2, 7, figsize=(21, 7.2), facecolor="black")
     with tempfile.TemporaryDirectory() as scratch:

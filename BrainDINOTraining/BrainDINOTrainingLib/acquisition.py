@@ -48,6 +48,13 @@ class Acquisition:
     thickness_mm: float
     fov_mm: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
 
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        """(3,) voxel size along R, A, S: ``in_plane_mm`` within the slice plane, ``thickness_mm`` across it."""
+        spacing = np.full(3, self.in_plane_mm)
+        spacing[SLICE_AXIS[self.plane]] = self.thickness_mm
+        return spacing
+
 
 @dataclass(frozen=True)
 class Artefacts:
@@ -128,8 +135,7 @@ def acquire(
     """
     mm = float(np.linalg.norm(affine[:3, 0]))
     axis = SLICE_AXIS[acquisition.plane]
-    target = np.full(3, acquisition.in_plane_mm)
-    target[axis] = acquisition.thickness_mm
+    target = acquisition.spacing_mm
     # The acquisition grid: the field of view (within the base grid) sampled at the target spacing.
     origin = affine[:3, 3]
     extent = np.stack([origin - mm / 2, origin + (np.array(volume.shape) - 0.5) * mm])

@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,6 +296,18 @@ def plan_subject(
     return SubjectPlan(
         subject_id, round(age, 1), sex, diagnosis, head_scale, lesion, marker, enhancing, pose, acquisition, stripped
     )
+
+
+def first_subject(template: Template, seed: int, wanted: Callable[[SubjectPlan], bool]) -> int:
+    """The first subject index whose plan satisfies ``wanted`` (plans cost no image).
+
+    Raises:
+        BrainDINOError: none of the first 500 does.
+    """
+    for index in range(500):
+        if wanted(plan_subject(subject_rng(seed, index), f"phantom-{index:04d}", template)):
+            return index
+    raise BrainDINOError(f"none of the first 500 subjects of seed {seed} fits")
 
 
 def _grid(shape: tuple[int, int, int]) -> np.ndarray:
