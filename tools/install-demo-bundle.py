@@ -44,9 +44,8 @@ def install_bundle(source: Path, work: Path) -> Path:
         description=(
             f"DEMONSTRATION: tiny DINO ViT/16 pretrained for {bundle.card.training['steps']} steps of "
             f"{pretrain['batch_size']} axial slices of 48 synthetic whole-head phantoms derived from the MNI "
-            "template (four sequences and two randomised contrasts each, a quarter skull-stripped), with a brain-mask "
-            f"head fitted on 80 other phantoms and the other heads on 24 of them: {heads}. Phantom-trained: not for "
-            "clinical use."
+            "template (four sequences and two randomised contrasts each, a quarter skull-stripped), with heads fitted "
+            f"on 80 other phantoms: {heads}. Phantom-trained: not for clinical use."
         ),
         intended_use="demonstration on synthetic phantoms only; not a medical device; its heads learned the "
         "phantom generator's rules, not real disease",
@@ -55,8 +54,7 @@ def install_bundle(source: Path, work: Path) -> Path:
             "data": "48 phantoms, braindino cohort make 48 --seed 100 --skull-stripped 0.25 "
             "--random-contrasts 2 (1 mm)",
             "heads_data": "80 other phantoms, braindino cohort make 80 --seed 200 --skull-stripped 0.25 "
-            "--random-contrasts 1 (1 mm), split 60/20/20 by subject; the brain-mask head on all 80, the other heads "
-            "and the out-of-distribution reference on the first 24",
+            "--random-contrasts 1 (1 mm), split 60/20/20 by subject; the out-of-distribution reference on all 80",
             "built_by": "bash tools/make-demo-bundle.sh",
             "config": pretrain,
         },

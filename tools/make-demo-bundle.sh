@@ -6,10 +6,11 @@
 #      GPU, several hours on a CPU; resumes after an interruption);
 #   3. a separate labelled cohort for the heads (80 subjects, 1 mm, one randomised contrast each, a quarter
 #      skull-stripped);
-#   4. heads on the frozen encoder: the brain mask first, on all 80 subjects (every later head is fitted on scans
-#      prepared through it, as infer prepares them); then, on the first 24 subjects (encoding every scan twice,
-#      as infer does, costs about 12 s a scan on 2 CPU cores), tumour segmentation on any contrast, sequence,
-#      diagnosis, marker, age, survival, and the out-of-distribution reference (braindino calibrate);
+#   4. heads on the frozen encoder, on all 80 subjects: the brain mask first (every later head is fitted on scans
+#      prepared through it, as infer prepares them), then tumour segmentation on any contrast, sequence, diagnosis,
+#      marker, age, survival, and the out-of-distribution reference (braindino calibrate). Encoding the 400 scans
+#      twice, as infer does, takes about 12 s a scan on 2 CPU cores; the decoders' 7,000 steps about 0.5 s each
+#      there, 5 ms on a GPU (--device follows fit-head's default: a GPU when there is one);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
 #   6. MoCo v3 and MAE encoders with the same pretraining budget, for benchmarks/label_efficiency.py.
 # Re-run it after an interruption: finished steps are skipped, pretraining continues from its checkpoint.
@@ -28,7 +29,7 @@ pretrain() {  # OBJECTIVE OUT_DIR
 }
 cohort() {  # N FOLDER SEED options...; an interrupted cohort resumes where it stopped
   [ -f "$2/manifest.csv" ] && return
-  braindino cohort make "$1" "$2" --seed "$3" --skull-stripped 0.25 "${@:4}"
+  braindino cohort make "$1" "$2" --seed "$3" --skull-stripped 0.25 --workers "$(nproc)" "${@:4}"
 }
 
 pretrained() {  # every encoder exported (then the pretraining cohort is not needed)
@@ -42,7 +43,6 @@ pretrain dino "$work/pretrain"
 
 cohort 80 "$work/heads-cohort" 200 --random-contrasts 1
 bundle="$work/braindino-tiny-phantom"
-head -n 25 "$work/heads-cohort/manifest.csv" > "$work/heads-cohort/first-24.csv"
 fit() {  # NAME MANIFEST fit-head options...; the first call creates the bundle with its head
   local name=$1 manifest=$2
   shift 2
@@ -50,22 +50,21 @@ fit() {  # NAME MANIFEST fit-head options...; the first call creates the bundle 
   braindino fit-head --name "$name" --manifest "$manifest" --cache "$work/cache" \
     --report "$work/reports/$name" --label-fraction 0.1 1 --seeds 0 1 2 "$@"
 }
-all="$work/heads-cohort"
-first="$work/heads-cohort/first-24.csv"
+heads="$work/heads-cohort"
 if [ -d "$bundle" ]; then
-  fit brain "$all" --task brain --steps 800 --label-fraction 1 --seeds 0 --bundle "$bundle"
+  fit brain "$heads" --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$bundle"
 else
-  fit brain "$all" --task brain --steps 800 --label-fraction 1 --seeds 0 --bundle "$work/pretrain/bundle" -o "$bundle"
+  fit brain "$heads" --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$work/pretrain/bundle" -o "$bundle"
 fi
 # The tumour head first: its feature files (with patch tokens) then serve every volume head.
-fit tumor "$first" --task seg --modality any --steps 1000 --label-fraction 1 --seeds 0 --bundle "$bundle"
-fit sequence "$first" --task seq --bundle "$bundle"
-fit diagnosis "$first" --task cls --target diagnosis --modality t1 --bundle "$bundle"
-fit marker "$first" --task cls --target marker --modality t1ce --bundle "$bundle"
-fit age "$first" --task reg --target age --modality t1 --bundle "$bundle"
-fit survival "$first" --task surv --modality t1ce --bundle "$bundle"
+fit tumor "$heads" --task seg --modality any --steps 4000 --label-fraction 1 --seeds 0 --bundle "$bundle"
+fit sequence "$heads" --task seq --bundle "$bundle"
+fit diagnosis "$heads" --task cls --target diagnosis --modality t1 --bundle "$bundle"
+fit marker "$heads" --task cls --target marker --modality t1ce --bundle "$bundle"
+fit age "$heads" --task reg --target age --modality t1 --bundle "$bundle"
+fit survival "$heads" --task surv --modality t1ce --bundle "$bundle"
 if [ ! -f "$work/reports/calibrated" ]; then
-  braindino calibrate --manifest "$first" --bundle "$bundle" --cache "$work/cache"
+  braindino calibrate --manifest "$heads" --bundle "$bundle" --cache "$work/cache"
   touch "$work/reports/calibrated"
 fi
 installed=BrainDINO/BrainDINOLib/models/braindino-tiny-phantom

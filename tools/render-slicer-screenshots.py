@@ -42,7 +42,7 @@ def main() -> None:
     panels = []
     segmentation = run.segmentations["tumor"]
     for title, overlay, segments in [
-        ("FLAIR + tumour segmentation", None, True),
+        ("FLAIR + segmentation (brain, tumour)", None, True),
         ("attention (heat)", run.attention, False),
         ("PCA of patch tokens (RGB)", run.pca, False),
         ("similarity to a point in the oedema", run.similarity, False),

@@ -182,21 +182,24 @@ def analyse(
     part = _progress_parts(progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())))
 
     def prepared_for_heads(scan: Volume, first: PreparedVolume):
-        """(prepared, brain, warnings, pass 1's encoding, progress of pass 2) of a scan, through the brain-mask head
-        if any."""
+        """(prepared, brain, warnings, pass 1's encoding) of a scan, through the brain-mask head if any."""
         finding = part(len(first.slices)) if passes == 2 else None
-        prepared, brain, notes, first_pass = prepare_scan(
+        return prepare_scan(
             scan, bundle, encoder, whole=first, device=device, batch_size=options.batch_size, progress=finding,
             cancel=cancel,
         )  # fmt: skip
-        return prepared, brain, notes, first_pass, part(len(first.slices), len(prepared.slices))
 
-    prepared, brain, warnings, first_pass, encoding = prepared_for_heads(volume, whole)
-    prepared_others = {}
+    prepared, brain, warnings, first_pass = prepared_for_heads(volume, whole)
+    found = {}
     for name, other in loaded.items():
-        prepared_other, _, notes, _, other_encoding = prepared_for_heads(other, wholes[name])
-        prepared_others[name] = (other.path, prepared_other, other_encoding)
+        found[name], _, notes, _ = prepared_for_heads(other, wholes[name])
         warnings += notes
+    # the final encodings run in this order, after every pass 1: the scan, then the others (`_apply_heads`)
+    encoding = part(len(whole.slices), len(prepared.slices))
+    prepared_others = {
+        name: (other.path, found[name], part(len(wholes[name].slices), len(found[name].slices)))
+        for name, other in loaded.items()
+    }
     lap("brain")
     layers = sorted(
         {

@@ -153,7 +153,8 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
     Segments of the BraTS classes carry the DICOM terminology (necrosis, oedema, neoplasm) and its colours;
     every segment is created, even an empty one, so the legend always lists the head's classes. Segment IDs
     are ``<node name>_<label value>``. An (I, J, K) bool ``brain`` mask adds a "Brain" segment (anatomical
-    terminology, ID ``<node name>_brain``) that overlaps the others.
+    terminology, ID ``<node name>_brain``) that overlaps the others, drawn as an outline in slice views (filled,
+    it would hide the scan).
     """
     node = _new_node(reference.GetScene(), "vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -174,6 +175,8 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
             node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
         if mask.any():
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)
+    if brain is not None:
+        node.GetDisplayNode().SetSegmentOpacity2DFill(f"{node.GetName()}_brain", 0.0)
     return node
 
 

@@ -34,9 +34,9 @@ DEMO_PHANTOM_DIR = Path(__file__).resolve().parent / "samples" / "demo-phantom"
 
 
 def demo_phantom() -> tuple[dict[str, Path], dict]:
-    """The demo phantom's scans (sequence or ``seg`` -> file) and its true labels (``labels.json``).
+    """The demo phantom's scans (sequence, ``seg`` or ``brainmask`` -> file) and its true labels (``labels.json``).
 
-    A test-split subject of the cohort the default bundle's heads were fitted on: no head saw it.
+    Generated with a seed that neither the default bundle's encoder cohort nor its heads cohort used.
     """
     labels = DEMO_PHANTOM_DIR / "labels.json"
     if not labels.is_file():

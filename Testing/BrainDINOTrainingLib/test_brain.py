@@ -1,6 +1,7 @@
-"""Brain-mask head and out-of-distribution check: fitted and calibrated on whole-head phantoms through the
-command line, measured on held-out phantoms of several contrasts and slice thicknesses, the MNI template and
-volumes that are not head MRI, and what ``infer`` does with them (mask file, maps, slices, flags)."""
+"""The shipped bundle on whole heads it never saw: its brain-mask head, its any-contrast tumour head and its
+out-of-distribution check, measured on held-out phantoms (another seed; other slice thicknesses, realistic and
+randomised contrasts), the MNI template and volumes that are not head MRI; and the commands that fit a brain
+head and calibrate a reference."""
 
 from __future__ import annotations
 
@@ -20,89 +21,118 @@ from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 from testdata import non_head_volumes, reorient
 
-
-@pytest.fixture(scope="module")
-def brain_bundle(tmp_path_factory):
-    """The shipped encoder with a brain-mask head fitted on 8 phantoms (2 mm; four sequences and a randomised
-    contrast each, various planes and slice thicknesses; whole heads and about a quarter skull-stripped)."""
-    work = tmp_path_factory.mktemp("brain")
-    options = CohortOptions(random_contrasts=1, skull_stripped=0.25)
-    make_cohort(8, work / "cohort", seed=11, resolution=2, workers=2, options=options)
-    command = ["fit-head", "--task", "brain", "--manifest", str(work / "cohort"), "--bundle", str(find_bundle(None))]
-    command += ["-o", str(work / "bundle"), "--steps", "300", "--cache", str(work / "cache")]
-    assert main([*command, "--report", str(work / "report"), "--device", "cpu"]) == 0
-    return work / "bundle"
-
-
-@pytest.fixture(scope="module")
-def calibrated(brain_bundle):
-    """The brain bundle with an out-of-distribution reference from the same 8 phantoms."""
-    work = brain_bundle.parent
-    command = ["calibrate", "--manifest", str(work / "cohort"), "--bundle", str(brain_bundle)]
-    assert main([*command, "-o", str(work / "calibrated"), "--cache", str(work / "cache"), "--device", "cpu"]) == 0
-    return work / "calibrated"
+SHIPPED = find_bundle(None)
+REALISTIC = ("t1", "t1ce", "t2", "flair")
+CONTRASTS = (*REALISTIC, "random1")
 
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    """Two phantoms no head saw (another seed), whole heads with their true brain masks."""
+    """Four whole-head phantoms with a glioma that neither the encoder nor any head saw (seed 12, 2 mm grid,
+    2-4 mm slices of 1-1.2 mm pixels)."""
     folder = tmp_path_factory.mktemp("held-out") / "cohort"
-    make_cohort(2, folder, seed=12, resolution=2, workers=1, options=CohortOptions(random_contrasts=1))
+    options = CohortOptions(random_contrasts=1, tumor_fraction=1.0, metastasis_share=0.0)
+    make_cohort(4, folder, seed=12, resolution=2, workers=2, options=options)
     with open(folder / "manifest.csv") as handle:
         return folder, list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def inferred(tmp_path_factory, held_out):
+    """``infer`` with the shipped bundle on every contrast of three held-out phantoms, each scan alone."""
+    folder, rows = held_out
+    work = tmp_path_factory.mktemp("inferred")
+    runs = {}
+    for row in rows[:3]:
+        for column in CONTRASTS:
+            out = work / f"{row['subject_id']}-{column}"
+            assert main(["infer", str(folder / row[column]), "-o", str(out), "--device", "cpu", "--no-report",
+                         "-q"]) == 0  # fmt: skip
+            runs[row["subject_id"], column] = json.loads((out / "result.json").read_text()), out
+    return runs
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1)
 
 
-def test_brain_head_is_stored_with_its_metrics(brain_bundle):
-    bundle = load_bundle(brain_bundle)
+def _mask(folder, row, column) -> np.ndarray:
+    return np.asarray(nib.load(folder / row[column]).dataobj) > 0
+
+
+def _written(result, out, name) -> np.ndarray:
+    return np.asarray(nib.load(out / result["outputs"][name]).dataobj)
+
+
+def test_shipped_bundle_has_a_brain_head_an_any_contrast_tumour_head_and_a_reference():
+    bundle = load_bundle(SHIPPED)
     spec = brain_head(bundle.head_specs)
-    assert spec.name == "brain" and spec.target == BRAIN_TARGET and spec.modalities == () and spec.classes == ("brain",)
-    assert spec.metrics["dice_label_1"] > 0.75
+    assert spec.target == BRAIN_TARGET and spec.modalities == () and spec.classes == ("brain",)
+    assert spec.metrics["dice_label_1"] > 0.8
+    tumour = next(s for s in bundle.head_specs if s.kind == "seg" and s.target != BRAIN_TARGET)
+    assert tumour.modalities == ()  # reads any sequence
+    typicality = bundle.load_typicality()
+    assert set(typicality.thresholds) == set(CHANNELS) and bundle.card.ood["scans"] >= 100
 
 
-def test_brain_masks_of_held_out_phantoms_in_several_contrasts(tmp_path, brain_bundle, held_out):
-    """Whole-head phantoms of other seeds, planes and slice thicknesses, in realistic and randomised contrasts. The
-    head was fitted on 8 phantoms with 300 steps on the shipped encoder, which was pretrained on skull-stripped
-    phantoms only, so the bar is the machinery's, not a retrained bundle's."""
+def test_brain_masks_of_held_out_whole_heads_in_every_contrast(held_out, inferred):
+    """Written in the scan's own geometry, voxel for voxel; tight on realistic contrasts, usable on randomised."""
     folder, rows = held_out
-    scores = []
-    for row in rows:
-        truth = np.asarray(nib.load(folder / row["brain_mask"]).dataobj) > 0
-        for column in ("t1", "flair", "random1"):
-            out = tmp_path / f"{row['subject_id']}-{column}"
-            assert main(["infer", str(folder / row[column]), "-o", str(out), "--bundle", str(brain_bundle),
-                         "--device", "cpu", "--no-report", "-q"]) == 0  # fmt: skip
-            written = nib.load(next(out.glob("*_brainmask.nii.gz")))
+    scores = {}
+    for row in rows[:3]:
+        truth = _mask(folder, row, "brain_mask")
+        for column in CONTRASTS:
+            result, out = inferred[row["subject_id"], column]
+            written = nib.load(out / result["outputs"]["brain_mask"])
             assert np.allclose(written.affine, nib.load(folder / row[column]).affine)
-            scores.append(_dice(np.asarray(written.dataobj) > 0, truth))
-    assert len({row["spacing_mm"] for row in rows}) > 1 and np.mean(scores) >= 0.75, scores
+            assert written.get_data_dtype() == np.uint8
+            scores[column, row["subject_id"]] = round(_dice(np.asarray(written.dataobj) > 0, truth), 3)
+    assert len({row["spacing_mm"] for row in rows[:3]}) > 1, rows
+    realistic = [score for (column, _), score in scores.items() if column in REALISTIC]
+    assert np.mean(realistic) >= 0.9 and min(scores.values()) >= 0.75, scores
 
 
-def test_infer_follows_the_brain_mask(tmp_path, brain_bundle, held_out):
-    """Maps are zero outside the mask, slices follow its extent, and an oblique LPS copy of the scan gets the
-    same mask in its own geometry."""
+def _tumour_dice(held_out, inferred, column) -> dict[str, float]:
+    """subject -> whole-tumour Dice of the segmentation ``infer`` wrote for that contrast alone."""
+    folder, rows = held_out
+    scores = {}
+    for row in rows[:3]:
+        result, out = inferred[row["subject_id"], column]
+        scores[row["subject_id"]] = _dice(_written(result, out, "segmentation:tumor") > 0, _mask(folder, row, "seg"))
+    return scores
+
+
+def test_tumour_head_segments_a_flair_scan_alone(held_out, inferred):
+    scores = _tumour_dice(held_out, inferred, "flair")
+    assert min(scores.values()) > 0.5, scores
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped tumour head finds next to nothing on T1ce alone (README)")
+def test_post_contrast_t1_alone_gets_a_tumour_segmentation(held_out, inferred):
+    scores = _tumour_dice(held_out, inferred, "t1ce")
+    assert min(scores.values()) > 0.3, scores
+
+
+def test_infer_follows_the_brain_mask(tmp_path, held_out, inferred):
+    """Maps and the tumour are zero outside the mask, slices follow its extent, and an oblique LPS copy of the scan
+    gets the same mask in its own geometry."""
     folder, rows = held_out
     scan = folder / rows[0]["t1"]
     out = tmp_path / "plain"
-    assert main(["infer", str(scan), "-o", str(out), "--bundle", str(brain_bundle), "--device", "cpu"]) == 0
+    assert main(["infer", str(scan), "-o", str(out), "--device", "cpu", "--no-report", "-q"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["brain_mask"]["head"] == "brain" and result["brain_mask"]["volume_ml"] > 800
-    brain = np.asarray(nib.load(out / result["outputs"]["brain_mask"]).dataobj) > 0
+    brain = _written(result, out, "brain_mask") > 0
     canonical = nib.as_closest_canonical(nib.load(out / result["outputs"]["brain_mask"]))
     extent = np.flatnonzero(np.asarray(canonical.dataobj).any(axis=(0, 1)))
     assert result["slices"]["first"] >= extent[0] and result["slices"]["last"] <= extent[-1]
     for name in ("attention", "pca"):
-        data = np.asarray(nib.load(out / result["outputs"][name]).dataobj)
+        data = _written(result, out, name)
         if data.dtype.names:  # RGB24
             data = np.stack([data[channel] for channel in data.dtype.names], axis=-1)
-        assert not data[~brain].any() and data.any(), name
-    assert (
-        "tumor" not in result["predictions"]
-        or not np.asarray(nib.load(out / result["outputs"]["segmentation:tumor"]).dataobj)[~brain].any()
-    )
+        assert not data[~brain].any() and data[brain].any(), name
+    flair, flair_out = inferred[rows[0]["subject_id"], "flair"]
+    assert not _written(flair, flair_out, "segmentation:tumor")[~(_written(flair, flair_out, "brain_mask") > 0)].any()
 
     image = nib.load(scan)
     tilt = np.eye(4)
@@ -110,13 +140,12 @@ def test_infer_follows_the_brain_mask(tmp_path, brain_bundle, held_out):
     oblique = reorient(nib.Nifti1Image(np.asarray(image.dataobj), tilt @ image.affine), "LPS")
     nib.save(oblique, tmp_path / "oblique.nii.gz")
     again = tmp_path / "oblique"
-    assert main(["infer", str(tmp_path / "oblique.nii.gz"), "-o", str(again), "--bundle", str(brain_bundle),
-                       "--device", "cpu", "--no-report"]) == 0  # fmt: skip
+    assert main(["infer", str(tmp_path / "oblique.nii.gz"), "-o", str(again), "--device", "cpu", "--no-report",
+                 "-q"]) == 0  # fmt: skip
     mask = nib.load(again / "oblique_brainmask.nii.gz")
     assert np.allclose(mask.affine, oblique.affine) and mask.shape == oblique.shape
     moved = nib.as_closest_canonical(mask)
-    original = nib.as_closest_canonical(nib.load(out / result["outputs"]["brain_mask"]))
-    assert _dice(np.asarray(moved.dataobj) > 0, np.asarray(original.dataobj) > 0) > 0.97
+    assert _dice(np.asarray(moved.dataobj) > 0, np.asarray(canonical.dataobj) > 0) > 0.97
 
 
 def test_largest_component_drops_islands_and_fills_holes():
@@ -128,44 +157,65 @@ def test_largest_component_drops_islands_and_fills_holes():
     assert kept[6, 6, 6] and not kept[17, 17, 17] and kept.sum() == 1000
 
 
-def test_calibration_is_stored_and_describes_whole_scans_as_infer_reads_them(calibrated, held_out, tmp_path):
-    """The reference and ``infer`` both describe the scan prepared whole (cut to a brain, anything looks like one),
-    so the verdict ``infer`` writes is the reference's verdict on the whole scan's features."""
-    bundle = load_bundle(calibrated)
+@pytest.fixture(scope="module")
+def non_head(tmp_path_factory):
+    """``infer`` on volumes that are not head MRI (photographs, terrain, noise) and on the real MNI template."""
+    work = tmp_path_factory.mktemp("non-head")
+    runs = {}
+    for name, path in {"mni": mni_path("t1"), **non_head_volumes(work)}.items():
+        out = work / name
+        completed = main(["infer", str(path), "-o", str(out), "--device", "cpu", "-q", "--no-report"])
+        runs[name] = completed, json.loads((out / "result.json").read_text())
+    return runs
+
+
+def test_out_of_distribution_passes_brain_mri_and_flags_noise(held_out, inferred, non_head):
+    """Held-out phantoms of every contrast and the MNI template (real, skull-stripped) pass; noise is flagged with
+    its predictions kept but marked unreliable."""
+    flags, scores = {}, {}
+    for name, (completed, result) in non_head.items():
+        assert completed == 0 and result["ood_threshold"] == 1.0 and set(result["ood_channels"]) == set(CHANNELS)
+        flags[name], scores[name] = result["out_of_distribution"], result["ood_score"]
+        assert all(p.get("unreliable") for p in result["predictions"].values()) == flags[name]
+    for (subject, column), (result, _) in inferred.items():
+        flags[f"{subject}-{column}"], scores[f"{subject}-{column}"] = result["out_of_distribution"], result["ood_score"]
+    assert flags["noise"] and not any(f for name, f in flags.items() if name not in ("photos", "terrain", "noise"))
+
+
+@pytest.mark.xfail(strict=True, reason="photographs and terrain score below the shipped threshold (README)")
+def test_out_of_distribution_flags_photographs_and_terrain(non_head):
+    assert non_head["photos"][1]["out_of_distribution"] and non_head["terrain"][1]["out_of_distribution"]
+
+
+def test_out_of_distribution_warning_on_stderr(tmp_path, capsys):
+    noise = non_head_volumes(tmp_path)["noise"]
+    assert main(["infer", noise, "-o", str(tmp_path / "noise"), "--device", "cpu", "-q", "--no-report"]) == 0
+    assert "OUT OF DISTRIBUTION" in capsys.readouterr().err
+
+
+def test_fit_head_brain_and_calibrate_commands(tmp_path, held_out):
+    """``fit-head --task brain`` stores a brain head with its metrics; ``calibrate`` stores a reference whose
+    thresholds lie above its held-out scores, and ``infer``'s verdict is the reference's verdict on the whole
+    scan's features (the scan as pass 1 prepares it, not cut to the brain)."""
+    folder, rows = held_out
+    command = ["fit-head", "--task", "brain", "--manifest", str(folder), "--bundle", str(SHIPPED), "-o"]
+    command += [str(tmp_path / "b"), "--steps", "20", "--slices-per-scan", "4", "--cache", str(tmp_path / "cache")]
+    assert main([*command, "--device", "cpu", "--report", str(tmp_path / "report")]) == 0
+    spec = brain_head(load_bundle(tmp_path / "b").head_specs)
+    assert spec.name == "brain" and 0 <= spec.metrics["dice_label_1"] <= 1 and spec.training["steps"] == 20
+    command = ["calibrate", "--manifest", str(folder), "--bundle", str(tmp_path / "b"), "-o", str(tmp_path / "c")]
+    assert main([*command, "--cache", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    bundle = load_bundle(tmp_path / "c")
     typicality, ood = bundle.load_typicality(), bundle.card.ood
     for channel in CHANNELS:
         threshold = typicality.thresholds[channel]
         assert threshold == pytest.approx(ood["thresholds"][channel])
         assert threshold > ood["held_out_scores"][channel]["max"]
         assert len(typicality.references[channel]) == ood["reference_slices"] and typicality.k == 10
-    folder, rows = held_out
+
     scan = folder / rows[1]["flair"]
-    assert main(["infer", str(scan), "-o", str(tmp_path), "--bundle", str(calibrated), "--no-report", "-q"]) == 0
-    written = json.loads((tmp_path / "result.json").read_text())["ood_channels"]
+    out = tmp_path / "infer"
+    assert main(["infer", str(scan), "-o", str(out), "--bundle", str(tmp_path / "c"), "--no-report", "-q"]) == 0
+    written = json.loads((out / "result.json").read_text())["ood_channels"]
     whole = FeatureCache(bundle, tmp_path / "cache", device="cpu", masked=False).get(scan)
-    expected = typicality.verdict({"embedding": whole.embeddings, "thumbnail": whole.thumbnails})["ood_channels"]
-    assert written == expected
-
-
-def test_out_of_distribution_flags_noise_and_passes_held_out_phantoms(tmp_path, calibrated, held_out, capsys):
-    """Held-out phantoms pass; a noise volume is flagged, with a warning on stderr and its predictions kept but
-    marked unreliable; every scan gets a score per channel. The MNI template, photographs and a terrain map are
-    scored too but not asserted: the shipped tiny encoder (pretrained on skull-stripped phantoms) with a reference
-    from 8 phantoms does not separate them reliably (the README gives what a retrained candidate scores); the
-    retrained default bundle is to be held to all three."""
-    folder, rows = held_out
-    scans = {f"{r['subject_id']}-t2": folder / r["t2"] for r in rows}
-    others = {"mni": mni_path("t1"), **non_head_volumes(tmp_path)}
-    flags, scores = {}, {}
-    for name, path in {**scans, **others}.items():
-        capsys.readouterr()
-        out = tmp_path / name
-        assert main(["infer", str(path), "-o", str(out), "--bundle", str(calibrated), "--device", "cpu", "-q"]) == 0
-        result = json.loads((out / "result.json").read_text())
-        flags[name], scores[name] = result["out_of_distribution"], result["ood_score"]
-        assert result["ood_threshold"] == 1.0 and set(result["ood_channels"]) == set(CHANNELS)
-        assert ("OUT OF DISTRIBUTION" in capsys.readouterr().err) == flags[name]
-        if flags[name]:
-            assert all(p.get("unreliable") for p in result["predictions"].values())
-    assert not any(flags[name] for name in scans), scores
-    assert flags["noise"] and scores["noise"] > 2, scores
+    assert written == typicality.verdict({"embedding": whole.embeddings, "thumbnail": whole.thumbnails})["ood_channels"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from BrainDINOLib.bundle import add_head, create_random_bundle, find_bundle, load_bundle
+from BrainDINOLib.bundle import add_head, create_random_bundle, load_bundle
 from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import predict_volume
@@ -68,19 +68,6 @@ def test_regression_head_beats_the_mean_predictor_in_ml(cohort40, cache):
     result = fit_and_evaluate(load_manifest(cohort40), cache, options, "oedema")
     assert result.spec.units == "mL" and result.spec.target_std > 1
     assert _primary(result.rows, "head", "mae")[0] < _primary(result.rows, "mean", "mae")[0]
-
-
-def test_classification_and_survival_heads_beat_chance_on_the_shipped_encoder(tmp_path, cohort40):
-    """The shipped phantom-pretrained encoder (its pretraining and head cohorts used other seeds) on new
-    subjects: tumour presence from T1ce and survival risk from T1ce, each fitted on 24 subjects with
-    a fixed seed, scored on the held-out ones. The encoder predates the current phantoms (random fields of
-    view, poses, artefacts, 2-7 mm slices): tumour AUC 0.625 here, above 0.8 on the phantoms it was made with."""
-    cache = FeatureCache(load_bundle(find_bundle(None)), tmp_path / "features", device="cpu")
-    manifest = load_manifest(cohort40)
-    tumour = fit_and_evaluate(manifest, cache, FitOptions("cls", "tumor", modalities=("t1ce",)), "tumour")
-    assert _primary(tumour.rows, "head", "auc")[0] > 0.6 and _primary(tumour.rows, "majority", "auc")[0] == 0.5
-    survival = fit_and_evaluate(manifest, cache, FitOptions("surv", modalities=("t1ce",)), "survival")
-    assert _primary(survival.rows, "head", "c_index")[0] > 0.6  # a constant risk scores 0.5
 
 
 def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
