@@ -10,7 +10,7 @@
 #      prepared through it, as infer prepares them), then tumour segmentation on any contrast, sequence, diagnosis,
 #      marker, age, survival, and the out-of-distribution reference (braindino calibrate). Encoding the 400 scans
 #      twice, as infer does, takes about 12 s a scan on 2 CPU cores; the decoders' 7,000 steps about 0.5 s each
-#      there, 5 ms on a GPU (--device follows fit-head's default: a GPU when there is one);
+#      there, 10 ms on a GPU (--device follows fit-head's default: a GPU when there is one);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
 #   6. MoCo v3 and MAE encoders with the same pretraining budget, for benchmarks/label_efficiency.py.
 # Re-run it after an interruption: finished steps are skipped, pretraining continues from its checkpoint.

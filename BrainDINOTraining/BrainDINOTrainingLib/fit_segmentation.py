@@ -176,7 +176,7 @@ def fit_decoder(
     device: torch.device | str = "cpu",
 ):
     """``options.steps`` mini-batches of AdamW over the training slices (reshuffled each pass), Dice + cross-entropy;
-    ``progress(step)`` after each step. Steps run on ``device`` (a GPU takes ~5 ms a step, 2 CPU cores ~0.5 s);
+    ``progress(step)`` after each step. Steps run on ``device`` (a GPU takes ~10 ms a step, 2 CPU cores ~0.5 s);
     the decoder comes back on the CPU."""
     from monai.losses import DiceCELoss
 
