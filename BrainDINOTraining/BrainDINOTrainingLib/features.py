@@ -37,7 +37,7 @@ from BrainDINOLib.brain import prepare_scan
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.engine import encode_volume, resolve_device
 from BrainDINOLib.preprocess import prepare
-from BrainDINOLib.typicality import slice_thumbnails
+from BrainDINOLib.typicality import scan_descriptions
 from BrainDINOLib.volume import load_volume
 
 DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
@@ -132,11 +132,12 @@ class FeatureCache:
         encoded = encode_volume(
             prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=tuple(layers)
         )
-        embeddings = encoded.slice_embeddings(self.bundle.card.pooling)  # float32, as infer gives a head
+        # float32 embeddings as infer gives a head; unmasked, both are what infer's out-of-distribution check reads
+        described = scan_descriptions(prepared, encoded, self.bundle.card.pooling)
         arrays = {
-            "embeddings": embeddings,
-            "pooled": embeddings.mean(axis=0),
-            "thumbnails": slice_thumbnails(prepared),
+            "embeddings": described["embedding"],
+            "pooled": described["embedding"].mean(axis=0),
+            "thumbnails": described["thumbnail"],
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in layers})
