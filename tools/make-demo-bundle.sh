@@ -43,26 +43,26 @@ pretrain dino "$work/pretrain"
 
 cohort 80 "$work/heads-cohort" 200 --random-contrasts 1
 bundle="$work/braindino-tiny-phantom"
-fit() {  # NAME MANIFEST fit-head options...; the first call creates the bundle with its head
-  local name=$1 manifest=$2
-  shift 2
+fit() {  # NAME fit-head options...; on the heads cohort; the first call creates the bundle with its head
+  local name=$1
+  shift
   [ -f "$work/reports/$name/metrics.md" ] && return
-  braindino fit-head --name "$name" --manifest "$manifest" --cache "$work/cache" \
+  braindino fit-head --name "$name" --manifest "$heads" --cache "$work/cache" \
     --report "$work/reports/$name" --label-fraction 0.1 1 --seeds 0 1 2 "$@"
 }
 heads="$work/heads-cohort"
 if [ -d "$bundle" ]; then
-  fit brain "$heads" --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$bundle"
+  fit brain --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$bundle"
 else
-  fit brain "$heads" --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$work/pretrain/bundle" -o "$bundle"
+  fit brain --task brain --steps 3000 --label-fraction 1 --seeds 0 --bundle "$work/pretrain/bundle" -o "$bundle"
 fi
 # The tumour head first: its feature files (with patch tokens) then serve every volume head.
-fit tumor "$heads" --task seg --modality any --steps 4000 --label-fraction 1 --seeds 0 --bundle "$bundle"
-fit sequence "$heads" --task seq --bundle "$bundle"
-fit diagnosis "$heads" --task cls --target diagnosis --modality t1 --bundle "$bundle"
-fit marker "$heads" --task cls --target marker --modality t1ce --bundle "$bundle"
-fit age "$heads" --task reg --target age --modality t1 --bundle "$bundle"
-fit survival "$heads" --task surv --modality t1ce --bundle "$bundle"
+fit tumor --task seg --modality any --steps 4000 --label-fraction 1 --seeds 0 --bundle "$bundle"
+fit sequence --task seq --bundle "$bundle"
+fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
+fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
+fit age --task reg --target age --modality t1 --bundle "$bundle"
+fit survival --task surv --modality t1ce --bundle "$bundle"
 if [ ! -f "$work/reports/calibrated" ]; then
   braindino calibrate --manifest "$heads" --bundle "$bundle" --cache "$work/cache"
   touch "$work/reports/calibrated"

@@ -164,8 +164,9 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
     voxels = labels.transpose(2, 1, 0)
     segments = [(f"{node.GetName()}_{value}", class_name, voxels == value) for value, class_name in
                 zip(label_values, classes, strict=True)]  # fmt: skip
+    brain_id = f"{node.GetName()}_brain"
     if brain is not None:
-        segments.append((f"{node.GetName()}_brain", "Brain", brain.transpose(2, 1, 0)))
+        segments.append((brain_id, "Brain", brain.transpose(2, 1, 0)))
     palette = np.array([[0.3, 0.75, 0.3], [0.85, 0.5, 0.85], [0.4, 0.6, 1.0], [1.0, 0.6, 0.2]])
     for index, (segment_id, segment_name, mask) in enumerate(segments):
         category, kind, color = SEGMENT_TERMINOLOGY.get(segment_name, (None, None, tuple(palette[index % 4])))
@@ -176,7 +177,7 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
         if mask.any():
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)
     if brain is not None:
-        node.GetDisplayNode().SetSegmentOpacity2DFill(f"{node.GetName()}_brain", 0.0)
+        node.GetDisplayNode().SetSegmentOpacity2DFill(brain_id, 0.0)
     return node
 
 
