@@ -7,8 +7,12 @@ by ``BrainDINOLib.session`` and ``BrainDINOLib.mrml``, which CI tests on a real 
 """
 
 import html
+import importlib
+import importlib.util
 import logging
-import sys
+import os
+import tempfile
+import unittest
 from typing import Annotated
 
 import qt
@@ -32,7 +36,7 @@ class BrainDINO(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "BrainDINO"
-        self.parent.categories = ["Machine Learning"]
+        self.parent.categories = ["Neuroimaging"]
         self.parent.dependencies = []
         self.parent.contributors = ["BrainDINO developers"]
         self.parent.helpText = (
@@ -46,6 +50,16 @@ class BrainDINO(ScriptedLoadableModule):
             "Method: BrainDINO (arXiv 2604.27277). Encoders are built with timm. "
             "Sample data: a synthetic phantom derived from the MNI ICBM152 2009a template."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The demo phantom in the Sample Data module (category BrainDINO), from the files shipped with the module."""
+    import SampleData
+
+    from BrainDINOLib.sample_data import slicer_sample_source
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**slicer_sample_source())
 
 
 @parameterNodeWrapper
@@ -103,8 +117,9 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModel)
         self.ui.importCheckpointButton.connect("clicked(bool)", self.onImportCheckpoint)
         self.ui.modelComboBox.connect("activated(int)", self.onCatalogueChosen)
+        self.ui.queryPointsSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onQueryPointsCreated)
         self.initializeParameterNode()
-        note = dependencyNote()
+        note = slicerVersionProblem() or dependencyNote()
         if note:
             self.ui.modelInfoLabel.text = note
         else:
@@ -133,8 +148,6 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        if not self._parameterNode.queryPoints:
-            self._parameterNode.queryPoints = self.logic.newQueryPoints()
         self.ui.queryPlaceWidget.setCurrentNode(self._parameterNode.queryPoints)
 
     def _unbindParameterNode(self):
@@ -219,6 +232,12 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self.logic.showOverlay(self._parameterNode)
 
+    def onQueryPointsCreated(self, points):
+        """The user asked for a point list (no query node exists before): one point, placed right away."""
+        points.SetMaximumNumberOfControlPoints(1)
+        self.ui.queryPlaceWidget.setCurrentNode(points)
+        self.ui.queryPlaceWidget.setPlaceModeEnabled(True)
+
     def onLoadSample(self):
         with slicer.util.tryWithErrorDisplay("Could not load the sample.", waitCursor=True):
             self.logic.loadSample(self._parameterNode)
@@ -266,32 +285,53 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info(message)
 
 
-def dependencyNote():
-    """What the first Apply will install, or '' when everything is there."""
+def slicerVersionProblem():
+    """Why this Slicer cannot run BrainDINO ('' when it can)."""
+    from BrainDINOLib.dependencies import slicer_version_problem
+
+    return slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+
+
+def dependencyNote(training=False):
+    """What the first Apply (or Training job) will install, or '' when everything is there."""
     from BrainDINOLib.dependencies import missing
 
-    problems = sum(missing(), [])
-    return f"The first Apply installs: {', '.join(problems)}." if problems else ""
+    problems = sum(missing(training), [])
+    return f"The first use installs: {', '.join(problems)}." if problems else ""
 
 
-def ensureDependencies():
-    """Install what BrainDINO needs after one confirmation: torch through the PyTorch extension, the rest
-    from ``Resources/requirements.txt``. Returns False when the user declines.
+def ensureDependencies(training=False):
+    """Install what inference (or, with ``training``, training too) needs after one confirmation: torch and
+    torchvision through the PyTorch extension, the rest with pip, constrained to the installed torch and
+    torchvision so that nothing replaces them. Offers a restart when an already-imported package changed.
+    Returns False when the user declines.
 
     Raises:
-        RuntimeError: the PyTorch extension is missing, torch is too old, or packages are still missing.
+        RuntimeError: Slicer is too old, the PyTorch extension is missing, torch is too old, or packages are
+            still missing after installing.
     """
-    if sys.version_info < (3, 10):  # noqa: UP036 (Slicer before 5.8 ships Python 3.9)
-        raise RuntimeError("BrainDINO needs 3D Slicer 5.8 or later (Python 3.10 or later)")
-    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, TORCH_VERSION, missing
+    problem = slicerVersionProblem()
+    if problem:
+        raise RuntimeError(problem)
+    from BrainDINOLib.dependencies import (
+        TORCH_REQUIREMENTS,
+        TORCH_VERSION,
+        TORCHVISION_VERSION,
+        changed_since,
+        imported_versions,
+        missing,
+        read_requirements,
+        requirement_files,
+        torch_constraints,
+    )
 
-    torchProblems, otherProblems = missing()
+    torchProblems, otherProblems = missing(training)
     if not torchProblems and not otherProblems:
         return True
     if any("installed:" in problem for problem in torchProblems):
         raise RuntimeError(
             f"BrainDINO needs {', '.join(TORCH_REQUIREMENTS)}; found {'; '.join(torchProblems)}. Update PyTorch in "
-            "the 'PyTorch Utils' module (uninstall, restart Slicer, install), then press Apply again."
+            "the 'PyTorch Utils' module (uninstall, restart Slicer, install), then try again."
         )
     question = (
         "BrainDINO needs these Python packages, which are not installed yet:\n\n  "
@@ -306,14 +346,32 @@ def ensureDependencies():
         except ModuleNotFoundError as error:
             raise RuntimeError(
                 "BrainDINO installs PyTorch through the 'PyTorch' extension: install it from the Extensions "
-                "Manager, restart Slicer, and press Apply again."
+                "Manager, restart Slicer, and try again."
             ) from error
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION) is None:
+        installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False,
+            torchVersionRequirement=TORCH_VERSION,
+            torchvisionVersionRequirement=TORCHVISION_VERSION,
+        )
+        if installed is None:
             return False
     if otherProblems:
-        slicer.util.pip_install(["-r", str(REQUIREMENTS)])
-    remaining = sum(missing(), [])
+        before = imported_versions()
+        requirements = [line for path in requirement_files(training) for line in read_requirements(path)]
+        with tempfile.TemporaryDirectory() as folder:
+            constraints = os.path.join(folder, "constraints.txt")
+            with open(constraints, "w") as handle:
+                handle.write(torch_constraints())
+            if importlib.util.find_spec("slicer.packaging"):  # Slicer 5.12 and later (Base/Python/slicer/packaging.py)
+                importlib.import_module("slicer.packaging").pip_install(requirements, constraints=constraints)
+            else:  # Slicer 5.10: pip_install(list) passes the items to pip as they are (a path stays one argument)
+                slicer.util.pip_install([*requirements, "-c", constraints])
+        changed = changed_since(before)
+        if changed and not slicer.app.testingEnabled():
+            message = "These packages were already in use and changed; restart Slicer now to use the new ones?"
+            if slicer.util.confirmYesNoDisplay(message, detailedText="\n".join(changed)):
+                slicer.util.restart()
+    remaining = sum(missing(training), [])
     if remaining:
         raise RuntimeError(f"still missing after installing: {', '.join(remaining)}; restart Slicer and try again")
     return True
@@ -417,11 +475,6 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
             self._session.observe(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode"))
         self._observed = wanted
 
-    def newQueryPoints(self):
-        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "BrainDINO query")
-        points.SetMaximumNumberOfControlPoints(1)
-        return points
-
     def loadSample(self, parameters):
         """Load the demo phantom's FLAIR (input), T1 and T1ce and select them."""
         from BrainDINOLib.sample_data import demo_phantom
@@ -469,19 +522,74 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
 
 
 class BrainDINOTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (CTest, or the Reload and Test button) on the bundled phantom."""
+    """Runs inside Slicer: CTest runs each ``test_`` method (a skip is reported as skipped), Reload and Test runs
+    `runTest`. Nothing is ever installed: the checks that need PyTorch and the other requirements skip, naming
+    what is missing; the module, its ``.ui`` binding and the MRML conversions are checked without them."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
-        self.assertTrue(ensureDependencies())  # CTest runs each test method alone, in any order
 
     def runTest(self):
-        self.setUp()
-        self.test_phantom_outputs()
-        self.setUp()
-        self.test_bad_input_is_refused()
+        for test in (
+            self.test_module_and_parameter_node,
+            self.test_mrml_round_trip,
+            self.test_phantom_outputs,
+            self.test_bad_input_is_refused,
+        ):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as reason:
+                logging.warning(f"BrainDINO self-test {test.__name__} skipped: {reason}")
+
+    def requireInference(self):
+        from BrainDINOLib.dependencies import missing
+
+        problems = sum(missing(), [])
+        if problems:
+            self.skipTest(f"needs {', '.join(problems)} (the module installs them on first use)")
+
+    def test_module_and_parameter_node(self):
+        """A supported Slicer; the .ui binds to the parameter node both ways; entering the module creates no node."""
+        self.assertEqual(slicerVersionProblem(), "")
+        slicer.util.selectModule("BrainDINO")
+        self.assertEqual(slicer.mrmlScene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems(), 0)
+        uiFile = os.path.join(os.path.dirname(slicer.modules.braindino.path), "Resources", "UI", "BrainDINO.ui")
+        uiWidget = slicer.util.loadUI(uiFile)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        ui = slicer.util.childWidgetVariables(uiWidget)
+        parameters = BrainDINOLogic().getParameterNode()
+        guiTag = parameters.connectGui(ui)
+        try:
+            parameters.overlay = "PCA"
+            self.assertEqual(ui.overlayComboBox.currentText, "PCA")
+            ui.pcaCheckBox.checked = False
+            self.assertFalse(parameters.makePca)
+            volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
+            ui.inputVolumeSelector.setCurrentNode(volume)
+            self.assertEqual(parameters.inputVolume, volume)
+            self.assertIsNone(parameters.queryPoints)  # a point list exists only once the user asks for one
+        finally:
+            parameters.disconnectGui(guiTag)
+
+    def test_mrml_round_trip(self):
+        """A volume node becomes BrainDINO's canonical volume and goes back onto the node's own voxel grid."""
+        if importlib.util.find_spec("nibabel") is None:
+            self.skipTest("needs nibabel (the module installs it on first use)")
+        import numpy as np
+
+        from BrainDINOLib import mrml
+
+        voxels = np.arange(4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4)  # (K, J, I)
+        ijkToRas = np.array([[-1.0, 0, 0, 10], [0, 0, 2.0, -5], [0, -1.5, 0, 3], [0, 0, 0, 1]])  # permuted axes
+        node = slicer.util.addVolumeFromArray(voxels, ijkToRas, "round trip")
+        volume = mrml.volume_from_node(node)
+        back = mrml.add_volume_like(node, volume.to_source(volume.data), "back")
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(back), voxels))
+        self.assertTrue(np.allclose(_ijkToRas(back), ijkToRas))
 
     def test_phantom_outputs(self):
+        self.requireInference()
         import numpy as np
 
         logic = BrainDINOLogic()
@@ -505,7 +613,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         self.assertGreater(voxels, 1000)
         self.assertEqual(run.table.GetNumberOfRows(), 6)  # every head: FLAIR, T1 and T1ce are all at hand
 
-        points = parameters.queryPoints or logic.newQueryPoints()
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
         logic.session.observe(points)
         points.AddControlPoint(0.0, -10.0, 10.0)
         self.assertIsNotNone(run.similarity)
@@ -513,6 +621,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         logic.session.stop_observing()
 
     def test_bad_input_is_refused(self):
+        self.requireInference()
         from BrainDINOLib.errors import BrainDINOError
 
         logic = BrainDINOLogic()

@@ -12,18 +12,23 @@ import logging
 import os
 import shutil
 import sys
+import unittest
 from pathlib import Path
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper.guiConnectors import GuiConnector, parameterNodeGuiConnector
+from slicer.parameterNodeWrapper.util import unannotatedType
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 # Standard library only: importable before the first-use install of PyTorch and friends.
 from BrainDINOTrainingLib.forms import (
@@ -41,7 +46,7 @@ class BrainDINOTraining(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "BrainDINO Training"
-        self.parent.categories = ["Machine Learning"]
+        self.parent.categories = ["Neuroimaging"]
         self.parent.dependencies = ["BrainDINO"]
         self.parent.contributors = ["BrainDINO developers"]
         self.parent.helpText = (
@@ -52,33 +57,73 @@ class BrainDINOTraining(ScriptedLoadableModule):
         self.parent.acknowledgementText = "Method: BrainDINO (arXiv 2604.27277)."
 
 
+@parameterNodeGuiConnector
+class PathLineEditToStrConnector(GuiConnector):
+    """A ``ctkPathLineEdit`` bound to a ``str`` field, written only when the value differs from the text.
+
+    Slicer's own connector binds ``pathlib.Path`` and writes back on every keystroke
+    (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py): a trailing "/" vanishes, the cursor jumps,
+    Windows separators change and an empty field shows ".". As text, the field keeps what the user typed.
+    """
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str  # noqa: E721
+
+    @staticmethod
+    def create(widget, datatype):
+        return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) else None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.currentPath
+
+    def write(self, value: str) -> None:
+        if value != self._widget.currentPath:
+            self._widget.currentPath = value
+
+
 @parameterNodeWrapper
 class BrainDINOTrainingParameterNode:
     """The two forms; every field is bound to a widget of ``Resources/UI/BrainDINOTraining.ui``.
 
+    dataPath .. headOutput: paths as typed ("" when not chosen).
     epochs, stepsPerEpoch, headIterations: 0 keeps the default.
     headLabelFractions: space-separated shares of the training subjects, e.g. "0.01 0.1 1".
     """
 
-    dataPath: Path
-    outputFolder: Path
+    dataPath: str = ""
+    outputFolder: str = ""
     objective: Annotated[str, Choice(list(OBJECTIVES))] = "dino"
     modelSize: Annotated[str, Choice(list(MODEL_SIZES))] = "tiny-cpu"
     epochs: Annotated[int, WithinRange(0, 100000)] = 0
     stepsPerEpoch: Annotated[int, WithinRange(0, 10000000)] = 0
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    headManifest: Path
+    headManifest: str = ""
     headTask: Annotated[str, Choice(list(TASKS))] = "seg"
     headTarget: str = ""
     headBundle: str = ""
-    headOutput: Path
+    headOutput: str = ""
     headLabelFractions: str = "1"
     headIterations: Annotated[int, WithinRange(0, 10000000)] = 0
 
 
-class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
+class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -93,6 +138,8 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = BrainDINOTrainingLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.pretrainButton.connect("clicked(bool)", lambda: self.launch("pretrain"))
         self.ui.resumeButton.connect("clicked(bool)", lambda: self.launch("resume"))
         self.ui.fitHeadButton.connect("clicked(bool)", lambda: self.launch("fit-head"))
@@ -102,17 +149,37 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         self.ui.headManifestFolderButton.connect(
             "clicked(bool)", lambda: self.chooseFolder("headManifest", "Choose a BIDS, BraTS or manifest folder")
         )
-        self.setParameterNode(self.logic.getParameterNode())
+        self.initializeParameterNode()
         self.updateButtons()
 
     def cleanup(self):
+        """A running job ends with the module (its process tree included)."""
         self._pollTimer.stop()
         self.logic.cancel()
+        self.removeObservers()
         self.setParameterNode(None)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        """The forms live in the scene's parameter node; a running job does not depend on the scene and goes on."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -121,13 +188,13 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         """The path fields' own Browse picks files (a manifest); data often is a folder."""
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), title)
         if folder:
-            setattr(self._parameterNode, field, Path(folder))
+            setattr(self._parameterNode, field, folder)
 
     def launch(self, what):
         with slicer.util.tryWithErrorDisplay("BrainDINO Training could not start.", waitCursor=True):
             from BrainDINO import ensureDependencies
 
-            if not ensureDependencies():
+            if not ensureDependencies(training=True):
                 return
             commands = self.logic.commands(self._parameterNode, what)
             self.ui.logPlainTextEdit.clear()
@@ -163,8 +230,8 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget):
         else:
             self.ui.statusLabel.text = f"Failed (exit code {event.code}); the log says why."
         if event.code == 0 and self.logic.lastAction == "cohort":
-            self._parameterNode.dataPath = self.logic.cohortFolder(self._parameterNode)
-            self._parameterNode.headManifest = self.logic.cohortFolder(self._parameterNode)
+            cohort = str(self.logic.cohortFolder(self._parameterNode))
+            self._parameterNode.dataPath = self._parameterNode.headManifest = cohort
 
     def onCancel(self):
         self.logic.cancel()
@@ -202,7 +269,7 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
 
         self.lastAction = what
         if what == "cohort":
-            if str(parameters.outputFolder or "") in ("", "."):
+            if not parameters.outputFolder.strip():
                 raise BrainDINOError("choose an output folder first: the cohort is written into it")
             self.outcome = f"Phantom cohort in {self.cohortFolder(parameters)}; it is now the data and the manifest."
             return [["cohort", "make", "24", str(self.cohortFolder(parameters))]]
@@ -255,18 +322,49 @@ def libraryFolders():
 
 
 class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: a tiny phantom cohort, an index and a few pretraining steps in PythonSlicer."""
+    """Runs inside Slicer (CTest runs each ``test_`` method; Reload and Test runs `runTest`). Nothing is installed:
+    without PyTorch and the training requirements the background pretraining check skips, naming what is missing."""
 
     def setUp(self):
-        from BrainDINO import ensureDependencies
-
-        self.assertTrue(ensureDependencies())  # the child process needs PyTorch and friends
+        slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_background_pretraining()
+        for test in (self.test_path_fields_keep_what_is_typed, self.test_background_pretraining):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as reason:
+                logging.warning(f"BrainDINOTraining self-test {test.__name__} skipped: {reason}")
+
+    def test_path_fields_keep_what_is_typed(self):
+        """Path fields show "" when empty and keep a trailing separator; the form survives a scene close."""
+        uiFile = os.path.join(os.path.dirname(slicer.modules.braindinotraining.path), "Resources", "UI",
+                              "BrainDINOTraining.ui")  # fmt: skip
+        ui = slicer.util.childWidgetVariables(slicer.util.loadUI(uiFile))
+        parameters = BrainDINOTrainingLogic().getParameterNode()
+        guiTag = parameters.connectGui(ui)
+        try:
+            self.assertEqual(ui.dataPathLineEdit.currentPath, "")
+            typed = os.path.join(slicer.app.temporaryPath, "braindino-data") + os.sep
+            ui.dataPathLineEdit.currentPath = typed
+            self.assertEqual(parameters.dataPath, typed)
+            self.assertEqual(ui.dataPathLineEdit.currentPath, typed)
+        finally:
+            parameters.disconnectGui(guiTag)
+        slicer.util.selectModule("BrainDINOTraining")
+        slicer.mrmlScene.Clear()
+        widget = slicer.modules.braindinotraining.widgetRepresentation().self()
+        self.assertIsNotNone(widget._parameterNode)  # bound to the new scene's parameter node
+        widget._parameterNode.headTarget = "age"
+        self.assertEqual(widget.ui.headTargetLineEdit.text, "age")
 
     def test_background_pretraining(self):
+        """A tiny phantom cohort, an index and a few pretraining steps in a PythonSlicer process."""
+        from BrainDINOLib.dependencies import missing
+
+        problems = sum(missing(training=True), [])
+        if problems:
+            self.skipTest(f"needs {', '.join(problems)} (the module installs them on first use)")
         import tempfile
 
         from BrainDINOLib.cli import Progress
@@ -275,10 +373,10 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
         logic = BrainDINOTrainingLogic()
         parameters = logic.getParameterNode()
         out = Path(tempfile.mkdtemp(prefix="braindino-training-test-"))
-        parameters.outputFolder = out
+        parameters.outputFolder = str(out)
         job = logic.start([["cohort", "make", "2", str(logic.cohortFolder(parameters)), "--resolution", "2"]])
         self.assertEqual(job.wait()[-1], JobEnded(0, cancelled=False))
-        parameters.dataPath = logic.cohortFolder(parameters)
+        parameters.dataPath = str(logic.cohortFolder(parameters))
         parameters.epochs, parameters.stepsPerEpoch, parameters.device = 1, 2, "cpu"
         commands = logic.commands(parameters, "pretrain")
         commands[-1] += ["--set", "batch_size=4", "--set", "crops.global_size=64", "--set", "crops.local_size=32"]

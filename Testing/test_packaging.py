@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("BrainDINO", "BrainDINOTraining")
@@ -81,7 +82,7 @@ BINDABLE = {
     "QLineEdit": re.compile(r"str"),
     "QSpinBox": re.compile(r"(Annotated\[)?int\b.*"),
     "ctkSliderWidget": re.compile(r"Annotated\[float, WithinRange\(.+\)\]"),
-    "ctkPathLineEdit": re.compile(r"Path"),
+    "ctkPathLineEdit": re.compile(r"str"),
     "qMRMLNodeComboBox": re.compile(r"vtkMRML\w+Node"),
 }
 
@@ -114,30 +115,80 @@ def test_self_test_is_registered_with_ctest(module):
 
 
 def test_slicer_requirements_are_the_package_dependencies_but_torch():
-    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, read_requirements
+    """Inference and training requirements together are pyproject's dependencies without torch; the inference
+    module's list holds only what BrainDINOLib imports."""
+    from BrainDINOLib.dependencies import REQUIREMENTS, TORCH_REQUIREMENTS, TRAINING_REQUIREMENTS, read_requirements
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sorted(read_requirements(REQUIREMENTS)) == sorted(d for d in declared if d not in TORCH_REQUIREMENTS)
+    inference, training = read_requirements(REQUIREMENTS), read_requirements(TRAINING_REQUIREMENTS)
+    assert sorted(inference + training) == sorted(d for d in declared if d not in TORCH_REQUIREMENTS)
     assert set(TORCH_REQUIREMENTS) <= set(declared)
+    imported = set()
+    for path in (ROOT / "BrainDINO" / "BrainDINOLib").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    names = {Requirement(line).name: line for line in inference + training}
+    assert {"timm", "numpy", "nibabel", "SimpleITK", "safetensors", "matplotlib", "tqdm", "scipy"} <= imported
+    assert set(names) & imported == {Requirement(line).name for line in inference}, "inference installs what it imports"
 
 
-def test_extension_metadata_and_catalog_entry_agree():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    values = dict(re.findall(r'set\((\w+) "([^"]*)"\)', cmake))
-    repository = values["BRAINDINO_REPOSITORY"]
-    expand = lambda text: text.replace("${BRAINDINO_REPOSITORY}", repository)  # noqa: E731
-    entry = json.loads((ROOT / "BrainDINO.json").read_text())
-    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
-               "scm_url", "tier"}  # fmt: skip
-    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
-    assert entry["category"] == values["EXTENSION_CATEGORY"] and entry["scm_url"] == repository
-    assert entry["build_dependencies"] == values["EXTENSION_DEPENDS"].split() == ["PyTorch"]
-    for url in [expand(values["EXTENSION_ICONURL"]), *expand(values["EXTENSION_SCREENSHOTURLS"]).split()]:
-        path = ROOT / url.removeprefix(f"{repository}/raw/{entry['scm_revision']}/")
-        assert path.is_file(), url
+# The categories Slicer's extension index accepts (ACCEPTED_EXTENSION_CATEGORIES of its
+# scripts/check_description_files.py); these two suit a brain-MRI extension.
+INDEX_CATEGORIES = {"Neuroimaging", "Segmentation"}
+
+
+def _index_cmake_urls(cmake: str) -> list[str]:
+    """Icon and screenshot URLs as the index's CMakeLists check reads them: the literal text between the quotes."""
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', cmake, re.IGNORECASE)
+    screenshots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', cmake, re.IGNORECASE)
+    assert len(icon) == 1 and len(screenshots) == 1, "the index needs EXTENSION_ICONURL and EXTENSION_SCREENSHOTURLS"
+    return [icon[0].strip(), *screenshots[0].split()]
+
+
+def test_extension_index_description_checks():
+    """What Slicer's ExtensionsIndex CI checks, offline: the catalogue entry's schema (v1.0.1), the extension and
+    repository names, the category, the CMake project and literal image URLs naming PNGs of this repository at the
+    entry's revision, and a licence file."""
     from PIL import Image
 
-    assert Image.open(ROOT / "BrainDINO.png").size == (128, 128)
+    entry_text = (ROOT / "BrainDINO.json").read_text()
+    entry = json.loads(entry_text)
+    assert "\r" not in entry_text
+    types = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+             "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}  # fmt: skip
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= set(types)
+    assert all(isinstance(value, types[key]) for key, value in entry.items())
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
+    assert entry["scm_type"] in ("git", "local") and 1 <= entry["tier"] <= 5
+    assert entry["category"] in INDEX_CATEGORIES
+
+    owner_repository = entry["scm_url"].removeprefix("https://github.com/")
+    assert entry["scm_url"].startswith("https://") and not entry["scm_url"].endswith("/")
+    assert owner_repository.split("/")[1].startswith("Slicer") and not "BrainDINO".lower().startswith("slicer")
+
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.findall(r"project\s*\(\s*([^\s\)]+)", cmake, re.IGNORECASE)[0] == "BrainDINO"  # = the entry's name
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
+    assert values["EXTENSION_CATEGORY"] == entry["category"]
+    assert values["EXTENSION_DEPENDS"].split() == entry["build_dependencies"] == ["PyTorch"]
+    assert values["EXTENSION_HOMEPAGE"].startswith(entry["scm_url"])
+    raw = f"https://raw.githubusercontent.com/{owner_repository}/{entry['scm_revision']}/"
+    for url in _index_cmake_urls(cmake):
+        assert url.startswith(raw) and url.endswith(".png"), url
+        with Image.open(ROOT / url.removeprefix(raw)) as image:
+            assert image.format == "PNG", url
+    with Image.open(ROOT / "BrainDINO.png") as icon:
+        assert icon.size == (128, 128)
+    assert (ROOT / "LICENSE").is_file()
+
+
+def test_modules_are_listed_under_the_extension_category():
+    category = json.loads((ROOT / "BrainDINO.json").read_text())["category"]
+    for module in MODULES:
+        assert f'self.parent.categories = ["{category}"]' in (ROOT / module / f"{module}.py").read_text()
 
 
 def test_unmet_requirements_are_named_with_what_is_installed():
@@ -151,3 +202,57 @@ def test_unmet_requirements_are_named_with_what_is_installed():
         "no-such-package-braindino>=1 (not installed)",
     ]
     assert unmet(read_requirements(REQUIREMENTS)) == []  # this environment has what Slicer will install
+
+
+def test_demo_phantom_is_a_slicer_sample_data_source(tmp_path):
+    """What Sample Data does with the source: fetch each URI with urllib into its cache and check the SHA-256."""
+    import hashlib
+    import urllib.request
+
+    from PIL import Image
+
+    from BrainDINOLib.sample_data import slicer_sample_source
+
+    source = slicer_sample_source()
+    count = len(source["uris"])
+    assert count == 3 and all(len(source[key]) == count for key in ("fileNames", "nodeNames", "checksums"))
+    assert source["nodeNames"][0] == "phantom FLAIR"
+    for uri, name, checksum in zip(source["uris"], source["fileNames"], source["checksums"], strict=True):
+        cached, _ = urllib.request.urlretrieve(uri, tmp_path / name)
+        assert checksum == "SHA256:" + hashlib.sha256(Path(cached).read_bytes()).hexdigest()
+    with Image.open(source["thumbnailFileName"]) as thumbnail:
+        assert thumbnail.format == "PNG" and thumbnail.size == (128, 128)
+
+
+def test_slicer_side_modules_import_without_torch():
+    """What the Slicer process imports before (or without) PyTorch: the dependency check, the MRML conversions,
+    the sample data and the Training forms; torch is made unimportable in a real child process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from BrainDINOLib import dependencies, mrml, sample_data, segments\n"
+        "from BrainDINOTrainingLib import forms\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_installing_requirements_keeps_torch_and_notices_upgrades():
+    from importlib import metadata
+
+    import numpy as np
+
+    from BrainDINOLib.dependencies import changed_since, imported_versions, slicer_version_problem, torch_constraints
+
+    assert (
+        torch_constraints() == f"torch=={metadata.version('torch')}\ntorchvision=={metadata.version('torchvision')}\n"
+    )
+    assert imported_versions()["numpy"] == np.__version__  # imported here, so an upgrade would need a restart
+    before = {"numpy": "0.0", "no-such-distribution-braindino": "1.0"}
+    assert changed_since(before) == ["no-such-distribution-braindino 1.0 -> removed", f"numpy 0.0 -> {np.__version__}"]
+    assert changed_since(imported_versions()) == []
+    assert slicer_version_problem(5, 10) == slicer_version_problem(6, 0) == ""
+    assert slicer_version_problem(5, 8) == "BrainDINO needs 3D Slicer 5.10 or later; this is Slicer 5.8"

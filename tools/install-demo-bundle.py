@@ -9,7 +9,8 @@
 - one phantom with an enhancing glioma, axial 2D slices and a small volume (`suits_the_demo`), generated with a
   seed no training cohort used (300), is written to
   ``BrainDINO/BrainDINOLib/samples/demo-phantom`` (four sequences, lesion and brain masks, ``labels.json``) for
-  ``braindino demo``: neither the encoder nor any head saw it.
+  ``braindino demo`` and Slicer's Sample Data module (with ``thumbnail.png``, its FLAIR through the lesion):
+  neither the encoder nor any head saw it.
 
 Run by ``tools/make-demo-bundle.sh``; the shipped files are then committed (CMakeLists.txt lists them).
 """
@@ -102,8 +103,26 @@ def install_demo_phantom() -> Path:
     labels = {"subject_id": "heldout-phantom", "generated": f"phantom seed {DEMO_SEED}, subject {index}"}
     labels.update({k: v for k, v in row.items() if k not in ("subject_id", *SEQUENCES, "seg", "brain_mask")})
     (DEMO_PHANTOM_DIR / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    write_thumbnail(DEMO_PHANTOM_DIR)
     print(f"demo phantom (seed {DEMO_SEED}, subject {index}) in {DEMO_PHANTOM_DIR}")
     return DEMO_PHANTOM_DIR
+
+
+def write_thumbnail(folder: Path, size: int = 128) -> Path:
+    """``thumbnail.png``: the FLAIR's axial slice with the most lesion, as a radiologist views it (Sample Data)."""
+    import nibabel as nib
+    from PIL import Image
+
+    flair = nib.as_closest_canonical(nib.load(folder / "heldout-phantom_flair.nii.gz"))
+    lesion = np.asarray(nib.as_closest_canonical(nib.load(folder / "heldout-phantom_seg.nii.gz")).dataobj) > 0
+    section = np.asarray(flair.dataobj, np.float32)[:, :, lesion.sum(axis=(0, 1)).argmax()]
+    grey = np.clip(section / np.percentile(section, 99.5), 0, 1) * 255
+    picture = Image.fromarray(grey.T[::-1, ::-1].astype(np.uint8))  # anterior up, patient's right on the left
+    picture.thumbnail((size, size))
+    canvas = Image.new("L", (size, size))
+    canvas.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    canvas.save(folder / "thumbnail.png")
+    return folder / "thumbnail.png"
 
 
 def main() -> None:

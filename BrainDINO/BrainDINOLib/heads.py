@@ -29,7 +29,6 @@ VOLUME_KINDS = ("cls", "reg", "surv", "seq")
 
 
 #: Class names of a BraTS tumour segmentation head, for labels 1, 2, 3 (BraTS 2021: 1, 2, 4).
-BRATS_CLASSES = ("necrotic / non-enhancing tumour core", "peritumoral oedema", "enhancing tumour")
 
 
 @dataclass(frozen=True)

@@ -13,26 +13,13 @@ import slicer
 import vtk
 
 from .errors import BrainDINOError
-from .heads import BRATS_CLASSES
+from .segments import SEGMENT_TERMINOLOGY, terminology_entry
 from .volume import Volume, volume_from_array
 
 #: Colour nodes that Slicer's Colors logic always creates (no colour files needed): a red-to-yellow heat
 #: scale for attention, purple-to-red for similarity.
 ATTENTION_COLORS = "vtkMRMLColorTableNodeIron"
 SIMILARITY_COLORS = "vtkMRMLColorTableNodeReverseRainbow"
-
-_ALTERED = ("49755003", "Morphologically Altered Structure")
-#: Segment name -> (DICOM / SNOMED CT category, type, display colour): the BraTS classes and the brain.
-SEGMENT_TERMINOLOGY = {
-    BRATS_CLASSES[0]: (_ALTERED, ("6574001", "Necrosis"), (0.86, 0.27, 0.22)),
-    BRATS_CLASSES[1]: (_ALTERED, ("79654002", "Edema"), (0.55, 0.88, 0.89)),
-    BRATS_CLASSES[2]: (_ALTERED, ("108369006", "Neoplasm"), (1.0, 0.86, 0.2)),
-    "Brain": (("123037004", "Anatomical Structure"), ("12738006", "Brain"), (0.93, 0.78, 0.65)),
-}
-_TERMINOLOGY_ENTRY = (
-    "Segmentation category and type - DICOM master list~SCT^{category[0]}^{category[1]}"
-    "~SCT^{type[0]}^{type[1]}~^^~Anatomic codes - DICOM master list~^^~^^"
-)
 
 
 def volume_from_node(node) -> Volume:
@@ -89,12 +76,16 @@ def observe_points(node, on_point) -> list[int]:
         return [node.AddObserver(moved, lambda crosshair, _: on_point(crosshair.GetCrosshairRAS()))]
 
     @vtk.calldata_type(vtk.VTK_INT)
-    def on_change(points, _, index):
-        if (
-            0 <= index < points.GetNumberOfControlPoints()
-            and points.GetNthControlPointPositionStatus(index) == points.PositionDefined
-        ):
-            on_point(points.GetNthControlPointPositionWorld(index))
+    def on_change(points, _, index=None):
+        # Changes batched by StartModify/EndModify arrive without the point's index: then the last placed point.
+        candidates = [index] if index is not None else reversed(range(points.GetNumberOfControlPoints()))
+        for candidate in candidates:
+            if (
+                0 <= candidate < points.GetNumberOfControlPoints()
+                and points.GetNthControlPointPositionStatus(candidate) == points.PositionDefined
+            ):
+                on_point(points.GetNthControlPointPositionWorld(candidate))
+                return
 
     return [node.AddObserver(event, on_change) for event in (node.PointPositionDefinedEvent, node.PointModifiedEvent)]
 
@@ -172,7 +163,7 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
         category, kind, color = SEGMENT_TERMINOLOGY.get(segment_name, (None, None, tuple(palette[index % 4])))
         node.GetSegmentation().AddEmptySegment(segment_id, segment_name, color)
         if category:
-            entry = _TERMINOLOGY_ENTRY.format(category=category, type=kind)
+            entry = terminology_entry(category, kind)
             node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
         if mask.any():
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)

@@ -3,6 +3,7 @@ demo's held-out phantom subject with a tumour (in ``samples/``, shipped with the
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -45,3 +46,20 @@ def demo_phantom() -> tuple[dict[str, Path], dict]:
     prefix = f"{truth['subject_id']}_"
     scans = {p.name[len(prefix) : -len(".nii.gz")]: p for p in sorted(DEMO_PHANTOM_DIR.glob(f"{prefix}*.nii.gz"))}
     return scans, truth
+
+
+def slicer_sample_source() -> dict:
+    """Keyword arguments of Slicer's ``SampleData.SampleDataLogic.registerCustomSampleDataSource`` for the demo
+    phantom's FLAIR, T1 and T1ce: ``file://`` URIs of the shipped files with their SHA-256 (Sample Data copies
+    them into its cache and checks them), node names as the module's *Load sample* gives them."""
+    scans, _ = demo_phantom()
+    sequences = ("flair", "t1", "t1ce")
+    return {
+        "category": "BrainDINO",
+        "sampleName": "BrainDINO demo phantom",
+        "thumbnailFileName": str(DEMO_PHANTOM_DIR / "thumbnail.png"),
+        "uris": [scans[s].as_uri() for s in sequences],
+        "fileNames": [scans[s].name for s in sequences],
+        "nodeNames": [f"phantom {s.upper()}" for s in sequences],
+        "checksums": [f"SHA256:{hashlib.sha256(scans[s].read_bytes()).hexdigest()}" for s in sequences],
+    }

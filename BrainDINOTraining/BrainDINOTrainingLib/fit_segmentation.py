@@ -20,7 +20,6 @@ from BrainDINOLib.brain import BRAIN_TARGET, largest_component
 from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import (
-    BRATS_CLASSES,
     HeadSpec,
     SegmentationDecoder,
     build_head,
@@ -28,6 +27,7 @@ from BrainDINOLib.heads import (
     segmentation_input,
 )
 from BrainDINOLib.preprocess import PlaneGeometry
+from BrainDINOLib.segments import BRATS_CLASSES
 from BrainDINOLib.volume import load_labels, load_volume
 
 from .data import Manifest

@@ -18,9 +18,9 @@ TASKS = ("seg", "brain", "cls", "reg", "surv", "seq")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _given(path: Path | None) -> bool:
-    """False for an empty path field (GUI path fields read back as ``.`` when empty)."""
-    return path is not None and str(path) not in ("", ".")
+def _given(path: str | Path | None) -> bool:
+    """False for an empty path field."""
+    return path is not None and str(path).strip() != ""
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -48,8 +48,8 @@ class PretrainForm:
     (checkpoints, logs, and ``run/bundle`` at the end). ``epochs``/``steps_per_epoch`` of 0 keep the config's.
     """
 
-    data: Path | None
-    out_dir: Path | None
+    data: str | Path | None
+    out_dir: str | Path | None
     objective: str = "dino"
     model_size: str = "tiny-cpu"
     epochs: int = 0
@@ -98,9 +98,9 @@ class FitHeadForm:
     (volume heads: epochs; seg: decoder steps).
     """
 
-    manifest: Path | None
+    manifest: str | Path | None
     task: str
-    out_bundle: Path | None
+    out_bundle: str | Path | None
     target: str = ""
     bundle: str = ""
     label_fractions: tuple[float, ...] = (1.0,)

@@ -15,9 +15,9 @@ from BrainDINOLib import mrml
 from BrainDINOLib.bundle import find_bundle, load_bundle
 from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import BRATS_CLASSES
 from BrainDINOLib.infer import InferenceOptions, analyse
 from BrainDINOLib.sample_data import demo_phantom
+from BrainDINOLib.segments import BRATS_CLASSES, SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped, add_run_nodes
 from slicer_scene import add_volume_node
 from testdata import reorient
@@ -126,7 +126,7 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
     terminology = app.terminologies_logic
     for value, class_name in zip((1, 2, 3), BRATS_CLASSES, strict=True):
         (_, code, color), segment = (
-            mrml.SEGMENT_TERMINOLOGY[class_name],
+            SEGMENT_TERMINOLOGY[class_name],
             segments.GetSegment(f"{segmentation.GetName()}_{value}"),
         )
         np.testing.assert_allclose(segment.GetColor(), color, atol=1e-6)
@@ -275,6 +275,21 @@ def test_moving_any_point_of_a_list_queries_that_point(phantom_run):
     points.AddControlPoint(0.0, -10.0, 10.0)
     points.AddControlPoint(40.0, 20.0, 30.0)
     points.SetNthControlPointPosition(0, -20.0, 0.0, 20.0)  # the first point, not the last, moves
+    ijk = mrml.ras_to_ijk(run.input, (-20.0, 0.0, 20.0))
+    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+    session.stop_observing()
+
+
+def test_batched_point_changes_query_the_last_placed_point(phantom_run):
+    """StartModify/EndModify deliver the point events without an index (as a script or an undo does)."""
+    app, session, run, _ = phantom_run
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "batched")
+    session.observe(points)
+    modifying = points.StartModify()
+    points.AddControlPoint(40.0, 20.0, 30.0)
+    points.AddControlPoint(-20.0, 0.0, 20.0)
+    points.EndModify(modifying)
     ijk = mrml.ras_to_ijk(run.input, (-20.0, 0.0, 20.0))
     expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
     np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)

@@ -11,6 +11,7 @@ import slicer
 
 from BrainDINOLib import mrml
 from BrainDINOLib.sample_data import demo_phantom
+from BrainDINOLib.segments import SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import InferenceSession, RunOptions, add_run_nodes
 from BrainDINOLib.volume import load_labels
 from slicer_scene import add_volume_node, axial_view, pixel_of, render
@@ -44,7 +45,7 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
     drawn = render(view, _voxel_ras(run.input, (k, 0, 0))[2]).astype(int)
     # deep inside the oedema (not on an outline): the fill blends the segment colour over the grey scan
     inner = np.argwhere(oedema[k] & np.roll(oedema[k], 3, 0) & np.roll(oedema[k], -3, 0) & np.roll(oedema[k], 3, 1))
-    color = np.array(mrml.SEGMENT_TERMINOLOGY["peritumoral oedema"][2])
+    color = np.array(SEGMENT_TERMINOLOGY["peritumoral oedema"][2])
     shifts = []
     for j, i in inner[:: max(1, len(inner) // 40)]:
         row, col = pixel_of(view, app.scene, _voxel_ras(run.input, (k, j, i)))

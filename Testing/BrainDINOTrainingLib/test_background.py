@@ -149,8 +149,11 @@ def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
     assert parse_fractions("0.01, 0.1 1") == (0.01, 0.1, 1.0) and parse_fractions("") == (1.0,)
     with pytest.raises(BrainDINOError, match="not a list of numbers"):
         parse_fractions("ten percent")
-    with pytest.raises(BrainDINOError, match="choose the data"):
-        PretrainForm(Path(""), tmp_path / "o").commands()
+    for empty in ("", "  ", None):  # the GUI's path fields give text, "" when empty
+        with pytest.raises(BrainDINOError, match="choose the data"):
+            PretrainForm(empty, tmp_path / "o").commands()
+    typed = PretrainForm(f"{small_data}/", f"{tmp_path / 'typed'}/").commands()  # as typed, trailing "/" and all
+    assert typed[0] == ["index", str(small_data), "-o", str(tmp_path / "typed" / "index")]
 
 
 def test_headless_script_returns_the_command_exit_code(tmp_path):
