@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import unittest
 from typing import Annotated
@@ -69,6 +71,8 @@ class BrainDINOParameterNode:
     model: a catalogue name or a bundle folder ("" = the catalogue default).
     t1Volume .. flairVolume: the subject's other scans, read by heads of several sequences.
     queryPoints: the point list whose points query the similarity map.
+    attentionHead: the attention head shown, counted from 1 (0: the mean of all heads).
+    featureBlock: the block whose tokens make PCA and similarity, counted from 1 (0: the last block).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -88,6 +92,8 @@ class BrainDINOParameterNode:
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     queryPoints: vtkMRMLMarkupsFiducialNode
     queryWithCrosshair: bool = False
+    attentionHead: Annotated[int, WithinRange(0, 64)] = 0
+    featureBlock: Annotated[int, WithinRange(0, 64)] = 0
 
 
 class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -177,11 +183,14 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._shownOverlay = overlay
             self.logic.showOverlay(self._parameterNode)
         self.logic.observeQueries(self._parameterNode, self.showStatus)
+        message = self.logic.explore(self._parameterNode)
+        if message:
+            self.showStatus(message)
 
     def onApplyButton(self):
         if self.logic.running:
             self.logic.cancel()
-            self.showStatus("Cancelling after the current batch...")
+            self.showStatus("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay("BrainDINO could not start.", waitCursor=True):
             if not ensureDependencies():
@@ -219,15 +228,15 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onParameterChanged()
 
     def onFinished(self, run):
-        analysis = run.analysis
-        seconds = sum(analysis.timings.values())
+        result = run.result
         folder = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene).GetItemName(run.folder)
-        self.showStatus(f"Done in {seconds:.1f} s on {analysis.device}; the outputs are in the folder '{folder}'.")
+        seconds, device = result["timings_s"]["total"], result["device"]
+        self.showStatus(f"Done in {seconds:.1f} s on {device}; the outputs are in the folder '{folder}'.")
         lines = [html.escape(line) for line in run.prediction_lines]
         if run.alert:  # out of distribution: the first line, in red
             lines.insert(0, f'<b style="color:#d62728">{html.escape(run.alert)}</b>')
         self.ui.predictionsTextEdit.setHtml("<br>".join(lines))
-        for warning in analysis.warnings:
+        for warning in result["warnings"]:
             self.log(f"warning: {warning}")
         if self._parameterNode:
             self.logic.showOverlay(self._parameterNode)
@@ -377,6 +386,13 @@ def ensureDependencies(training=False):
     return True
 
 
+def jobPython():
+    """(interpreter, folders holding BrainDINOLib) of background jobs: Slicer's ``PythonSlicer``, found on the PATH
+    Slicer sets (as ``_executePythonModule`` in Base/Python/slicer/util.py finds it), with Slicer's own environment,
+    and this module's folder (in an installed extension, the folder of both modules' libraries)."""
+    return shutil.which("PythonSlicer") or sys.executable, [os.path.dirname(slicer.modules.braindino.path)]
+
+
 class BrainDINOLogic(ScriptedLoadableModuleLogic):
     """Slicer's logic role: the parameter node, and a ``BrainDINOLib.session.InferenceSession`` (made on
     first use, once the dependencies are installed) that does the work."""
@@ -385,16 +401,19 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
         self._observed = None
+        self._explored = (0, 0)
 
     def getParameterNode(self):
         return BrainDINOParameterNode(super().getParameterNode())
 
     @property
     def session(self):
+        """Runs ``infer`` in a ``PythonSlicer`` process; this process never imports torch."""
         if self._session is None:
             from BrainDINOLib.session import InferenceSession
 
-            self._session = InferenceSession()
+            python, pythonPath = jobPython()
+            self._session = InferenceSession(python=python, python_path=pythonPath)
         return self._session
 
     @property
@@ -428,6 +447,8 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         return {name: node for name, node in scans.items() if node and node is not parameters.inputVolume}
 
     def start(self, parameters):
+        self._explored = (0, 0)  # a new run shows the mean attention and the last block first
+        parameters.attentionHead = parameters.featureBlock = 0
         self.session.start(parameters.inputVolume, self.runOptions(parameters), self.otherScans(parameters))
 
     def poll(self):
@@ -438,12 +459,26 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
             self._session.cancel()
 
     def cancelAndForget(self):
-        """On scene close: stop a run, drop its result and every observer."""
+        """On scene close: stop a run, drop its saved tokens and every observer."""
         if self._session:
-            self._session.cancel()
-            self._session.stop_observing()
-            self._session.latest = None
+            self._session.forget()
         self._observed = None
+        self._explored = (0, 0)
+
+    def explore(self, parameters):
+        """Show the chosen attention head and block in the latest run's maps; returns what went wrong, or ''."""
+        wanted = (parameters.attentionHead, parameters.featureBlock)
+        if self._session is None or self._session.latest is None or wanted == self._explored:
+            return ""
+        from BrainDINOLib.errors import BrainDINOError
+
+        self._explored = wanted
+        try:
+            self._session.show_head(parameters.attentionHead - 1 if parameters.attentionHead else None)
+            self._session.use_block(parameters.featureBlock - 1 if parameters.featureBlock else None)
+        except BrainDINOError as error:
+            return str(error)
+        return ""
 
     def overlayNode(self, overlay):
         """The latest run's node for an overlay choice (None when not made, or deleted since)."""

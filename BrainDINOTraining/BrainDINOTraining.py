@@ -1,6 +1,6 @@
 """3D Slicer module "BrainDINOTraining": self-supervised pretraining and head fitting in a background process.
 
-A form becomes command lines (``BrainDINOTrainingLib.forms``) that ``BrainDINOTrainingLib.background``
+A form becomes command lines (``BrainDINOTrainingLib.forms``) that ``BrainDINOLib.background``
 runs in a ``PythonSlicer`` process with live log, progress, Cancel (the whole process tree) and
 Resume. The same commands run headless:
 
@@ -10,8 +10,6 @@ Resume. The same commands run headless:
 
 import logging
 import os
-import shutil
-import sys
 import unittest
 from pathlib import Path
 from typing import Annotated
@@ -205,8 +203,8 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.updateButtons()
 
     def onPoll(self):
+        from BrainDINOLib.background import JobEnded, LogLine
         from BrainDINOLib.cli import Progress
-        from BrainDINOTrainingLib.background import JobEnded, LogLine
 
         for event in self.logic.poll():
             if isinstance(event, LogLine):
@@ -245,7 +243,7 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
 
 class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
-    """Turns the forms into commands and runs them with ``BrainDINOTrainingLib.background.BackgroundJob``."""
+    """Turns the forms into commands and runs them with ``BrainDINOLib.background.BackgroundJob``."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -299,12 +297,16 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
         return form.commands()
 
     def start(self, commands):
-        from BrainDINOTrainingLib.background import BackgroundJob
+        from BrainDINOLib.background import BackgroundJob
 
         if self.running:
             raise RuntimeError("a job is running: cancel it first")
-        python = shutil.which("PythonSlicer") or sys.executable
-        self.job = BackgroundJob(commands, python=python, python_path=libraryFolders()).start()
+        from BrainDINO import jobPython
+
+        python, inferencePath = jobPython()
+        self.job = BackgroundJob(
+            commands, module="BrainDINOTrainingLib", python=python, python_path=libraryFolders(inferencePath)
+        ).start()
         return self.job
 
     def poll(self):
@@ -315,9 +317,9 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
             self.job.cancel()
 
 
-def libraryFolders():
+def libraryFolders(inferencePath):
     """Folders holding BrainDINOLib and BrainDINOTrainingLib (one folder once the extension is installed)."""
-    folders = [os.path.dirname(slicer.modules.braindino.path), os.path.dirname(slicer.modules.braindinotraining.path)]
+    folders = [*inferencePath, os.path.dirname(slicer.modules.braindinotraining.path)]
     return list(dict.fromkeys(folders))
 
 
@@ -367,8 +369,8 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
             self.skipTest(f"needs {', '.join(problems)} (the module installs them on first use)")
         import tempfile
 
+        from BrainDINOLib.background import JobEnded
         from BrainDINOLib.cli import Progress
-        from BrainDINOTrainingLib.background import JobEnded
 
         logic = BrainDINOTrainingLogic()
         parameters = logic.getParameterNode()

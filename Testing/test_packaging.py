@@ -225,14 +225,16 @@ def test_demo_phantom_is_a_slicer_sample_data_source(tmp_path):
 
 
 def test_slicer_side_modules_import_without_torch():
-    """What the Slicer process imports before (or without) PyTorch: the dependency check, the MRML conversions,
-    the sample data and the Training forms; torch is made unimportable in a real child process."""
+    """What the Slicer process imports: the dependency check, the MRML conversions, the session (inference runs in
+    a child), the maps from saved tokens, the sample data and the Training forms; torch is made unimportable in a
+    real child process."""
     import subprocess
     import sys
 
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from BrainDINOLib import dependencies, mrml, sample_data, segments\n"
+        "from BrainDINOLib import background, dependencies, featuremaps, layout, mrml, predictions, sample_data\n"
+        "from BrainDINOLib import segments, session\n"
         "from BrainDINOTrainingLib import forms\n"
         "assert sys.modules['torch'] is None\n"
     )

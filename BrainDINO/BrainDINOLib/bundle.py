@@ -30,7 +30,7 @@ from .encoder import BrainEncoder, EncoderConfig, encoder_config
 from .errors import BrainDINOError, describe
 from .heads import HeadSpec, build_head
 from .preprocess import PreprocessSpec
-from .typicality import OOD_FILE, Typicality
+from .typicality import NEIGHBOUR_CHANNELS, OOD_FILE, Typicality
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,17 @@ class Bundle:
             return None
         if OOD_FILE not in self.card.files:  # only hashed files are read
             raise BrainDINOError(f"{self.path}: {OOD_FILE} is not listed in {CARD_FILE}")
-        references = {c: t.float().numpy() for c, t in load_file(self.path / OOD_FILE).items()}
-        return Typicality(references, int(self.card.ood["k"]), dict(self.card.ood["thresholds"]))
+        stored = {name: tensor.float().numpy() for name, tensor in load_file(self.path / OOD_FILE).items()}
+        if "outlier_weights" not in stored:
+            raise BrainDINOError(f"{self.path}: its out-of-distribution reference predates the outlier classifier; "
+                                 "run braindino calibrate on it again")  # fmt: skip
+        return Typicality(
+            references={c: stored[c] for c in NEIGHBOUR_CHANNELS},
+            k=int(self.card.ood["k"]),
+            outlier_weights=stored["outlier_weights"],
+            outlier_bias=float(stored["outlier_bias"][0]),
+            thresholds=dict(self.card.ood["thresholds"]),
+        )
 
     def load_head(self, spec: HeadSpec) -> torch.nn.Module:
         """The head's module with its weights (CPU, eval mode).
@@ -258,7 +267,10 @@ def set_typicality(directory: str | Path, typicality: Typicality, info: dict) ->
     bundle = load_bundle(directory)
     path = bundle.path / OOD_FILE
     tmp = path.with_name(path.name + ".tmp")
-    save_file({c: torch.from_numpy(r).half() for c, r in typicality.references.items()}, tmp)
+    tensors = {c: torch.from_numpy(r).half() for c, r in typicality.references.items()}
+    tensors["outlier_weights"] = torch.from_numpy(typicality.outlier_weights)
+    tensors["outlier_bias"] = torch.tensor([typicality.outlier_bias], dtype=torch.float32)
+    save_file(tensors, tmp)
     os.replace(tmp, path)
     ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds}
     card = dataclasses.replace(bundle.card, ood=ood, files={**bundle.card.files, OOD_FILE: sha256(path)})

@@ -150,6 +150,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="other scans of the same subject, e.g. t1=sub_t1.nii.gz t1ce=sub_t1ce.nii.gz: "
         "heads that read those sequences are applied too",
     )
+    infer.add_argument(
+        "--keep-blocks",
+        choices=("last", "all"),
+        default="last",
+        help="whose patch tokens embeddings.safetensors keeps: the last block's (default) or every block's, "
+        "for PCA and similarity maps of any block made later from the file (the Slicer module keeps all)",
+    )
     _add_run_options(infer)
     infer.set_defaults(func=_infer)
 
@@ -218,6 +225,7 @@ def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
         dicom_series=getattr(args, "dicom_series", None),
         sequence=getattr(args, "sequence", None),
         other_scans=dict(getattr(args, "also", [])),
+        keep_blocks=getattr(args, "keep_blocks", "last"),
     )
     options = dataclasses.replace(options, **choices)
     others = f" and {len(options.other_scans)} other scan(s)" if options.other_scans else ""
@@ -235,7 +243,7 @@ def _infer(args) -> None:
 
 def _demo(args) -> None:
     from .bundle import find_bundle, read_card
-    from .heads import prediction_text
+    from .predictions import prediction_text
     from .report import side_by_side
     from .sample_data import demo_phantom, mni_path
 

@@ -212,45 +212,6 @@ def predict_volume(spec: HeadSpec, head: VolumeHead, embeddings: np.ndarray) -> 
     return result
 
 
-def prediction_text(name: str, prediction: dict) -> str:
-    """One line for the report: ``diagnosis: AD (0.62; CN 0.20, MCI 0.18)``, ``age: 54.3 years``."""
-    if "probabilities" in prediction:
-        chosen, probabilities = prediction["prediction"], prediction["probabilities"]
-        others = ", ".join(f"{c} {p:.2f}" for c, p in probabilities.items() if c != chosen)
-        return f"{name}: {chosen} ({probabilities[chosen]:.2f}; {others})"
-    if prediction["kind"] == "seg":
-        parts = ", ".join(f"{c} {v:.1f} mL" for c, v in prediction["volumes_ml"].items())
-        return f"{name}: {prediction['total_ml']:.1f} mL segmented ({parts})"
-    if prediction["kind"] == "surv":
-        return f"{name}: risk score {prediction['value']:+.2f} (log hazard; higher = shorter expected survival)"
-    return f"{name}: {prediction['value']:.1f} {prediction['units']}".rstrip()
-
-
-TASK_NAMES = {
-    "seq": "sequence type",
-    "cls": "classification",
-    "reg": "regression",
-    "surv": "survival risk",
-    "seg": "segmentation",
-}
-
-
-def prediction_row(name: str, prediction: dict) -> dict[str, str]:
-    """One row of the prediction table: head, task, result (class, value or volume), its units and details."""
-    kind = prediction["kind"]
-    if "probabilities" in prediction:
-        result, units = prediction["prediction"], "probability"
-        details = ", ".join(f"{c} {p:.2f}" for c, p in prediction["probabilities"].items())
-    elif kind == "seg":
-        result, units = f"{prediction['total_ml']:.1f}", "mL"
-        details = ", ".join(f"{c} {v:.1f}" for c, v in prediction["volumes_ml"].items())
-    else:
-        result = f"{prediction['value']:+.2f}" if kind == "surv" else f"{prediction['value']:.1f}"
-        units = prediction["units"]
-        details = "higher = shorter expected survival" if kind == "surv" else ""
-    return {"Head": name, "Task": TASK_NAMES[kind], "Result": result, "Units": units, "Details": details}
-
-
 def segmentation_input(per_modality: list[dict[int, np.ndarray]], layers: tuple[int, ...]) -> torch.Tensor:
     """(S, M*L*D, h, w) decoder input from each modality's ``{block: (S, h, w, D)}`` patch tokens."""
     parts = [torch.from_numpy(np.asarray(tokens[i])) for tokens in per_modality for i in layers]
@@ -262,13 +223,13 @@ def segment_slices(
 ) -> np.ndarray:
     """Label values (S, X, Y) of the encoded slices: canvas class probabilities are sampled back at every
     voxel of the slice (`PlaneGeometry.from_canvas`), then the most probable class is taken."""
-    values = torch.tensor((0, *spec.label_values), dtype=torch.int16)
+    values = np.array((0, *spec.label_values), dtype=np.int16)
     out = []
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
             probabilities = torch.softmax(decoder(features[start : start + batch_size].float()), dim=1)
-            out.append(values[plane.from_canvas(probabilities).argmax(dim=1)])
-    return torch.cat(out).numpy()
+            out.append(values[plane.from_canvas(probabilities.cpu().numpy()).argmax(axis=1)])
+    return np.concatenate(out)
 
 
 def segmentation_summary(spec: HeadSpec, labels: np.ndarray, spacing: tuple[float, float, float]) -> dict:
@@ -282,6 +243,7 @@ def segmentation_summary(spec: HeadSpec, labels: np.ndarray, spacing: tuple[floa
         "kind": "seg",
         "target": spec.target,
         "volumes_ml": volumes,
+        "label_values": dict(zip(spec.classes, spec.label_values, strict=True)),
         "total_ml": total,
         "test_metrics": spec.metrics,
     }

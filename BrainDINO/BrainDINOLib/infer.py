@@ -19,29 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .brain import brain_head, prepare_scan
 from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bundle
-from .engine import EncodedVolume, ProgressCallback, encode_volume, resolve_device
+from .engine import ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError, describe
-from .featuremaps import (
-    PcaColors,
-    attention_mass_threshold,
-    mean_attention,
-    patch_foreground,
-    query_patch,
-    similarity_map,
-    to_volume,
-)
-from .heads import HeadSpec, predict_volume, prediction_text, segment_slices, segmentation_input, segmentation_summary
+from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
+from .heads import HeadSpec, predict_volume, segment_slices, segmentation_input, segmentation_summary
+from .predictions import ood_warning, prediction_text
 from .preprocess import PreparedVolume, prepare
 from .report import write_report
 from .typicality import scan_descriptions
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, load_volume, save_like
 
 logger = logging.getLogger(__name__)
+
+
+KEEP_BLOCKS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -61,6 +56,8 @@ class InferenceOptions:
             None: the bundle's sequence head decides, if it has one.
         other_scans: other sequences of the same subject (sequence -> file), read by the volume
             heads that need them.
+        keep_blocks: ``last`` keeps the last block's patch tokens in ``embeddings.safetensors``; ``all`` every
+            block's (PCA and similarity of any block can then be made from the file, as the Slicer module does).
     """
 
     bundle: str | None = None
@@ -73,6 +70,11 @@ class InferenceOptions:
     report: bool = True
     sequence: str | None = None
     other_scans: dict[str, Path] = field(default_factory=dict)
+    keep_blocks: str = "last"
+
+    def __post_init__(self):
+        if self.keep_blocks not in KEEP_BLOCKS:
+            raise BrainDINOError(f"keep_blocks is one of {', '.join(KEEP_BLOCKS)}, not '{self.keep_blocks}'")
 
 
 def output_stem(scan: str | Path) -> str:
@@ -86,10 +88,11 @@ def output_stem(scan: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Analysis:
-    """What one run computed, in memory and in canonical (RAS+) voxel order: the files of ``infer``
-    and the nodes of the Slicer module are both made from it.
+    """What one run computed, in memory and in canonical (RAS+) voxel order: the files of ``infer`` are made
+    from it (and the Slicer module's nodes from those files).
 
     Attributes:
+        maps: the tokens and attention the maps come from (kept as ``embeddings.safetensors``).
         attention: (X, Y, Z) mean last-block CLS attention (1 = uniform).
         attention_threshold: canonical slice -> attention level bounding 60 % of the slice's attention.
         pca: (X, Y, Z, 3) uint8 colours of the first three principal components of the patch tokens.
@@ -104,7 +107,7 @@ class Analysis:
 
     volume: Volume
     prepared: PreparedVolume
-    encoded: EncodedVolume
+    maps: TokenMaps
     card: ModelCard
     device: torch.device
     attention: np.ndarray
@@ -125,14 +128,7 @@ class Analysis:
         Raises:
             BrainDINOError: the voxel is outside the volume or on a slice that was not analysed.
         """
-        return query_patch(self.volume, self.prepared, self.encoded.grid, ijk)
-
-    def similarity(self, patch: tuple[int, int, int]) -> np.ndarray:
-        """(X, Y, Z) cosine similarity of a patch (`query_patch`) to every patch, from the cached tokens."""
-        similarity = to_volume(self.prepared, similarity_map(self.encoded.patch_tokens, patch))
-        if self.brain is not None:
-            similarity *= self.brain
-        return similarity
+        return query_patch(self.volume, self.maps.layout, self.maps.grid, ijk)
 
 
 def analyse(
@@ -173,7 +169,7 @@ def analyse(
     whole = prepare(volume, spec)
     grid = bundle.card.encoder.patch_grid(spec.image_size)
     if options.query:  # fail before encoding
-        query_patch(volume, whole, grid, options.query)
+        query_patch(volume, whole.layout, grid, options.query)
     read = {m for s in bundle.head_specs if s.kind != "seg" for m in s.modalities}
     loaded = {name: o if isinstance(o, Volume) else load_volume(o) for name, o in others.items() if name in read}
     wholes = {name: prepare(other, spec) for name, other in loaded.items()}
@@ -209,9 +205,11 @@ def analyse(
             for i in s.layers
         }
     )
+    kept = range(bundle.card.encoder.depth - 1) if options.keep_blocks == "all" else ()
     encoded = encode_volume(
-        prepared, encoder, device=device, batch_size=options.batch_size, layers=layers, progress=encoding, cancel=cancel
-    )
+        prepared, encoder, device=device, batch_size=options.batch_size, layers=sorted({*layers, *kept}),
+        progress=encoding, cancel=cancel,
+    )  # fmt: skip
     lap("encode")
     unused = [name for name in others if name not in read]
     predictions, segmentations, head_warnings = _apply_heads(
@@ -226,23 +224,26 @@ def analyse(
             for prediction in predictions.values():
                 prediction["unreliable"] = True
     lap("heads")
-    attention_grid = mean_attention(encoded.attention)
-    foreground_patches = patch_foreground(prepared, encoded.grid)  # with a brain mask: brain patches
-    if brain is not None:  # the 60 % outline and the map hold brain patches only
-        attention_grid = attention_grid * foreground_patches
-    colors = PcaColors.fit(encoded.patch_tokens, foreground_patches)
-    attention = to_volume(prepared, attention_grid)
-    if brain is not None:
-        attention *= brain
+    maps = TokenMaps(
+        layout=prepared.layout,
+        cls=encoded.cls,
+        blocks={**{i: encoded.layers[i] for i in kept}, bundle.card.encoder.depth - 1: encoded.patch_tokens},
+        kept=(*kept, bundle.card.encoder.depth - 1),
+        attention=encoded.attention,
+        foreground=prepared.foreground,
+        foreground_patches=prepared.patch_foreground(encoded.grid),  # with a brain mask: brain patches
+        masked=brain is not None,
+        model=bundle.card.name,
+    )
     analysis = Analysis(
         volume=volume,
         prepared=prepared,
-        encoded=encoded,
+        maps=maps,
         card=bundle.card,
         device=device,
-        attention=attention,
-        attention_threshold=dict(zip(prepared.slices.tolist(), attention_mass_threshold(attention_grid), strict=True)),
-        pca=to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True),
+        attention=maps.attention_map(),
+        attention_threshold=dict(zip(prepared.slices.tolist(), maps.attention_levels(), strict=True)),
+        pca=maps.pca(),
         predictions=predictions,
         segmentations=segmentations,
         segmentation_heads={s.name: s for s in bundle.head_specs if s.name in segmentations},
@@ -257,14 +258,6 @@ def analyse(
     )
     lap("maps")
     return analysis
-
-
-def ood_warning(model: str, ood: dict) -> str:
-    """The one line that says a scan is out of distribution (stderr, report, Slicer)."""
-    return (
-        f"OUT OF DISTRIBUTION: this scan is unlike the scans model '{model}' was fitted on (atypicality "
-        f"{ood['ood_score']:.2f} x the calibrated threshold); its predictions are unreliable"
-    )
 
 
 def _progress_parts(progress: ProgressCallback | None, total: int):
@@ -333,14 +326,14 @@ def run_inference(
             out_dir.rmdir()
         raise
     clock = time.perf_counter()
-    similarity = analysis.similarity(analysis.query_patch(options.query)) if options.query else None
+    similarity = analysis.maps.similarity(analysis.query_patch(options.query)) if options.query else None
     query_xyz = volume.canonical_index(options.query) if options.query else None
 
     stem = output_stem(scan)
     outputs = {
         "attention": f"{stem}_attention.nii.gz",
         "pca": f"{stem}_pca.nii.gz",
-        "embeddings": "embeddings.safetensors",
+        "embeddings": TOKENS_FILE,
     }
     if similarity is not None:
         outputs["similarity"] = f"{stem}_similarity.nii.gz"
@@ -351,12 +344,12 @@ def run_inference(
         outputs[f"segmentation:{name}"] = (
             f"{stem}_seg.nii.gz" if len(segmentations) == 1 else f"{stem}_seg_{name}.nii.gz"
         )
-    prepared, encoded = analysis.prepared, analysis.encoded
+    prepared = analysis.prepared
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
         jobs = [
             pool.submit(save_like, volume, analysis.attention, out_dir / outputs["attention"]),
             pool.submit(save_like, volume, analysis.pca, out_dir / outputs["pca"]),
-            pool.submit(_save_embeddings, out_dir / outputs["embeddings"], encoded, prepared, bundle.card.name),
+            pool.submit(analysis.maps.save, out_dir / outputs["embeddings"]),
         ]
         if similarity is not None:
             jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
@@ -532,28 +525,3 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
             predictions[spec.name] = predict_volume(spec, head, tokens)
         predictions[spec.name]["reads"] = sources
     return predictions, segmentations, warnings
-
-
-def _save_embeddings(path: Path, encoded, prepared, model_name: str) -> None:
-    tensors = {
-        "cls": torch.from_numpy(encoded.cls),
-        "patch_tokens": torch.from_numpy(encoded.patch_tokens),
-        "attention": torch.from_numpy(encoded.attention),
-        "slices": torch.from_numpy(encoded.slices.astype(np.int64)),
-    }
-    plane = prepared.plane
-    metadata = {
-        "model": model_name,
-        "slice_axis": "canonical RAS z",
-        "plane": json.dumps(
-            {
-                "slice_shape": plane.slice_shape,
-                "rows": plane.rows,
-                "cols": plane.cols,
-                "row0": plane.row0,
-                "col0": plane.col0,
-                "canvas": plane.canvas,
-            }
-        ),
-    }
-    save_file(tensors, path, metadata=metadata)

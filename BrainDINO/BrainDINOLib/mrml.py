@@ -226,4 +226,4 @@ def remove_folder(scene, folder: int) -> None:
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     for node in folder_nodes(scene, folder):
         scene.RemoveNode(node)
-    hierarchy.RemoveItem(folder)
+    hierarchy.RemoveItem(folder, False, True)  # its nodes are gone: asking to remove them again logs errors

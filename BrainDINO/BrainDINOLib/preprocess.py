@@ -10,7 +10,7 @@ the way it was trained. Steps (BrainDINO paper, downstream protocol):
    filtered by image entropy and relative position in that extent (tailored MoCo v3 pretraining);
 3. place each slice on a square canvas (default 224 px) in radiological view (anterior up,
    patient right on the left), resized to keep its physical aspect ratio and centred with zero
-   padding; `PlaneGeometry` records this so maps computed on the canvas go back exactly;
+   padding; `layout.PlaneGeometry` records this so maps computed on the canvas go back exactly;
 4. repeat the grey channel when the encoder expects 3 channels.
 
 MONAI's ``NormalizeIntensity(nonzero=True)`` and ``Resize`` do steps 1 and 3 for whole images;
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrainDINOError
+from .layout import PlaneGeometry, SliceLayout
 from .volume import Volume
 
 _ENTROPY_BINS = 256
@@ -82,83 +83,22 @@ class PreprocessSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-@dataclass(frozen=True)
-class PlaneGeometry:
-    """Maps a canonical axial slice (X, Y) onto the square canvas and canvas maps back.
-
-    On the canvas, row 0 is the most anterior row and column 0 the patient's right (radiological
-    view). The slice occupies ``rows x cols`` pixels starting at ``(row0, col0)``.
-    """
-
-    slice_shape: tuple[int, int]
-    rows: int
-    cols: int
-    row0: int
-    col0: int
-    canvas: int
-
-    @classmethod
-    def fit(cls, slice_shape: tuple[int, int], spacing_xy: tuple[float, float], canvas: int) -> PlaneGeometry:
-        """Largest placement of the slice on the canvas that keeps its physical aspect ratio."""
-        width_mm = slice_shape[0] * spacing_xy[0]
-        height_mm = slice_shape[1] * spacing_xy[1]
-        pixel_mm = max(width_mm, height_mm) / canvas
-        cols = min(canvas, max(1, round(width_mm / pixel_mm)))
-        rows = min(canvas, max(1, round(height_mm / pixel_mm)))
-        return cls(tuple(slice_shape), rows, cols, (canvas - rows) // 2, (canvas - cols) // 2, canvas)
-
-    def to_canvas(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, X, Y) canonical slices -> (B, canvas, canvas) canvas images (zero padded)."""
-        view = torch.flip(slices, dims=(1, 2)).transpose(1, 2)[:, None]
-        resized = F.interpolate(
-            view.float(), size=(self.rows, self.cols), mode="bilinear", align_corners=False, antialias=True
-        )
-        pad = (self.col0, self.canvas - self.cols - self.col0, self.row0, self.canvas - self.rows - self.row0)
-        return F.pad(resized, pad)[:, 0]
-
-    def labels_to_canvas(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, X, Y) integer label slices -> (B, canvas, canvas) labels, nearest neighbour (0 outside)."""
-        view = torch.flip(labels, dims=(1, 2)).transpose(1, 2)[:, None].float()
-        resized = F.interpolate(view, size=(self.rows, self.cols), mode="nearest-exact")
-        pad = (self.col0, self.canvas - self.cols - self.col0, self.row0, self.canvas - self.rows - self.row0)
-        return F.pad(resized, pad)[:, 0].round().to(labels.dtype)
-
-    def from_canvas(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) maps covering the whole canvas (any resolution) -> (B, C, X, Y) per slice.
-
-        Each slice pixel samples the map bilinearly (border values outside) at its own centre's
-        canvas position, so the way back is exact for any patch grid. The placement is axis-aligned,
-        so sampling is separable: two small interpolation matrices instead of a per-pixel grid.
-        The result is a transposed view of a contiguous (B, C, Y, X) tensor.
-        """
-        size_x, size_y = self.slice_shape
-        row, col = self.canvas_position(
-            torch.arange(size_x, dtype=torch.float32), torch.arange(size_y, dtype=torch.float32)
-        )
-        along_y = _linear_weights(row * maps.shape[-2] / self.canvas, maps.shape[-2]).to(maps.device)  # (Y, h)
-        along_x = _linear_weights(col * maps.shape[-1] / self.canvas, maps.shape[-1]).to(maps.device)  # (X, w)
-        return (along_y @ maps.float() @ along_x.T).transpose(-2, -1)
-
-    def canvas_position(self, x, y):
-        """Canvas (row, col) of the centre of canonical slice pixel (x, y); works elementwise on arrays."""
-        size_x, size_y = self.slice_shape
-        row = self.row0 + (size_y - 1 - y + 0.5) * (self.rows / size_y)
-        col = self.col0 + (size_x - 1 - x + 0.5) * (self.cols / size_x)
-        return row, col
+def to_canvas(plane: PlaneGeometry, slices: torch.Tensor) -> torch.Tensor:
+    """(B, X, Y) canonical slices -> (B, canvas, canvas) canvas images (zero padded, antialiased)."""
+    view = torch.flip(slices, dims=(1, 2)).transpose(1, 2)[:, None]
+    resized = F.interpolate(
+        view.float(), size=(plane.rows, plane.cols), mode="bilinear", align_corners=False, antialias=True
+    )
+    pad = (plane.col0, plane.canvas - plane.cols - plane.col0, plane.row0, plane.canvas - plane.rows - plane.row0)
+    return F.pad(resized, pad)[:, 0]
 
 
-def _linear_weights(position: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, size) weights of 1-D linear interpolation at ``position`` (in cells, cell i centred at i + 0.5).
-
-    Positions beyond the first/last cell centre take that cell's value (border padding).
-    """
-    u = (position - 0.5).clamp(0, size - 1)
-    low = u.floor().clamp(max=max(size - 2, 0)).long()
-    fraction = u - low
-    weights = torch.zeros(len(position), size)
-    weights[torch.arange(len(position)), low] = 1 - fraction
-    weights[torch.arange(len(position)), (low + 1).clamp(max=size - 1)] += fraction
-    return weights
+def labels_to_canvas(plane: PlaneGeometry, labels: torch.Tensor) -> torch.Tensor:
+    """(B, X, Y) integer label slices -> (B, canvas, canvas) labels, nearest neighbour (0 outside)."""
+    view = torch.flip(labels, dims=(1, 2)).transpose(1, 2)[:, None].float()
+    resized = F.interpolate(view, size=(plane.rows, plane.cols), mode="nearest-exact")
+    pad = (plane.col0, plane.canvas - plane.cols - plane.col0, plane.row0, plane.canvas - plane.rows - plane.row0)
+    return F.pad(resized, pad)[:, 0].round().to(labels.dtype)
 
 
 @dataclass(frozen=True)
@@ -188,8 +128,22 @@ class PreparedVolume:
     def model_input(self, slice_indices: np.ndarray) -> torch.Tensor:
         """(B, in_chans, canvas, canvas) float32 encoder input for canonical slices ``slice_indices``."""
         slices = torch.from_numpy(self.image[:, :, slice_indices]).permute(2, 0, 1)
-        canvas = self.plane.to_canvas(slices)[:, None]
+        canvas = to_canvas(self.plane, slices)[:, None]
         return canvas.expand(-1, self.spec.in_chans, -1, -1)
+
+    @property
+    def layout(self) -> SliceLayout:
+        return SliceLayout(self.image.shape, self.slices, self.plane)
+
+    def patch_foreground(self, grid: tuple[int, int], min_fraction: float = 0.5) -> np.ndarray:
+        """(S, h, w) bool: patches whose canvas area is at least ``min_fraction`` foreground."""
+        masks = []
+        for start in range(0, len(self.slices), _CHUNK):
+            chosen = self.slices[start : start + _CHUNK]
+            foreground = torch.from_numpy(self.foreground[:, :, chosen]).permute(2, 0, 1).float()
+            canvas = to_canvas(self.plane, foreground)[:, None]
+            masks.append(F.adaptive_avg_pool2d(canvas, grid)[:, 0] >= min_fraction)
+        return torch.cat(masks).numpy()
 
 
 def normalize(data: np.ndarray, spec: PreprocessSpec, brain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,28 +1,37 @@
-"""What the BrainDINO Slicer module does, without its widgets: run the pipeline on a volume node in a
-worker thread, turn the result into scene nodes, and answer similarity queries from cached tokens.
+"""What the BrainDINO Slicer module does, without its widgets: ``infer`` on a volume node in a background
+process, the run's files turned into scene nodes, and similarity queries and exploration from the saved tokens.
 
-The worker only computes; nodes are created on the caller's (GUI) thread in `InferenceSession.poll`,
-so a cancelled or failed run leaves the scene exactly as it was.
+Nothing here imports torch. The input (and the subject's other scans) are written as NIfTI into a run
+folder; a child ``python -m BrainDINOLib --progress-lines infer ... --keep-blocks all`` (Slicer's
+``PythonSlicer``) writes its outputs beside them; `InferenceSession.poll`, called from a GUI timer, makes at
+most one node per call from those files, so no step holds the GUI long. A cancelled or failed run leaves the
+scene as it was and its folder is deleted. Queries, the attention head and the block whose tokens feed the
+PCA and similarity maps are answered from the saved tokens (`featuremaps.TokenMaps`), without the encoder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import queue
-import threading
-from collections.abc import Callable
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from . import mrml
-from .bundle import DEFAULT_MODELS_DIR, find_bundle, load_bundle
+from .background import BackgroundJob, JobEnded, LogLine
 from .cli import Progress
-from .engine import Cancelled, resolve_device
 from .errors import BrainDINOError
-from .heads import prediction_row, prediction_text
-from .infer import Analysis, InferenceOptions, analyse, check_sequences, ood_warning
+from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
+from .predictions import ood_warning, prediction_row, prediction_text
+from .volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +49,15 @@ class RunOptions:
         bundle: catalogue name or bundle folder (None: the catalogue default).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         sequence: the input's MRI sequence (None: the bundle's sequence head decides).
-        outputs: which of `OUTPUTS` to create; ``similarity`` keeps the tokens for point queries.
+        outputs: which of `OUTPUTS` to create; ``similarity`` answers point queries.
+        models_dir: where user bundles live (None: the command line's default, ``~/.braindino/models``).
     """
 
     bundle: str | None = None
     device: str = "auto"
     sequence: str | None = None
     outputs: frozenset[str] = frozenset(OUTPUTS)
-    models_dir: Path = DEFAULT_MODELS_DIR
+    models_dir: Path | None = None
 
     def __post_init__(self):
         unknown = set(self.outputs) - set(OUTPUTS)
@@ -75,43 +85,165 @@ Event = Progress | Finished | Failed | Stopped
 
 @dataclass
 class RunNodes:
-    """The nodes of one run, all under one subject-hierarchy folder."""
+    """The nodes of one run, all under one subject-hierarchy folder, and what they were made from.
+
+    Attributes:
+        result: the run's ``result.json``.
+        volume: the input as the run saw it (canonical; maps query points onto its voxels).
+        maps: the saved tokens of the block in use (`block`).
+        head: the attention head shown (None: the mean of all heads).
+        block: the block whose tokens feed PCA and similarity (None: the last).
+    """
 
     folder: int
     input: object
-    analysis: Analysis
+    result: dict
+    volume: Volume
+    run_dir: Path
+    maps: TokenMaps
     outputs: frozenset[str]
     segmentations: dict[str, object] = field(default_factory=dict)
     attention: object | None = None
     pca: object | None = None
     similarity: object | None = None
     table: object | None = None
+    head: int | None = None
+    block: int | None = None
+
+    @property
+    def model(self) -> str:
+        return self.result["model"]["name"]
 
     @property
     def prediction_lines(self) -> list[str]:
         """The prediction panel: one line per head, then the model's intended use."""
-        lines = [prediction_text(name, p) for name, p in self.analysis.predictions.items()]
-        return [*lines, f"Model '{self.analysis.card.name}': {self.analysis.card.intended_use}"]
+        lines = [prediction_text(name, p) for name, p in self.result["predictions"].items()]
+        return [*lines, f"Model '{self.model}': {self.result['model']['intended_use']}"]
 
     @property
     def alert(self) -> str | None:
         """The out-of-distribution warning, shown in red above the predictions, if the scan is flagged."""
-        ood = self.analysis.ood
-        return ood_warning(self.analysis.card.name, ood) if ood and ood["out_of_distribution"] else None
+        return ood_warning(self.model, self.result) if self.result.get("out_of_distribution") else None
+
+    def alive(self, node) -> bool:
+        return node is not None and node.GetScene() is not None  # the user may delete a node
+
+
+def attention_window(attention: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
+    """Display range of an attention map: from the typical level bounding the patches that hold 60 % of a
+    slice's attention (the report's outlines; below it the overlay is transparent) to the 99.5th percentile."""
+    low = float(np.median(levels))
+    inside = attention[attention > 0]
+    return low, max(float(np.percentile(inside, 99.5)) if inside.size else low, low * 1.01)
+
+
+def node_steps(input_node, volume: Volume, run_dir: Path, outputs=OUTPUTS, names=None) -> Iterator[None]:
+    """Add a finished run's outputs to the input's scene under one folder, one node per step (the generator's
+    value, once exhausted, is the `RunNodes`). Closing the generator early, or an error, removes what it made.
+
+    Args:
+        names: file -> node name of the scans written for the run: what each head read is said by node name.
+    """
+    out = run_dir / "out"
+    result = json.loads((out / "result.json").read_text())
+    for prediction in result["predictions"].values():
+        prediction["reads"] = {k: (names or {}).get(v, v) for k, v in prediction.get("reads", {}).items()}
+    files = result["outputs"]
+    scene, name = input_node.GetScene(), input_node.GetName()
+    folder = mrml.add_folder(input_node, f"BrainDINO {name} ({result['model']['name']})")
+    run = RunNodes(folder, input_node, result, volume, run_dir, TokenMaps.load(out / TOKENS_FILE), frozenset(outputs))
+    made = []
+
+    def placed(node):
+        mrml.place_in_folder(node, folder)
+        made.append(node)
+        return node
+
+    try:
+        yield
+        if "segmentation" in outputs:
+            brain = _voxels(out / files["brain_mask"]) > 0 if "brain_mask" in files else None
+            heads = [key.split(":", 1)[1] for key in files if key.startswith("segmentation:")]
+            if brain is not None and not heads:  # the brain alone gets a segmentation of its own
+                heads = [result["brain_mask"]["head"]]
+            for head in heads:
+                key = f"segmentation:{head}"
+                labels = _voxels(out / files[key]).astype(np.int16) if key in files else np.zeros(brain.shape, np.int16)
+                classes = result["predictions"].get(head, {}).get("label_values", {})
+                run.segmentations[head] = placed(mrml.add_segmentation(
+                    input_node, labels, list(classes), list(classes.values()), f"{name} BrainDINO {head}", brain
+                ))  # fmt: skip
+                brain = None  # one "Brain" segment, in the run's first segmentation
+                yield
+        if "attention" in outputs:
+            attention = run.maps.attention_map()
+            run.attention = placed(mrml.add_volume_like(
+                input_node, volume.to_source(attention), f"{name} BrainDINO attention", colors=mrml.ATTENTION_COLORS
+            ))  # fmt: skip
+            mrml.show_range(run.attention, *attention_window(attention, run.maps.attention_levels()))
+            yield
+        if "pca" in outputs:
+            run.pca = placed(mrml.add_volume_like(input_node, _voxels(out / files["pca"]), f"{name} BrainDINO PCA"))
+            yield
+        if "predictions" in outputs and result["predictions"]:
+            rows = [prediction_row(head, p) for head, p in result["predictions"].items()]
+            columns = {k: [r[k] for r in rows] for k in rows[0]}
+            run.table = placed(mrml.add_table(scene, f"{name} BrainDINO predictions", columns))
+    except BaseException:  # an error, or the generator closed (a cancelled run): nothing stays behind
+        mrml.remove_folder(scene, folder)
+        for node in made:
+            if node.GetScene() is not None:
+                scene.RemoveNode(node)
+        raise
+    return run
+
+
+def _voxels(path: Path) -> np.ndarray:
+    """An output's voxels in the input's own (I, J, K) order; RGB24 as (I, J, K, 3) uint8."""
+    data = np.asanyarray(nib.load(path).dataobj)
+    if data.dtype.names:  # NIfTI RGB24
+        return np.stack([data[channel] for channel in data.dtype.names], axis=-1)
+    return data.astype(np.float32) if data.dtype.kind == "f" else data
+
+
+def add_run_nodes(input_node, volume: Volume, run_dir: Path, outputs=OUTPUTS, names=None) -> RunNodes:
+    """All of `node_steps` at once (scripts and tests)."""
+    steps = node_steps(input_node, volume, run_dir, outputs, names)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class InferenceSession:
-    """Runs BrainDINO on volume nodes of one scene, one run at a time.
+    """Runs BrainDINO on volume nodes of one scene, one run at a time, in a background process.
 
-    Use `start` then `poll` from a GUI timer (or `run` to block); `cancel` stops a run. The latest
-    run's tokens answer `query` (a world RAS point) and the observed point list / crosshair.
+    Use `start` then `poll` from a GUI timer (or `run` to block); `cancel` stops a run. The latest run's
+    saved tokens answer `query` (a world RAS point), the observed point list or crosshair, `show_head` and
+    `use_block`.
+
+    Args:
+        python: the interpreter of the child (Slicer's ``PythonSlicer``; ``sys.executable`` elsewhere).
+        python_path: folders holding ``BrainDINOLib`` for the child.
+        env: the child's environment (inside Slicer: ``slicer.util.startupEnvironment()``).
+        work_dir: where run folders are made (default: the system's temporary folder).
     """
 
-    def __init__(self):
-        self._worker: threading.Thread | None = None
-        self._events: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
+    def __init__(
+        self,
+        *,
+        python: str = sys.executable,
+        python_path: Sequence[str | Path] = (),
+        env: dict[str, str] | None = None,
+        work_dir: str | Path | None = None,
+    ):
+        self.python, self.python_path, self.env, self.work_dir = python, tuple(python_path), env, work_dir
+        self._job: BackgroundJob | None = None
+        self._steps: Iterator[None] | None = None
         self._pending: tuple | None = None
+        self._errors: list[str] = []
+        self._stopped = False
         self.latest: RunNodes | None = None
         self.on_query_message: Callable[[str], None] = logger.info
         self._query_patch: tuple[int, int, int] | None = None
@@ -119,123 +251,168 @@ class InferenceSession:
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        return self._job is not None or self._steps is not None
 
     def start(self, input_node, options: RunOptions = RunOptions(), others: dict | None = None) -> None:
-        """Check the inputs and the bundle here (errors are immediate), then encode in a worker thread.
+        """Write the scans into a new run folder and start ``infer`` on them in a child process.
 
         Args:
             others: the subject's other scans, sequence -> volume node, for heads that read several sequences.
 
         Raises:
-            BrainDINOError: a run is in progress, or bad input volume, bundle or sequence.
+            BrainDINOError: a run is in progress, or a bad input or other volume (the bundle, device and
+                sequences are checked by the child, whose error arrives as `Failed`).
         """
         if self.running:
             raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
         volume = mrml.volume_from_node(input_node)
         other_volumes = {name: mrml.volume_from_node(node) for name, node in (others or {}).items()}
-        bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
-        resolve_device(options.device)
-        check_sequences(bundle.head_specs, options.sequence, other_volumes)
-        inference = InferenceOptions(device=options.device, sequence=options.sequence)
-        self._cancel.clear()
-        self._events = queue.Queue()
-        self._pending = (input_node, options)
-
-        def work():
-            try:
-                self._events.put(Progress(f"loading {bundle.card.name}", 0, 0))
-                analysis = analyse(
-                    volume,
-                    bundle,
-                    inference,
-                    others=other_volumes,
-                    progress=lambda done, total: self._events.put(Progress("encoding slices", done, total)),
-                    cancel=self._cancel.is_set,
-                )
-                self._events.put(analysis)
-            except Cancelled:
-                self._events.put(Stopped())
-            except BrainDINOError as error:
-                self._events.put(Failed(str(error)))
-            except Exception as error:  # a worker must always report back to the GUI
-                logger.exception("BrainDINO run failed")
-                self._events.put(Failed(f"unexpected error: {error!r} (details in the log)"))
-
-        self._worker = threading.Thread(target=work, name="BrainDINO inference", daemon=True)
-        self._worker.start()
+        run_dir = Path(tempfile.mkdtemp(prefix="braindino-run-", dir=self.work_dir))
+        scan = _write(volume, run_dir / f"{_file_stem(input_node.GetName())}.nii")
+        (run_dir / "others").mkdir()
+        files = {name: _write(other, run_dir / "others" / f"{name}.nii") for name, other in other_volumes.items()}
+        names = {str(files[n]): node.GetName() for n, node in (others or {}).items()}
+        names[str(scan)] = input_node.GetName()
+        command = ["infer", str(scan), "-o", str(run_dir / "out"), "--keep-blocks", "all", "--no-report"]
+        command += ["--device", options.device]
+        if options.bundle:
+            command += ["--bundle", options.bundle]
+        if options.models_dir:
+            command += ["--models-dir", str(options.models_dir)]
+        if options.sequence:
+            command += ["--sequence", options.sequence]
+        if files:
+            command += ["--also", *(f"{name}={path}" for name, path in files.items())]
+        self._errors, self._stopped = [], False
+        self._pending = (input_node, volume, options, run_dir, names)
+        self._job = BackgroundJob(
+            [command], module="BrainDINOLib", python=self.python, python_path=self.python_path, env=self.env
+        ).start()
 
     def cancel(self) -> None:
-        """Ask the worker to stop at its next batch; `poll` then reports `Stopped`."""
-        self._cancel.set()
+        """Stop the run: the child process tree ends (or the nodes made so far go); `poll` then reports `Stopped`."""
+        if self._job is not None:
+            self._job.cancel()
+        elif self._steps is not None:  # the child is done; undo the nodes made so far
+            self._steps.close()
+            self._steps = None
+            self._end()
+            self._stopped = True
 
     def poll(self) -> list[Event]:
-        """Events since the last call. Call from the thread that owns the scene: a finished analysis is
-        turned into nodes here."""
+        """Events since the last call; at most one node is made per call. Call from the thread that owns the scene."""
+        if self._stopped:
+            self._stopped = False
+            return [Stopped()]
+        if self._steps is not None:
+            return self._step()
         events = []
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                return events
-            if isinstance(item, Analysis):
-                events.append(self._finish(item))
-            else:
-                events.append(item)
-            if not isinstance(item, Progress):
-                self._worker.join()
-                self._worker = None
+        for event in self._job.poll() if self._job else []:
+            if isinstance(event, Progress):
+                events.append(event)
+            elif isinstance(event, LogLine):
+                logger.info(event.text)
+                if "error:" in event.text or "Error" in event.text:
+                    self._errors.append(event.text)
+            elif isinstance(event, JobEnded):
+                self._job = None
+                if event.cancelled:
+                    self._end()
+                    events.append(Stopped())
+                elif event.code != 0:
+                    self._end()
+                    message = self._errors[-1].split("error:", 1)[-1].strip() if self._errors else ""
+                    events.append(Failed(message or f"inference failed (exit code {event.code}); see the log"))
+                else:
+                    input_node, volume, options, run_dir, names = self._pending
+                    self._steps = node_steps(input_node, volume, run_dir, options.outputs, names)
+        return events
 
-    def _finish(self, analysis: Analysis) -> Finished | Failed | Stopped:
-        input_node, options = self._pending
-        if self._cancel.is_set():
-            return Stopped()
+    def _step(self) -> list[Event]:
         try:
-            run = add_run_nodes(input_node, analysis, options.outputs)
+            next(self._steps)
+            return []
+        except StopIteration as done:
+            self._steps = None
+            self._finish(done.value)
+            return [Finished(done.value)]
         except Exception as error:
             logger.exception("BrainDINO could not add its outputs to the scene")
-            return Failed(f"could not add the outputs to the scene: {error!r}")
-        self.latest, self._query_patch = run, None
-        return Finished(run)
+            self._steps = None
+            self._end()
+            return [Failed(f"could not add the outputs to the scene: {error!r}")]
+
+    def _end(self) -> None:
+        """Forget the pending run and delete its folder."""
+        if self._pending:
+            shutil.rmtree(self._pending[3], ignore_errors=True)
+        self._pending = None
+
+    def _finish(self, run: RunNodes) -> None:
+        previous, self.latest, self._query_patch, self._pending = self.latest, run, None, None
+        if previous is not None:
+            shutil.rmtree(previous.run_dir, ignore_errors=True)
+
+    def forget(self) -> None:
+        """Cancel a run, drop the latest run's tokens and folder (its nodes stay) and every observer."""
+        self.cancel()
+        self.stop_observing()
+        if self.latest is not None:
+            shutil.rmtree(self.latest.run_dir, ignore_errors=True)
+        self.latest = None
 
     def run(
         self, input_node, options: RunOptions = RunOptions(), others: dict | None = None, timeout: float | None = None
     ) -> RunNodes:
-        """`start`, wait, and return the nodes (for scripts and self-tests).
+        """`start`, poll until the run ends, and return its nodes (for scripts and self-tests).
 
         Raises:
-            BrainDINOError: bad input, a failed run, or a cancelled one.
+            BrainDINOError: bad input, a failed run, a cancelled one, or one that outlasted ``timeout`` seconds
+                (it is cancelled).
         """
         self.start(input_node, options, others)
-        self._worker.join(timeout)
-        if self._worker.is_alive():
-            self.cancel()
-            self._worker.join()
-            self.poll()
-            raise BrainDINOError(f"the run did not finish within {timeout} s and was cancelled")
-        outcome = [event for event in self.poll() if not isinstance(event, Progress)][-1]
-        if isinstance(outcome, Finished):
-            return outcome.run
-        raise BrainDINOError(outcome.message if isinstance(outcome, Failed) else "the run was cancelled")
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        late = False
+        while True:
+            for event in self.poll():
+                if isinstance(event, Finished):
+                    return event.run
+                if isinstance(event, Failed):
+                    raise BrainDINOError(event.message)
+                if isinstance(event, Stopped):
+                    raise BrainDINOError(f"the run did not finish within {timeout} s and was cancelled" if late
+                                         else "the run was cancelled")  # fmt: skip
+            if not late and time.monotonic() > deadline:
+                late = True
+                self.cancel()
+            time.sleep(0.02)
+
+    def _latest(self) -> RunNodes:
+        run = self.latest
+        if run is None or not run.alive(run.input):
+            raise BrainDINOError("run BrainDINO first: the maps come from the tokens of a run")
+        return run
 
     def query(self, ras: tuple[float, float, float]):
         """Show, in the latest run's similarity volume, how alike every patch is to the patch at a world RAS
-        point (cached tokens, no encoder pass); returns the node, created on the first query. A point in
-        the same patch as the previous query changes nothing.
+        point (saved tokens of the block in use, no encoder); returns the node, created on the first query.
+        A point in the same patch as the previous query changes nothing.
 
         Raises:
-            BrainDINOError: no run kept its tokens, or the point is outside the analysed slices.
+            BrainDINOError: no run with the similarity output, or the point is outside the analysed slices.
         """
-        run = self.latest
-        if run is None or run.input.GetScene() is None or "similarity" not in run.outputs:
+        run = self._latest()
+        if "similarity" not in run.outputs:
             raise BrainDINOError("run BrainDINO with the similarity output first: the map comes from its tokens")
-        analysis = run.analysis
-        patch = analysis.query_patch(mrml.ras_to_ijk(run.input, ras))
-        shown = run.similarity is not None and run.similarity.GetScene() is not None  # the user may delete it
-        if shown and patch == self._query_patch:
+        patch = query_patch(run.volume, run.maps.layout, run.maps.grid, mrml.ras_to_ijk(run.input, ras))
+        if run.alive(run.similarity) and patch == self._query_patch:
             return run.similarity
-        similarity = analysis.volume.to_source(analysis.similarity(patch))
-        if shown:
+        self._query_patch = patch
+        return self._show_similarity(run)
+
+    def _show_similarity(self, run: RunNodes):
+        similarity = run.volume.to_source(run.maps.similarity(self._query_patch, run.block))
+        if run.alive(run.similarity):
             mrml.set_voxels(run.similarity, similarity)
         else:
             run.similarity = mrml.add_volume_like(
@@ -245,8 +422,34 @@ class InferenceSession:
         analysed = similarity[similarity != 0]  # slices outside the analysed slab are 0
         low = float(np.percentile(analysed[:: max(1, analysed.size // 100_000)], SIMILARITY_SHOWN))
         mrml.show_range(run.similarity, low, 1.0)
-        self._query_patch = patch
         return run.similarity
+
+    def show_head(self, head: int | None) -> None:
+        """Show one attention head's map (None: the mean of all heads) in the latest run's attention node.
+
+        Raises:
+            BrainDINOError: no run, or no such head.
+        """
+        run = self._latest()
+        attention = run.maps.attention_map(head)
+        run.head = head
+        if run.alive(run.attention):
+            mrml.set_voxels(run.attention, run.volume.to_source(attention))
+            mrml.show_range(run.attention, *attention_window(attention, run.maps.attention_levels(head)))
+
+    def use_block(self, block: int | None) -> None:
+        """Make the PCA map and the similarity queries of the latest run from one block's tokens (None: the last).
+
+        Raises:
+            BrainDINOError: no run, or the block's tokens were not kept.
+        """
+        run = self._latest()
+        run.maps = TokenMaps.load(run.run_dir / "out" / TOKENS_FILE, block)
+        run.block = block
+        if run.alive(run.pca):
+            mrml.set_voxels(run.pca, run.volume.to_source(run.maps.pca(block)))
+        if run.alive(run.similarity) and self._query_patch is not None:
+            self._show_similarity(run)
 
     def observe(self, node) -> None:
         """Answer queries from a point list (the point placed or moved) or a crosshair node (Shift+move
@@ -268,57 +471,13 @@ class InferenceSession:
             self.on_query_message(str(error))
 
 
-def attention_window(analysis: Analysis) -> tuple[float, float]:
-    """Display range of the attention map: from the typical level bounding the patches that hold 60 % of a
-    slice's attention (the report's outlines; below it the overlay is transparent) to the 99.5th percentile."""
-    low = float(np.median(list(analysis.attention_threshold.values())))
-    inside = analysis.attention[analysis.attention > 0]
-    return low, max(float(np.percentile(inside, 99.5)), low * 1.01)
+def _file_stem(name: str) -> str:
+    """A node name as a file name (the progress line and output names show it)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "input"
 
 
-def add_run_nodes(input_node, analysis: Analysis, outputs=OUTPUTS) -> RunNodes:
-    """Add a run's outputs to the input's scene under one folder; on any error nothing stays behind."""
-    folder = mrml.add_folder(input_node, f"BrainDINO {input_node.GetName()} ({analysis.card.name})")
-    run = RunNodes(folder=folder, input=input_node, analysis=analysis, outputs=frozenset(outputs))
-    volume, name, made = analysis.volume, input_node.GetName(), []
-    try:
-        if "segmentation" in outputs:
-            brain = None if analysis.brain is None else volume.to_source(analysis.brain)
-            segmentations = dict(analysis.segmentations)
-            if brain is not None and not segmentations:  # the brain alone gets a segmentation of its own
-                segmentations[analysis.brain_head] = np.zeros(analysis.brain.shape, np.int16)
-            for head, labels in segmentations.items():
-                spec = analysis.segmentation_heads.get(head)
-                classes, values = (spec.classes, spec.label_values) if spec else ((), ())
-                node = mrml.add_segmentation(
-                    input_node, volume.to_source(labels), classes, values, f"{name} BrainDINO {head}", brain
-                )
-                brain = None  # one "Brain" segment, in the run's first segmentation
-                run.segmentations[head] = node
-                made.append(node)
-        if "attention" in outputs:
-            run.attention = mrml.add_volume_like(
-                input_node, volume.to_source(analysis.attention), f"{name} BrainDINO attention",
-                colors=mrml.ATTENTION_COLORS,
-            )  # fmt: skip
-            low, high = attention_window(analysis)
-            mrml.show_range(run.attention, low, high)
-            made.append(run.attention)
-        if "pca" in outputs:
-            run.pca = mrml.add_volume_like(input_node, volume.to_source(analysis.pca), f"{name} BrainDINO PCA")
-            made.append(run.pca)
-        if "predictions" in outputs and analysis.predictions:
-            rows = [prediction_row(head, p) for head, p in analysis.predictions.items()]
-            run.table = mrml.add_table(
-                input_node.GetScene(), f"{name} BrainDINO predictions", {k: [r[k] for r in rows] for k in rows[0]}
-            )
-            made.append(run.table)
-        for node in made:
-            mrml.place_in_folder(node, folder)
-    except Exception:
-        mrml.remove_folder(input_node.GetScene(), folder)
-        for node in made:
-            if node.GetScene() is not None:
-                node.GetScene().RemoveNode(node)
-        raise
-    return run
+def _write(volume: Volume, path: Path) -> Path:
+    """The volume as float32 NIfTI on its own voxel grid (the child's input; uncompressed, as the GUI thread
+    writes it)."""
+    nib.save(nib.Nifti1Image(volume.to_source(volume.data), volume.source_affine), path)
+    return path

@@ -1,19 +1,22 @@
-"""Out-of-distribution check: how typical a scan's slices are of the scans a bundle was fitted on.
+"""Out-of-distribution check: is a scan like the head MRI a bundle was fitted on?
 
-A calibrated bundle keeps ``ood.safetensors``: for slices of its training scans, prepared whole
-(without a brain mask, as ``infer``'s first pass sees them: cut to a brain, a photograph looks like
-one), two L2-normalised descriptions, each a channel of the check:
+A calibrated bundle keeps ``ood.safetensors``. Slices are described as ``infer``'s first pass prepares
+them (without a brain mask: cut to a brain, a photograph looks like one) in three ways: ``embedding``,
+the encoder's slice embedding (what the model makes of the slice); ``patch_mean``, its mean patch token
+(what the slice is made of); ``thumbnail``, the 16 x 16 average of the model's input canvas (how the slice
+is laid out, at the intensities the normalisation gives; it does not depend on the encoder, which matters
+for small encoders that map anything onto what they know). Three channels read them:
 
-- ``embedding``: the encoder's slice embedding (what the model makes of the slice);
-- ``thumbnail``: the 16 x 16 average of the model's input canvas (how the slice is laid out: a head
-  or brain surrounded by background, at the intensities the normalisation gives). It does not depend
-  on the encoder, which matters for small encoders that map anything onto what they know.
+- ``embedding`` and ``thumbnail``: a slice's atypicality is the mean cosine distance of that description
+  to its ``k`` nearest reference slices of the training scans;
+- ``outlier``: a logistic classifier on all three descriptions (L2-normalised, concatenated) gives the
+  probability that the slice is not head MRI. It was fitted against procedural non-MRI images (outlier
+  exposure: `BrainDINOTrainingLib.outliers`), never against photographs, maps or scans of other organs.
 
-A slice's atypicality in a channel is the mean cosine distance to its ``k`` nearest reference slices;
-a scan's is the median over its analysed slices, so a few odd slices (the vertex, a lesion) do not
-flag a scan, while a stack of photographs, whose every slice is odd, is flagged. Each channel has
-its own threshold (`braindino calibrate`, from held-out training scans); the scan's score is the
-largest ratio of channel score to threshold, and it is out of distribution above 1.
+A scan's score in a channel is the median over its analysed slices, so a few odd slices (the vertex, a
+lesion) do not flag a scan, while a stack of photographs, whose every slice is odd, is flagged. Each
+channel has its own threshold (`braindino calibrate`, from held-out training scans); the scan's score is
+the largest ratio of channel score to threshold, and it is out of distribution above 1.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from .errors import BrainDINOError
 from .preprocess import PreparedVolume
 
 OOD_FILE = "ood.safetensors"
-CHANNELS = ("embedding", "thumbnail")
+DESCRIPTIONS = ("embedding", "patch_mean", "thumbnail")
+NEIGHBOUR_CHANNELS = ("embedding", "thumbnail")
+CHANNELS = (*NEIGHBOUR_CHANNELS, "outlier")
 THUMBNAIL = 16
 _CHUNK = 64
 
 
 def slice_thumbnails(prepared: PreparedVolume) -> np.ndarray:
-    """(S, 256) float32: each analysed slice's canvas averaged down to 16 x 16 (the `thumbnail` channel)."""
+    """(S, 256) float32: each analysed slice's canvas averaged down to 16 x 16 (the `thumbnail` description)."""
     parts = []
     for start in range(0, len(prepared.slices), _CHUNK):
         canvas = prepared.model_input(prepared.slices[start : start + _CHUNK])[:, :1]
@@ -44,48 +49,74 @@ def slice_thumbnails(prepared: PreparedVolume) -> np.ndarray:
 
 
 def scan_descriptions(whole: PreparedVolume, encoded: EncodedVolume, pooling: str) -> dict[str, np.ndarray]:
-    """channel -> (S, D) descriptions of the analysed slices of a scan prepared without a brain mask."""
-    return {"embedding": encoded.slice_embeddings(pooling), "thumbnail": slice_thumbnails(whole)}
+    """description -> (S, D) float32 of the analysed slices of a scan prepared without a brain mask."""
+    return {
+        "embedding": encoded.slice_embeddings(pooling),
+        "patch_mean": encoded.slice_embeddings("mean"),
+        "thumbnail": slice_thumbnails(whole),
+    }
 
 
 def _normalised(values: np.ndarray) -> torch.Tensor:
     return F.normalize(torch.from_numpy(np.asarray(values, np.float32)), dim=1)
 
 
+def outlier_features(descriptions: dict[str, np.ndarray]) -> np.ndarray:
+    """(S, F) float32: the three descriptions of each slice, each L2-normalised, side by side (classifier input)."""
+    return torch.cat([_normalised(descriptions[d]) for d in DESCRIPTIONS], dim=1).numpy()
+
+
 @dataclass(frozen=True)
 class Typicality:
-    """Reference slices and calibrated thresholds.
+    """Reference slices, the outlier classifier and calibrated thresholds.
 
     Attributes:
-        references: channel -> (N, D) float32 L2-normalised descriptions of training slices.
+        references: neighbour channel -> (N, D) float32 L2-normalised descriptions of training slices.
         k: neighbours averaged per slice.
+        outlier_weights, outlier_bias: (F,) and scalar of the logistic classifier on `outlier_features`.
         thresholds: channel -> the score above which a scan is atypical in that channel.
     """
 
     references: dict[str, np.ndarray]
     k: int
+    outlier_weights: np.ndarray
+    outlier_bias: float
     thresholds: dict[str, float]
 
     def __post_init__(self):
-        if set(self.references) != set(CHANNELS) or set(self.thresholds) != set(CHANNELS):
-            raise BrainDINOError(f"a typicality reference needs the channels {', '.join(CHANNELS)}")
+        if set(self.references) != set(NEIGHBOUR_CHANNELS) or set(self.thresholds) != set(CHANNELS):
+            raise BrainDINOError(
+                f"a typicality reference needs the channels {', '.join(CHANNELS)}; recalibrate (braindino calibrate)"
+            )
         if self.k < 1 or any(len(r) < self.k for r in self.references.values()):
             raise BrainDINOError(f"typicality reference too small for k={self.k}")
 
     @classmethod
-    def from_slices(cls, descriptions: dict[str, np.ndarray], k: int, thresholds: dict[str, float] | None = None):
-        """A reference from per-channel (N, D) slice descriptions (normalised here)."""
-        references = {c: _normalised(descriptions[c]).numpy() for c in CHANNELS}
-        return cls(references, k, thresholds or dict.fromkeys(CHANNELS, float("inf")))
+    def from_slices(
+        cls,
+        descriptions: dict[str, np.ndarray],
+        k: int,
+        outlier: tuple[np.ndarray, float],
+        thresholds: dict[str, float] | None = None,
+    ) -> Typicality:
+        """A reference from (N, D) slice descriptions (normalised here) and a fitted classifier (weights, bias)."""
+        references = {c: _normalised(descriptions[c]).numpy() for c in NEIGHBOUR_CHANNELS}
+        weights, bias = outlier
+        return cls(references, k, np.asarray(weights, np.float32), float(bias),
+                   thresholds or dict.fromkeys(CHANNELS, float("inf")))  # fmt: skip
 
-    def slice_scores(self, channel: str, descriptions: np.ndarray) -> np.ndarray:
-        """(S,) mean cosine distance of each (S, D) slice description to its ``k`` nearest reference slices."""
-        similarity = _normalised(descriptions) @ torch.from_numpy(self.references[channel]).T
+    def slice_scores(self, channel: str, descriptions: dict[str, np.ndarray]) -> np.ndarray:
+        """(S,) each slice's atypicality in a channel: the mean cosine distance to its ``k`` nearest reference
+        slices, or (``outlier``) the classifier's probability that it is not head MRI."""
+        if channel == "outlier":
+            logits = outlier_features(descriptions) @ self.outlier_weights + self.outlier_bias
+            return 1 / (1 + np.exp(-logits.astype(np.float64)))
+        similarity = _normalised(descriptions[channel]) @ torch.from_numpy(self.references[channel]).T
         return (1 - similarity.topk(self.k, dim=1).values.mean(dim=1)).numpy()
 
     def channel_scores(self, descriptions: dict[str, np.ndarray]) -> dict[str, float]:
         """channel -> the scan's atypicality in it: the median of its slices' scores."""
-        return {c: float(np.median(self.slice_scores(c, descriptions[c]))) for c in CHANNELS}
+        return {c: float(np.median(self.slice_scores(c, descriptions))) for c in CHANNELS}
 
     def verdict(self, descriptions: dict[str, np.ndarray]) -> dict:
         """What ``result.json`` records: ``out_of_distribution``, ``ood_score`` (the largest ratio of a channel's

@@ -343,7 +343,7 @@ def _evaluate(args) -> None:
 
     bundle = load_bundle(find_bundle(args.bundle))
     manifest = load_manifest(args.manifest)
-    with cli.ProgressBar("features", "scan") as progress:
+    with cli.ProgressBar("features", "volume") as progress:
         rows = evaluate_bundle(
             bundle, manifest, args.cache, args.device, args.all_subjects, tuple(args.head), progress=progress
         )
@@ -369,18 +369,23 @@ def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
     """``calibrate``."""
     calibrate = subparsers.add_parser(
         "calibrate",
-        help="record the encoder's embeddings of training data for the out-of-distribution warning",
-        description="Encode every scan of DATA as 'braindino infer' does (through the bundle's brain-mask head, if "
-        "any), keep their slice embeddings and 16 x 16 slice thumbnails as the bundle's reference (ood.safetensors) "
-        "and set a threshold per channel from held-out subjects (MARGIN x the largest held-out score). "
-        "'braindino infer' then scores every scan and flags it as out of distribution when a channel exceeds its "
-        "threshold. Run it after the last head is added (a new brain-mask head makes the reference stale).",
+        help="fit the out-of-distribution warning on training data (reference slices, outlier classifier)",
+        description="Encode every scan of DATA whole, as the first pass of 'braindino infer' sees it; keep their "
+        "slice embeddings and 16 x 16 slice thumbnails as the bundle's reference (ood.safetensors); fit a classifier "
+        "of those slices against procedural images that are not head MRI (dead leaves, 1/f fields, gratings, text-like "
+        "pages, textured objects: no photograph or map is used); set a threshold per channel from held-out subjects "
+        "(MARGIN x the largest held-out score; the classifier's at least 0.5). 'braindino infer' then scores every "
+        "scan and flags it as out of distribution when a channel exceeds its threshold. Run it after the last head is "
+        "added (a new brain-mask head makes the reference stale).",
     )
     calibrate.add_argument("--manifest", required=True, help="training-like data: manifest, folder, BIDS or BraTS")
     calibrate.add_argument("--bundle", help="model bundle (default: the shipped default; then -o is required)")
     calibrate.add_argument("-o", "--out-bundle", type=Path, help="write a calibrated copy of the bundle here")
     calibrate.add_argument("--k", type=int, default=10, help="nearest reference slices per slice (default %(default)s)")
     calibrate.add_argument("--margin", type=float, default=1.5, help="threshold factor (default %(default)s)")
+    calibrate.add_argument(
+        "--outliers", type=int, default=120, help="procedural non-MRI volumes for the classifier (default %(default)s)"
+    )
     calibrate.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     calibrate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     calibrate.set_defaults(func=_calibrate)
@@ -422,8 +427,8 @@ def _calibrate(args) -> None:
     source = _checked_bundle(args)
     manifest = load_manifest(args.manifest)
     cache = FeatureCache(load_bundle(source), args.cache, device=args.device, masked=False)  # whole scans
-    with cli.ProgressBar("features", "scan") as progress:
-        options = CalibrationOptions(k=args.k, margin=args.margin)
+    with cli.ProgressBar("features", "volume") as progress:
+        options = CalibrationOptions(k=args.k, margin=args.margin, outliers=args.outliers)
         typicality, info = calibrate_typicality(manifest, cache, options, progress=progress)
     target = _changed_bundle(args, source)
     set_typicality(target, typicality, {**info, "command": args.command_line})
@@ -432,7 +437,10 @@ def _calibrate(args) -> None:
             f"{channel}: threshold {typicality.thresholds[channel]:.4f} (held-out scans: median score "
             f"{scores['median']:.4f}, largest {scores['max']:.4f})"
         )
-    print(f"{target}: calibrated on {info['scans']} scans; reference of {info['reference_slices']} slices")
+    print(
+        f"{target}: calibrated on {info['scans']} scans; reference of {info['reference_slices']} slices; classifier "
+        f"against {info['outlier_slices']} slices of {info['outlier_volumes']} procedural non-MRI volumes"
+    )
 
 
 #: Registrars of the training commands; the inference commands come from BrainDINOLib.

@@ -14,8 +14,9 @@ written atomically.
 
 Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the encoder was
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
-their mean (the volume embedding), ``thumbnails`` (S, 256) the slices' 16 x 16 canvases (the
-out-of-distribution check's second channel), ``slices`` (S,) canonical slice indices, and
+their mean (the volume embedding), ``patch_means`` (S, D) the slices' mean patch tokens and ``thumbnails``
+(S, 256) their 16 x 16 canvases (with the embeddings, what the out-of-distribution check describes a slice
+by), ``slices`` (S,) canonical slice indices, and
 ``layer_<i>`` (S, h, w, D) float16 patch tokens of each kept block.
 """
 
@@ -38,7 +39,7 @@ from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.engine import encode_volume, resolve_device
 from BrainDINOLib.preprocess import prepare
 from BrainDINOLib.typicality import scan_descriptions
-from BrainDINOLib.volume import load_volume
+from BrainDINOLib.volume import Volume, load_volume
 
 DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
 
@@ -47,9 +48,14 @@ DEFAULT_CACHE_DIR = Path.home() / ".braindino" / "cache" / "features"
 class VolumeFeatures:
     embeddings: np.ndarray
     pooled: np.ndarray
+    patch_means: np.ndarray
     thumbnails: np.ndarray
     slices: np.ndarray
     layers: dict[int, np.ndarray]
+
+    def descriptions(self) -> dict[str, np.ndarray]:
+        """The slices as the out-of-distribution check describes them (`BrainDINOLib.typicality`)."""
+        return {"embedding": self.embeddings, "patch_mean": self.patch_means, "thumbnail": self.thumbnails}
 
 
 class FeatureCache:
@@ -98,7 +104,7 @@ class FeatureCache:
     def get(self, scan: str | Path) -> VolumeFeatures:
         """The scan's features, from the cache or computed now (and stored)."""
         path = self.folder / f"{self.key(scan)}.safetensors"
-        wanted = ["embeddings", "pooled", "thumbnails", "slices", *(f"layer_{i}" for i in self.layers)]
+        wanted = ["embeddings", "pooled", "patch_means", "thumbnails", "slices", *(f"layer_{i}" for i in self.layers)]
         stored = []
         if path.is_file():
             with safe_open(path, "numpy") as handle:
@@ -111,18 +117,16 @@ class FeatureCache:
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             save_file(arrays, tmp)
             os.replace(tmp, path)
-        return VolumeFeatures(
-            embeddings=arrays["embeddings"],
-            pooled=arrays["pooled"],
-            thumbnails=arrays["thumbnails"],
-            slices=arrays["slices"],
-            layers={i: arrays[f"layer_{i}"] for i in self.layers},
-        )
+        return _volume_features(arrays, self.layers)
 
-    def _compute(self, scan: str | Path, layers: Sequence[int]) -> dict[str, np.ndarray]:
+    def compute(self, volume: Volume) -> VolumeFeatures:
+        """The features of a volume held in memory (no patch tokens; not stored)."""
+        return _volume_features(self._compute(volume, ()), ())
+
+    def _compute(self, scan: str | Path | Volume, layers: Sequence[int]) -> dict[str, np.ndarray]:
         if self._encoder is None:
             self._encoder = self.bundle.load_encoder()
-        volume = load_volume(scan)
+        volume = scan if isinstance(scan, Volume) else load_volume(scan)
         if self.brain_head:
             prepared, _, _, _ = prepare_scan(
                 volume, self.bundle, self._encoder, device=self.device, batch_size=self.batch_size
@@ -132,13 +136,26 @@ class FeatureCache:
         encoded = encode_volume(
             prepared, self._encoder, device=self.device, batch_size=self.batch_size, layers=tuple(layers)
         )
-        # float32 embeddings as infer gives a head; unmasked, both are what infer's out-of-distribution check reads
+        # float32 embeddings as infer gives a head; unmasked, all three descriptions are what infer's
+        # out-of-distribution check reads
         described = scan_descriptions(prepared, encoded, self.bundle.card.pooling)
         arrays = {
             "embeddings": described["embedding"],
             "pooled": described["embedding"].mean(axis=0),
+            "patch_means": described["patch_mean"],
             "thumbnails": described["thumbnail"],
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in layers})
         return arrays
+
+
+def _volume_features(arrays: dict[str, np.ndarray], layers: Sequence[int]) -> VolumeFeatures:
+    return VolumeFeatures(
+        embeddings=arrays["embeddings"],
+        pooled=arrays["pooled"],
+        patch_means=arrays["patch_means"],
+        thumbnails=arrays["thumbnails"],
+        slices=arrays["slices"],
+        layers={i: arrays[f"layer_{i}"] for i in layers},
+    )

@@ -26,7 +26,8 @@ from BrainDINOLib.heads import (
     segment_slices,
     segmentation_input,
 )
-from BrainDINOLib.preprocess import PlaneGeometry
+from BrainDINOLib.layout import PlaneGeometry
+from BrainDINOLib.preprocess import labels_to_canvas
 from BrainDINOLib.segments import BRATS_CLASSES
 from BrainDINOLib.volume import load_labels, load_volume
 
@@ -148,7 +149,7 @@ def _seg_volume(entry, modalities: tuple[str, ...], options: SegOptions, cache: 
     return SegVolume(
         entry.subject_id,
         segmentation_input(layers, cache.layers).to(torch.float16),
-        plane.labels_to_canvas(classes).to(torch.uint8),
+        labels_to_canvas(plane, classes).to(torch.uint8),
         labels,
         slices,
         plane,

@@ -13,7 +13,6 @@ from BrainDINOLib.featuremaps import (
     attention_mass_mask,
     attention_mass_threshold,
     mean_attention,
-    patch_foreground,
     query_patch,
     similarity_map,
     to_volume,
@@ -54,8 +53,8 @@ def encoded_mni(tmp_path_factory, mni_2mm, default_bundle):
 
 def test_pca_colours_are_consistent_across_slices(encoded_mni):
     volume, prepared, encoded = encoded_mni
-    colors = PcaColors.fit(encoded.patch_tokens, patch_foreground(prepared, encoded.grid))
-    rgb = to_volume(prepared, colors.rgb(encoded.patch_tokens), rgb=True)
+    colors = PcaColors.fit(encoded.patch_tokens, prepared.patch_foreground(encoded.grid))
+    rgb = to_volume(prepared.layout, colors.rgb(encoded.patch_tokens), rgb_inside=prepared.foreground)
     assert rgb.dtype == np.uint8 and rgb.shape == (*volume.data.shape, 3)
     twin_a, twin_b = rgb[:, :, 40], rgb[:, :, 41]
     assert twin_a.any()
@@ -69,7 +68,7 @@ def test_pca_colours_are_consistent_across_slices(encoded_mni):
 def test_similarity_peaks_at_the_query(encoded_mni):
     volume, prepared, encoded = encoded_mni
     ijk = (40, 60, 40)  # file (LPS) voxel inside the brain
-    query = query_patch(volume, prepared, encoded.grid, ijk)
+    query = query_patch(volume, prepared.layout, encoded.grid, ijk)
     similarity = similarity_map(encoded.patch_tokens, query)
     assert similarity[query] == pytest.approx(1.0, abs=1e-3)
     assert similarity.max() <= 1 + 1e-3 and similarity.min() >= -1 - 1e-3
@@ -79,7 +78,7 @@ def test_similarity_peaks_at_the_query(encoded_mni):
     row, col = (query[1] + 0.5) * patch, (query[2] + 0.5) * patch
     y = round(size_y - 1 - ((row - plane.row0) * size_y / plane.rows - 0.5))
     x = round(size_x - 1 - ((col - plane.col0) * size_x / plane.cols - 0.5))
-    canonical = to_volume(prepared, similarity)
+    canonical = to_volume(prepared.layout, similarity)
     assert canonical[x, y, encoded.slices[query[0]]] > 0.8
     # Slice 41 is a copy of slice 40, so the query patch's twin is just as similar.
     assert encoded.slices[query[0]] == 40
@@ -93,9 +92,9 @@ def test_to_volume_places_each_patch_on_its_voxels(encoded_mni):
     x, y = 45, 60
     z = int(prepared.slices[position])
     ijk = np.linalg.inv(volume.source_affine) @ volume.affine @ [x, y, z, 1]
-    _, row, col = query_patch(volume, prepared, encoded.grid, tuple(int(round(c)) for c in ijk[:3]))
+    _, row, col = query_patch(volume, prepared.layout, encoded.grid, tuple(int(round(c)) for c in ijk[:3]))
     maps[position, row, col] = 1.0
-    canonical = to_volume(prepared, maps)
+    canonical = to_volume(prepared.layout, maps)
     assert canonical[x, y, z] > 0.5
     # Only voxels within 1.5 patches of the chosen one receive any of its value (bilinear support).
     plane = prepared.plane

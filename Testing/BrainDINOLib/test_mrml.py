@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,14 +16,14 @@ import slicer
 import vtk
 
 from BrainDINOLib import mrml
-from BrainDINOLib.bundle import find_bundle, load_bundle
 from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.infer import InferenceOptions, analyse
+from BrainDINOLib.featuremaps import query_patch
+from BrainDINOLib.infer import InferenceOptions, run_inference
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.segments import BRATS_CLASSES, SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped, add_run_nodes
-from slicer_scene import add_volume_node
+from slicer_scene import activate, add_volume_node, slicer_app
 from testdata import reorient
 
 
@@ -37,6 +41,20 @@ def _geometry(node) -> np.ndarray:
 
 def _scene_nodes(scene) -> set[str]:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _expected_similarity(run, ijk, block=None) -> np.ndarray:
+    """(K, J, I) similarity to the patch at input voxel ``ijk``, as Slicer holds the node's voxels."""
+    patch = query_patch(run.volume, run.maps.layout, run.maps.grid, ijk)
+    return run.volume.to_source(run.maps.similarity(patch, block)).transpose(2, 1, 0)
+
+
+def _poll_until_done(session) -> list:
+    events = []
+    while session.running or not events:
+        events += session.poll()
+        time.sleep(0.01)
+    return events
 
 
 @pytest.fixture(params=["RAS", "LPS", "oblique"])
@@ -58,7 +76,7 @@ def test_node_to_volume_and_back_is_exact(slicer_app, oriented_mni):
     np.testing.assert_allclose(_geometry(copy), _geometry(node), atol=1e-9)
 
 
-def test_bad_inputs_are_named(slicer_app, mni_2mm):
+def test_bad_inputs_are_named(slicer_app, mni_2mm, tmp_path):
     scene = slicer_app.scene
     with pytest.raises(BrainDINOError, match="no input volume"):
         mrml.volume_from_node(None)
@@ -79,17 +97,21 @@ def test_bad_inputs_are_named(slicer_app, mni_2mm):
     constant = slicer.util.addVolumeFromArray(np.full((4, 5, 6), 7.0, np.float32), name="constant")
     with pytest.raises(BrainDINOError, match="constant: a constant image"):
         mrml.volume_from_node(constant)
-    session, mni = InferenceSession(), add_volume_node(mni_2mm, "mni")
+    work = tmp_path / "runs"
+    work.mkdir()
+    session, mni = InferenceSession(work_dir=work), add_volume_node(mni_2mm, "mni")
     before = _scene_nodes(scene)
-    with pytest.raises(BrainDINOError, match="no model bundle .no-such-bundle."):
-        session.start(mni, RunOptions(bundle="no-such-bundle"))
+    with pytest.raises(BrainDINOError, match="no model bundle .no-such-bundle."):  # the child's own words
+        session.run(mni, RunOptions(bundle="no-such-bundle"))
     with pytest.raises(BrainDINOError, match="'dwi' is not a sequence"):
-        session.start(mni, RunOptions(sequence="dwi"))
-    assert not session.running and _scene_nodes(scene) == before
+        session.run(mni, RunOptions(sequence="dwi"))
+    assert not session.running and _scene_nodes(scene) == before and not any(work.iterdir())
 
 
-@pytest.fixture
-def phantom_run(slicer_app):
+@pytest.fixture(scope="module")
+def shared_run():
+    """One run of the demo phantom (FLAIR, with T1 and T1ce) for the tests that only read or query it."""
+    app = slicer_app()
     scans, _ = demo_phantom()
     nodes = {
         sequence: add_volume_node(nib.load(scans[sequence]), f"phantom {sequence}")
@@ -98,7 +120,18 @@ def phantom_run(slicer_app):
     session = InferenceSession()
     others = {"t1": nodes["t1"], "t1ce": nodes["t1ce"]}
     run = session.run(nodes["flair"], RunOptions(sequence="flair", device="cpu"), others=others)
-    return slicer_app, session, run, nib.load(scans["brainmask"])
+    yield app, session, run, nib.load(scans["brainmask"])
+    session.forget()
+
+
+@pytest.fixture
+def phantom_run(shared_run):
+    """The shared run, its scene active again; each test leaves its head and block as it found them."""
+    app, session, run, _ = shared_run
+    activate(app)
+    yield shared_run
+    session.show_head(None)
+    session.use_block(None)
 
 
 def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
@@ -111,12 +144,9 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
     for node in (run.attention, run.pca):
         np.testing.assert_allclose(_geometry(node), _geometry(run.input), atol=1e-9)
         assert slicer.util.arrayFromVolume(node).shape[:3] == slicer.util.arrayFromVolume(run.input).shape
-    assert {n.GetID() for n in mrml.folder_nodes(scene, run.folder)} == {
-        run.attention.GetID(),
-        run.pca.GetID(),
-        run.table.GetID(),
-        run.segmentations["tumor"].GetID(),
-    }
+    made = {run.attention.GetID(), run.pca.GetID(), run.table.GetID(), run.segmentations["tumor"].GetID()}
+    queried = {run.similarity.GetID()} if run.similarity else set()  # made by a query test of the shared run
+    assert {n.GetID() for n in mrml.folder_nodes(scene, run.folder)} == made | queried
 
     segmentation = run.segmentations["tumor"]
     segments = segmentation.GetSegmentation()
@@ -136,17 +166,17 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
         assert entry.GetCategoryObject().GetCodeMeaning() == "Morphologically Altered Structure"
     # each segment, read back in the input's grid, is the run's own label volume voxel for voxel; the brain is
     # the phantom's (the default model misses this phantom's tumour: README)
-    volume, labels = run.analysis.volume, run.analysis.segmentations["tumor"]
+    labels = np.asarray(nib.load(run.run_dir / "out" / run.result["outputs"]["segmentation:tumor"]).dataobj)
     for value in (1, 2, 3):
         found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_{value}", run.input)
-        np.testing.assert_array_equal(found > 0, volume.to_source(labels == value).transpose(2, 1, 0))
+        np.testing.assert_array_equal(found > 0, (labels == value).transpose(2, 1, 0))
     brain = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_brain", run.input) > 0
     truth = np.asarray(truth_image.dataobj).transpose(2, 1, 0) > 0
     assert brain.any() and 2 * (brain & truth).sum() / (brain.sum() + truth.sum()) > 0.8
 
     table = mrml.table_columns(run.table)
     assert list(table) == ["Head", "Task", "Result", "Units", "Details"]
-    predictions = run.analysis.predictions
+    predictions = run.result["predictions"]
     assert table["Head"] == list(predictions)
     assert set(predictions) == {"sequence", "diagnosis", "survival", "tumor", "marker", "age"}
     assert predictions["age"]["reads"] == {"t1": "phantom t1"} and predictions["tumor"]["reads"] == {
@@ -172,8 +202,7 @@ def test_point_and_crosshair_queries_update_similarity_from_cached_tokens(phanto
     np.testing.assert_allclose(_geometry(similarity), _geometry(run.input), atol=1e-9)
     ijk = mrml.ras_to_ijk(run.input, inside)
     first = slicer.util.arrayFromVolume(similarity).copy()
-    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
-    np.testing.assert_allclose(first, expected.transpose(2, 1, 0), atol=1e-6)
+    np.testing.assert_allclose(first, _expected_similarity(run, ijk), atol=1e-6)
     i, j, k = ijk  # the phantom is 1 mm: a 16-pixel patch spans about 16 mm
     assert first[k, j - 8 : j + 9, i - 8 : i + 9].max() > 0.9 and first.max() <= 1 + 1e-4
 
@@ -202,7 +231,7 @@ def test_outputs_keep_the_geometry_of_lps_and_oblique_inputs(slicer_app, mni_2mm
         for output in (run.attention, run.pca):
             np.testing.assert_allclose(_geometry(output), _geometry(node), atol=1e-9)
         source = slicer.util.arrayFromVolume(run.attention).transpose(2, 1, 0)
-        attention[name] = run.analysis.volume.data, run.analysis.volume.to_source(run.analysis.attention), source
+        attention[name] = run.volume.data, run.volume.to_source(run.maps.attention_map()), source
     for name in ("RAS", "LPS", "oblique"):
         np.testing.assert_array_equal(attention[name][1], attention[name][2])
     # an oblique scan keeps its voxel axes (no resampling): the same voxels give the same map
@@ -215,26 +244,49 @@ def test_outputs_keep_the_geometry_of_lps_and_oblique_inputs(slicer_app, mni_2mm
     )
 
 
-def test_cancel_leaves_the_scene_as_it_was(slicer_app, mni_2mm):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:  # a zombie (ended, not yet reaped) counts as gone
+        return handle.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_cancel_ends_the_child_and_leaves_the_scene_as_it_was(slicer_app, mni_2mm, tmp_path):
+    """Cancel while the child encodes (its process ends) and while the nodes are being made (those made go);
+    either way the scene is as it was and the run folder is gone. A run after that finishes."""
     scene = slicer_app.scene
     node = add_volume_node(mni_2mm, "mni")
     before = _scene_nodes(scene)
-    session = InferenceSession()
+    session = InferenceSession(work_dir=tmp_path)
     session.start(node, RunOptions(sequence="t1", device="cpu"))
-    session.cancel()
     events = []
-    while session.running:
+    while not any(isinstance(e, Progress) and e.total for e in events):  # the child is encoding
         events += session.poll()
         time.sleep(0.01)
+    pid = session._job.pid
+    session.cancel()
+    events += _poll_until_done(session)
     assert isinstance(events[-1], Stopped) and not any(isinstance(e, Finished) for e in events)
     assert not any(isinstance(e, Progress) and e.total and e.done == e.total for e in events)  # stopped early
-    assert _scene_nodes(scene) == before and session.latest is None
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the child outlived Cancel"
+        time.sleep(0.05)
+    assert _scene_nodes(scene) == before and session.latest is None and not any(tmp_path.iterdir())
 
     session.start(node, RunOptions(sequence="t1", device="cpu"))
     events = []
-    while session.running:
-        events += session.poll()
+    while not (events and session._steps is not None and scene.GetNumberOfNodes() > len(before) + 1):
+        events += session.poll()  # the child is done and the first nodes are in the scene
         time.sleep(0.01)
+    session.cancel()
+    events += _poll_until_done(session)
+    assert isinstance(events[-1], Stopped) and _scene_nodes(scene) == before and not any(tmp_path.iterdir())
+
+    session.start(node, RunOptions(sequence="t1", device="cpu"))
+    events = _poll_until_done(session)
     progress = [e for e in events if isinstance(e, Progress) and e.total]
     assert progress[-1].done == progress[-1].total > 0 and isinstance(events[-1], Finished)
     assert not any(isinstance(e, Failed) for e in events)
@@ -264,8 +316,7 @@ def test_outputs_and_queries_follow_a_parent_transform(slicer_app):
     ijk = tuple(n // 2 for n in nib.load(scans["flair"]).shape)
     world = slicer.util.arrayFromVTKMatrix(matrix) @ _geometry(node) @ np.array([*ijk, 1.0])
     session.query(tuple(world[:3]))
-    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), _expected_similarity(run, ijk), atol=1e-6)
 
 
 def test_moving_any_point_of_a_list_queries_that_point(phantom_run):
@@ -276,8 +327,7 @@ def test_moving_any_point_of_a_list_queries_that_point(phantom_run):
     points.AddControlPoint(40.0, 20.0, 30.0)
     points.SetNthControlPointPosition(0, -20.0, 0.0, 20.0)  # the first point, not the last, moves
     ijk = mrml.ras_to_ijk(run.input, (-20.0, 0.0, 20.0))
-    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), _expected_similarity(run, ijk), atol=1e-6)
     session.stop_observing()
 
 
@@ -291,8 +341,7 @@ def test_batched_point_changes_query_the_last_placed_point(phantom_run):
     points.AddControlPoint(-20.0, 0.0, 20.0)
     points.EndModify(modifying)
     ijk = mrml.ras_to_ijk(run.input, (-20.0, 0.0, 20.0))
-    expected = run.analysis.volume.to_source(run.analysis.similarity(run.analysis.query_patch(ijk)))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), expected.transpose(2, 1, 0), atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.similarity), _expected_similarity(run, ijk), atol=1e-6)
     session.stop_observing()
 
 
@@ -308,24 +357,26 @@ def test_progress_counts_the_other_scans_too(slicer_app):
         events += session.poll()
         time.sleep(0.01)
     counts = [(e.done, e.total) for e in events if isinstance(e, Progress) and e.total]
-    analysed = len(events[-1].run.analysis.prepared.slices)
+    analysed = events[-1].run.result["slices"]["analysed"]
     assert counts[-1][0] == counts[-1][1] > 2 * analysed  # the scan and both other scans, in one count
     assert [done for done, _ in counts] == sorted(done for done, _ in counts)  # never runs backwards
     assert len({total for _, total in counts}) == 1
 
 
-def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm):
-    """The run's brain mask (here the template's own brain, given to a real run's analysis) is a "Brain" segment
-    with its anatomical terminology in the run's first segmentation, in the input's grid voxel for voxel; without
-    a segmentation head it gets a segmentation of its own."""
+def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm, tmp_path):
+    """The run's brain mask is a "Brain" segment with its anatomical terminology in the run's first segmentation,
+    in the input's grid voxel for voxel; without a segmentation output it gets a segmentation of its own."""
     node = add_volume_node(reorient(mni_2mm, "LPS"), "mni")
     volume = mrml.volume_from_node(node)
-    bundle = load_bundle(find_bundle(None))
-    brain = volume.data > 0
-    analysis = analyse(volume, bundle, InferenceOptions(device="cpu", sequence="t1"))
-    for segmentations, expected in ((analysis.segmentations, "tumor"), ({}, "brain")):
-        changed = {"segmentations": segmentations, "brain": brain, "brain_head": "brain"}
-        run = add_run_nodes(node, dataclasses.replace(analysis, **changed))
+    nib.save(nib.Nifti1Image(volume.to_source(volume.data), volume.source_affine), tmp_path / "mni.nii")
+    run_inference(tmp_path / "mni.nii", tmp_path / "out", InferenceOptions(device="cpu", sequence="t1", report=False))
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    brain = np.asarray(nib.load(tmp_path / "out" / result["outputs"]["brain_mask"]).dataobj) > 0
+    for expected in ("tumor", "brain"):
+        if expected == "brain":  # the same run without its tumour segmentation
+            del result["outputs"]["segmentation:tumor"]
+            (tmp_path / "out" / "result.json").write_text(json.dumps(result))
+        run = add_run_nodes(node, volume, tmp_path)
         assert list(run.segmentations) == [expected]
         segmentation = run.segmentations[expected]
         segment_id = f"{segmentation.GetName()}_brain"
@@ -336,4 +387,61 @@ def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm):
         assert entry.GetTypeObject().GetCodeValue() == "12738006"
         assert entry.GetCategoryObject().GetCodeMeaning() == "Anatomical Structure"
         found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, node) > 0
-        np.testing.assert_array_equal(found, volume.to_source(brain).transpose(2, 1, 0))
+        assert found.any()
+        np.testing.assert_array_equal(found, brain.transpose(2, 1, 0))
+
+
+def test_exploring_heads_and_blocks_from_saved_tokens(phantom_run):
+    """Any attention head and any block's PCA and similarity, from the run's saved tokens, without re-encoding."""
+    app, session, run, _ = phantom_run
+    maps = run.maps
+    assert maps.kept == tuple(range(6)) and maps.heads == 3  # the default model: 6 blocks, 3 heads, all kept
+    mean = slicer.util.arrayFromVolume(run.attention).copy()
+    session.show_head(1)
+    one = slicer.util.arrayFromVolume(run.attention)
+    np.testing.assert_allclose(one, run.volume.to_source(maps.attention_map(1)).transpose(2, 1, 0), atol=1e-6)
+    assert not np.allclose(one, mean)
+    session.show_head(None)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.attention), mean, atol=1e-6)
+
+    ijk = mrml.ras_to_ijk(run.input, (0.0, -10.0, 10.0))
+    session.query(mrml.ijk_to_ras(run.input)[:3] @ [*ijk, 1.0])
+    last_pca, last_similarity = (slicer.util.arrayFromVolume(n).copy() for n in (run.pca, run.similarity))
+    session.use_block(2)
+    assert run.block == 2 and list(run.maps.blocks) == [2]
+    pca = run.volume.to_source(run.maps.pca(2)).transpose(2, 1, 0, 3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.pca), pca)
+    similarity = slicer.util.arrayFromVolume(run.similarity)
+    np.testing.assert_allclose(similarity, _expected_similarity(run, ijk, 2), atol=1e-6)
+    assert not np.array_equal(slicer.util.arrayFromVolume(run.pca), last_pca)
+    assert not np.allclose(slicer.util.arrayFromVolume(run.similarity), last_similarity)
+    with pytest.raises(BrainDINOError, match="attention head 3 does not exist"):
+        session.show_head(3)
+    with pytest.raises(BrainDINOError, match="block 9 was not kept"):
+        session.use_block(9)
+
+
+def test_the_slicer_process_never_imports_torch(tmp_path):
+    """A whole session (run, nodes, query, head and block choice) in a process where torch cannot be imported:
+    only its child, the inference process, uses torch."""
+    script = tmp_path / "session.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import nibabel as nib\n"
+        "from BrainDINOLib.sample_data import demo_phantom\n"
+        "from BrainDINOLib.session import InferenceSession, RunOptions\n"
+        "from slicer_scene import add_volume_node, slicer_app\n"
+        "app = slicer_app()\n"
+        "node = add_volume_node(nib.load(demo_phantom()[0]['flair']), 'flair')\n"
+        "session = InferenceSession()\n"
+        "run = session.run(node, RunOptions(sequence='flair', device='cpu'))\n"
+        "session.query((0.0, -10.0, 10.0)); session.show_head(0); session.use_block(1)\n"
+        "assert run.similarity is not None and sys.modules['torch'] is None\n"
+        "session.forget()\n"
+        "print('ok')\n"
+    )
+    helpers = str(Path(__file__).resolve().parents[1] / "helpers")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]

@@ -8,7 +8,8 @@ import torch
 from monai.transforms import NormalizeIntensity
 
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.preprocess import PlaneGeometry, PreprocessSpec, normalize, prepare
+from BrainDINOLib.layout import PlaneGeometry
+from BrainDINOLib.preprocess import PreprocessSpec, normalize, prepare, to_canvas
 from BrainDINOLib.volume import load_volume
 from testdata import save
 
@@ -68,14 +69,14 @@ def test_canvas_round_trip_and_positions(shape, spacing):
     plane = PlaneGeometry.fit(shape, spacing, 224)
     x, y = np.meshgrid(np.linspace(0, 1, shape[0]), np.linspace(0, 1, shape[1]), indexing="ij")
     smooth = torch.from_numpy(np.sin(3 * x) + np.cos(2 * y)).float()[None]
-    canvas = plane.to_canvas(smooth)
-    back = plane.from_canvas(canvas[:, None])[:, 0]
+    canvas = to_canvas(plane, smooth)
+    back = plane.from_canvas(canvas[:, None].numpy())[:, 0]
     inner = (slice(2, -2), slice(2, -2))  # borders blur against the zero padding
-    np.testing.assert_allclose(back[0][inner].numpy(), smooth[0][inner].numpy(), atol=0.05)
+    np.testing.assert_allclose(back[0][inner], smooth[0][inner].numpy(), atol=0.05)
     # A single bright voxel lands where canvas_position says.
     dot = torch.zeros(1, *shape)
     dot[0, shape[0] // 3, shape[1] // 4] = 1
-    row, col = np.unravel_index(int(plane.to_canvas(dot).argmax()), (224, 224))
+    row, col = np.unravel_index(int(to_canvas(plane, dot).argmax()), (224, 224))
     expected_row, expected_col = plane.canvas_position(shape[0] // 3, shape[1] // 4)
     assert abs(row + 0.5 - expected_row) <= max(1.0, plane.rows / shape[1]) and abs(col + 0.5 - expected_col) <= max(
         1.0, plane.cols / shape[0]
@@ -87,7 +88,7 @@ def test_radiological_view_on_canvas():
     plane = PlaneGeometry.fit((8, 8), (1.0, 1.0), 16)
     marker = torch.zeros(1, 8, 8)
     marker[0, 7, 7] = 1  # most right (x) and most anterior (y)
-    row, col = np.unravel_index(int(plane.to_canvas(marker).argmax()), (16, 16))
+    row, col = np.unravel_index(int(to_canvas(plane, marker).argmax()), (16, 16))
     assert row <= 1 and col <= 1
 
 

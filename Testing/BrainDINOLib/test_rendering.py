@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +13,6 @@ from BrainDINOLib import mrml
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.segments import SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import InferenceSession, RunOptions, add_run_nodes
-from BrainDINOLib.volume import load_labels
 from slicer_scene import add_volume_node, axial_view, pixel_of, render
 
 
@@ -21,8 +20,10 @@ from slicer_scene import add_volume_node, axial_view, pixel_of, render
 def drawn_run(slicer_app):
     scans, _ = demo_phantom()
     nodes = {s: add_volume_node(nib.load(scans[s]), f"phantom {s}") for s in ("flair", "t1", "t1ce")}
-    run = InferenceSession().run(nodes["flair"], RunOptions(sequence="flair", device="cpu"))
-    return slicer_app, run, axial_view(slicer_app)
+    session = InferenceSession()
+    run = session.run(nodes["flair"], RunOptions(sequence="flair", device="cpu"))
+    yield slicer_app, run, axial_view(slicer_app)
+    session.forget()
 
 
 def _voxel_ras(node, kji) -> np.ndarray:
@@ -33,8 +34,16 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
     """The phantom's true tumour as a run's segmentation (the default model misses this phantom's tumour: README)."""
     app, run, view = drawn_run
     run.segmentations["tumor"].GetDisplayNode().SetVisibility(False)
-    truth = load_labels(demo_phantom()[0]["seg"], run.analysis.volume)
-    run = add_run_nodes(run.input, dataclasses.replace(run.analysis, segmentations={"tumor": truth}, brain=None))
+    out = run.run_dir / "out"  # the run's files, its segmentation replaced by the truth and no brain mask
+    result = json.loads((out / "result.json").read_text())
+    truth = nib.load(demo_phantom()[0]["seg"])
+    nib.save(
+        nib.Nifti1Image(np.asarray(truth.dataobj, np.int16), truth.affine),
+        out / result["outputs"]["segmentation:tumor"],
+    )
+    del result["outputs"]["brain_mask"]
+    (out / "result.json").write_text(json.dumps(result))
+    run = add_run_nodes(run.input, run.volume, run.run_dir)
     segmentation = run.segmentations["tumor"]
     oedema = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_2", run.input)
     k = int(np.argmax(oedema.sum(axis=(1, 2))))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from BrainDINOLib.background import BackgroundJob, JobEnded, LogLine
 from BrainDINOLib.cli import Progress
-from BrainDINOTrainingLib.background import BackgroundJob, JobEnded, LogLine
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB_DIRS = (ROOT / "BrainDINO", ROOT / "BrainDINOTraining")  # as Slicer's qt-scripted-modules folder holds them
+TRAINING = "BrainDINOTrainingLib"
 TINY = [
     "--config", "tiny-cpu", "--device", "cpu",
     "--set", "batch_size=4", "--set", "crops.global_size=64", "--set", "crops.local_size=32",
@@ -60,6 +61,7 @@ def test_index_then_pretrain_report_progress_and_export_a_bundle(tmp_path, small
             ["index", str(small_data), "-o", str(index), "--image-size", "64", "--workers", "1"],
             ["pretrain", "--data", str(index), "-o", str(run), *TINY, "--set", "steps_per_epoch=4"],
         ],
+        module=TRAINING,
         python_path=LIB_DIRS,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     ).start()
@@ -77,10 +79,10 @@ def test_index_then_pretrain_report_progress_and_export_a_bundle(tmp_path, small
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data):
     index = tmp_path / "index"
-    assert BackgroundJob([["index", str(small_data), "-o", str(index), "--image-size", "64"]], python_path=LIB_DIRS)\
-        .start().wait()[-1] == JobEnded(0, cancelled=False)  # fmt: skip
+    indexing = [["index", str(small_data), "-o", str(index), "--image-size", "64"]]
+    assert BackgroundJob(indexing, module=TRAINING, python_path=LIB_DIRS).start().wait()[-1] == JobEnded(0, False)
     pretrain = ["pretrain", "--data", str(index), "-o", str(tmp_path / "run"), *TINY, "--set", "steps_per_epoch=40"]
-    job = BackgroundJob([pretrain, ["models", "list"]], python_path=LIB_DIRS).start()
+    job = BackgroundJob([pretrain, ["models", "list"]], module=TRAINING, python_path=LIB_DIRS).start()
     events, deadline = [], time.monotonic() + 120
     while not any(isinstance(e, Progress) and e.done >= 3 for e in events):  # a checkpoint exists at step 2
         assert time.monotonic() < deadline and job.running, events[-5:]
@@ -97,7 +99,7 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data)
         time.sleep(0.1)
     assert _live_group_members(group) == []
 
-    resumed = _finish(BackgroundJob([[*pretrain, "--resume"]], python_path=LIB_DIRS).start())
+    resumed = _finish(BackgroundJob([[*pretrain, "--resume"]], module=TRAINING, python_path=LIB_DIRS).start())
     assert resumed[-1] == JobEnded(0, cancelled=False)
     steps = [e.done for e in resumed if isinstance(e, Progress)]
     assert steps[0] >= 2 and steps[-1] == 40
@@ -170,11 +172,11 @@ def test_headless_script_returns_the_command_exit_code(tmp_path):
 
 
 def test_a_job_that_cannot_start_or_is_cancelled_first_still_ends(tmp_path):
-    broken = BackgroundJob([["models", "list"]], python=str(tmp_path / "no-python")).start()
+    broken = BackgroundJob([["models", "list"]], module=TRAINING, python=str(tmp_path / "no-python")).start()
     events = _finish(broken, timeout=30)
     assert events[-1] == JobEnded(127, cancelled=False) and "cannot start" in events[-2].text
 
-    job = BackgroundJob([["models", "list"]], python_path=LIB_DIRS)
+    job = BackgroundJob([["models", "list"]], module=TRAINING, python_path=LIB_DIRS)
     job.cancel()
     events = _finish(job.start(), timeout=30)
     assert events == [JobEnded(-1, cancelled=True)]  # nothing ran, nothing logged, not a success

@@ -16,7 +16,11 @@ from trame_slicer.core import SlicerApp
 
 
 def slicer_app() -> SlicerApp:
-    app = SlicerApp()
+    return activate(SlicerApp())
+
+
+def activate(app: SlicerApp) -> SlicerApp:
+    """Make ``slicer.mrmlScene`` and ``slicer.modules`` this app's (as inside Slicer), e.g. again after another test."""
     slicer.mrmlScene = app.scene
     slicer.modules = SimpleNamespace(
         volumes=SimpleNamespace(logic=lambda: app.volumes_logic),

@@ -1,9 +1,11 @@
-"""Run BrainDINO commands in a background process (``PythonSlicer`` inside Slicer) for the Training module.
+"""Run BrainDINO commands in a background process (``PythonSlicer`` inside Slicer) for both Slicer modules.
 
-The child runs ``python -m BrainDINOTrainingLib --progress-lines COMMAND ...`` in its own process
-group; a thread turns its output into typed events on a queue that the GUI drains from a timer.
-Cancel ends the whole process tree (data-loader and indexing workers included). Several commands
-(e.g. ``index`` then ``pretrain``) run in order; the first failure stops the rest.
+A Python thread inside Slicer runs only while the GUI thread runs Python (nothing releases the GIL around
+Qt's event loop), so long work goes to a child process: ``python -m MODULE --progress-lines COMMAND ...``
+(``BrainDINOLib`` for inference, ``BrainDINOTrainingLib`` for training) in its own process group, without a
+console window on Windows. A thread turns its output into typed events on a queue that the GUI drains from
+a timer. Cancel ends the whole process tree (data-loader and indexing workers included). Several commands
+(e.g. ``index`` then ``pretrain``) run in order; the first failure stops the rest. Standard library only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from BrainDINOLib.cli import Progress
+from .cli import Progress
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ JobEvent = Progress | LogLine | JobEnded
 
 
 class BackgroundJob:
-    """Commands of the ``BrainDINOTrainingLib`` CLI run one after another in a child process.
+    """Commands of a BrainDINO command line run one after another in a child process.
 
     Args:
         commands: argument lists, e.g. ``[["index", "data/", "-o", "idx"], ["pretrain", "--data", "idx", ...]]``.
+        module: the command line: ``BrainDINOLib`` (inference) or ``BrainDINOTrainingLib`` (everything).
         python: the interpreter (Slicer's ``PythonSlicer``; ``sys.executable`` elsewhere).
         python_path: folders holding ``BrainDINOLib`` and ``BrainDINOTrainingLib``, prepended to PYTHONPATH.
         env: the child's environment (inside Slicer: ``slicer.util.startupEnvironment()``).
@@ -52,6 +55,7 @@ class BackgroundJob:
         self,
         commands: Sequence[Sequence[str]],
         *,
+        module: str,
         python: str = sys.executable,
         python_path: Sequence[str | Path] = (),
         env: dict[str, str] | None = None,
@@ -59,6 +63,7 @@ class BackgroundJob:
         if not commands:
             raise ValueError("no command to run")
         self.commands = [list(c) for c in commands]
+        self.module = module
         self.python = python
         self.env = dict(os.environ if env is None else env)
         if python_path:
@@ -88,7 +93,7 @@ class BackgroundJob:
         code = 0
         try:
             for command in self.commands:
-                code = self._run_one([self.python, "-m", "BrainDINOTrainingLib", "--progress-lines", *command])
+                code = self._run_one([self.python, "-m", self.module, "--progress-lines", *command])
                 if code != 0:
                     break
         except OSError as error:  # the interpreter could not be started
@@ -155,8 +160,8 @@ class BackgroundJob:
 
 
 def _own_process_group() -> dict:
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    if os.name == "nt":  # no console window either (as slicer.util.launchConsoleProcess hides it)
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
     return {"start_new_session": True}
 
 
