@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -14,10 +15,12 @@ from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.segments import SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import InferenceSession, RunOptions, add_run_nodes
 from slicer_scene import add_volume_node, axial_view, pixel_of, render
+from slicer_scene import slicer_app as new_slicer_app
 
 
-@pytest.fixture
-def drawn_run(slicer_app):
+@pytest.fixture(scope="module")
+def drawn_run():
+    slicer_app = new_slicer_app()
     scans, _ = demo_phantom()
     nodes = {s: add_volume_node(nib.load(scans[s]), f"phantom {s}") for s in ("flair", "t1", "t1ce")}
     session = InferenceSession()
@@ -30,11 +33,12 @@ def _voxel_ras(node, kji) -> np.ndarray:
     return mrml.ijk_to_ras(node) @ np.array([kji[2], kji[1], kji[0], 1.0])
 
 
-def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
+def test_segment_colour_is_drawn_inside_the_tumour(drawn_run, tmp_path):
     """The phantom's true tumour as a run's segmentation (the default model misses this phantom's tumour: README)."""
     app, run, view = drawn_run
     run.segmentations["tumor"].GetDisplayNode().SetVisibility(False)
-    out = run.run_dir / "out"  # the run's files, its segmentation replaced by the truth and no brain mask
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    out = tmp_path / "run" / "out"  # a copy of the run's files, its segmentation the truth, no brain mask
     result = json.loads((out / "result.json").read_text())
     truth = nib.load(demo_phantom()[0]["seg"])
     nib.save(
@@ -43,7 +47,8 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
     )
     del result["outputs"]["brain_mask"]
     (out / "result.json").write_text(json.dumps(result))
-    run = add_run_nodes(run.input, run.volume, run.run_dir)
+    shown = run.segmentations["tumor"]
+    run = add_run_nodes(run.input, run.volume, tmp_path / "run")
     segmentation = run.segmentations["tumor"]
     oedema = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_2", run.input)
     k = int(np.argmax(oedema.sum(axis=(1, 2))))
@@ -65,6 +70,8 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run):
     assert np.dot(hue_shift, hue) / (np.linalg.norm(hue_shift) * np.linalg.norm(hue)) > 0.5
     outside = pixel_of(view, app.scene, _voxel_ras(run.input, (k, 5, 5)))
     assert (drawn[outside] == plain[outside]).all()
+    mrml.remove_folder(app.scene, run.folder)  # the shared run's scene as it was
+    shown.GetDisplayNode().SetVisibility(True)
 
 
 def test_attention_overlay_is_hot_where_attention_is_high(drawn_run):
