@@ -26,7 +26,7 @@ from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bun
 from .engine import ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
-from .heads import HeadSpec, predict_volume, segment_slices, segmentation_input, segmentation_summary
+from .heads import predict_volume, segment_slices, segmentation_input, segmentation_summary
 from .predictions import ood_warning, prediction_text
 from .preprocess import PreparedVolume, prepare
 from .report import write_report
@@ -98,7 +98,6 @@ class Analysis:
         pca: (X, Y, Z, 3) uint8 colours of the first three principal components of the patch tokens.
         predictions: head name -> prediction (as in ``result.json``).
         segmentations: segmentation head name -> (X, Y, Z) int16 label volume.
-        segmentation_heads: segmentation head name -> its spec (class names and label values).
         brain: (X, Y, Z) bool brain mask from the bundle's brain-mask head (None without one); attention,
             PCA, similarity and segmentations are zero outside it.
         brain_head: the name of that head.
@@ -115,7 +114,6 @@ class Analysis:
     pca: np.ndarray
     predictions: dict
     segmentations: dict[str, np.ndarray]
-    segmentation_heads: dict[str, HeadSpec]
     warnings: list[str]
     timings: dict[str, float]
     brain: np.ndarray | None = None
@@ -246,7 +244,6 @@ def analyse(
         pca=maps.pca(),
         predictions=predictions,
         segmentations=segmentations,
-        segmentation_heads={s.name: s for s in bundle.head_specs if s.name in segmentations},
         warnings=list(volume.warnings)
         + warnings
         + head_warnings
