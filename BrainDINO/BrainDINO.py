@@ -565,24 +565,13 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (
+        runEachTest(
+            self,
             self.test_module_and_parameter_node,
             self.test_mrml_round_trip,
             self.test_phantom_outputs,
             self.test_bad_input_is_refused,
-        ):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as reason:
-                logging.warning(f"BrainDINO self-test {test.__name__} skipped: {reason}")
-
-    def requireInference(self):
-        from BrainDINOLib.dependencies import missing
-
-        problems = sum(missing(), [])
-        if problems:
-            self.skipTest(f"needs {', '.join(problems)} (the module installs them on first use)")
+        )
 
     def test_module_and_parameter_node(self):
         """A supported Slicer; the .ui binds to the parameter node both ways; entering the module creates no node."""
@@ -624,7 +613,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.allclose(_ijkToRas(back), ijkToRas))
 
     def test_phantom_outputs(self):
-        self.requireInference()
+        skipWithoutDependencies(self)
         import numpy as np
 
         logic = BrainDINOLogic()
@@ -656,7 +645,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         logic.session.stop_observing()
 
     def test_bad_input_is_refused(self):
-        self.requireInference()
+        skipWithoutDependencies(self)
         from BrainDINOLib.errors import BrainDINOError
 
         logic = BrainDINOLogic()
@@ -664,6 +653,26 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         with self.assertRaises(BrainDINOError):
             logic.session.start(empty)
         self.assertFalse(logic.running)
+
+
+def runEachTest(testCase, *tests):
+    """What Reload and Test runs (``runTest``): each test after ``setUp``; a skipped one is logged, not failed
+    (CTest runs the ``test_`` methods itself and reports skips)."""
+    for test in tests:
+        testCase.setUp()
+        try:
+            test()
+        except unittest.SkipTest as reason:
+            logging.warning(f"{type(testCase).__name__}.{test.__name__} skipped: {reason}")
+
+
+def skipWithoutDependencies(testCase, training=False):
+    """Skip a test that needs PyTorch and the other requirements when they are missing (a test never installs)."""
+    from BrainDINOLib.dependencies import missing
+
+    problems = sum(missing(training), [])
+    if problems:
+        testCase.skipTest(f"needs {', '.join(problems)} (the modules install them on first use)")
 
 
 def _ijkToRas(node):

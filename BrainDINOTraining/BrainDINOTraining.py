@@ -10,7 +10,6 @@ Resume. The same commands run headless:
 
 import logging
 import os
-import unittest
 from pathlib import Path
 from typing import Annotated
 
@@ -331,12 +330,9 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_path_fields_keep_what_is_typed, self.test_background_pretraining):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as reason:
-                logging.warning(f"BrainDINOTraining self-test {test.__name__} skipped: {reason}")
+        from BrainDINO import runEachTest
+
+        runEachTest(self, self.test_path_fields_keep_what_is_typed, self.test_background_pretraining)
 
     def test_path_fields_keep_what_is_typed(self):
         """Path fields show "" when empty and keep a trailing separator; the form survives a scene close."""
@@ -362,11 +358,9 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
 
     def test_background_pretraining(self):
         """A tiny phantom cohort, an index and a few pretraining steps in a PythonSlicer process."""
-        from BrainDINOLib.dependencies import missing
+        from BrainDINO import skipWithoutDependencies
 
-        problems = sum(missing(training=True), [])
-        if problems:
-            self.skipTest(f"needs {', '.join(problems)} (the module installs them on first use)")
+        skipWithoutDependencies(self, training=True)
         import tempfile
 
         from BrainDINOLib.background import JobEnded
