@@ -148,10 +148,10 @@ def node_steps(input_node, volume: Volume, run_dir: Path, outputs=OUTPUTS, names
     result = json.loads((out / "result.json").read_text())
     for prediction in result["predictions"].values():
         prediction["reads"] = {k: (names or {}).get(v, v) for k, v in prediction.get("reads", {}).items()}
-    files = result["outputs"]
+    files, maps = result["outputs"], TokenMaps.load(out / TOKENS_FILE)
     scene, name = input_node.GetScene(), input_node.GetName()
     folder = mrml.add_folder(input_node, f"BrainDINO {name} ({result['model']['name']})")
-    run = RunNodes(folder, input_node, result, volume, run_dir, TokenMaps.load(out / TOKENS_FILE), frozenset(outputs))
+    run = RunNodes(folder, input_node, result, volume, run_dir, maps, frozenset(outputs))
     made = []
 
     def placed(node):
