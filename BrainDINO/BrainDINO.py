@@ -154,7 +154,6 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        self.ui.queryPlaceWidget.setCurrentNode(self._parameterNode.queryPoints)
 
     def _unbindParameterNode(self):
         if self._parameterNode:
@@ -192,10 +191,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.showStatus("Cancelling...")
             return
+        if not dependenciesReady():
+            self.showStatus("Dependencies are not installed; nothing was run.")
+            return
         with slicer.util.tryWithErrorDisplay("BrainDINO could not start.", waitCursor=True):
-            if not ensureDependencies():
-                self.showStatus("Dependencies are not installed; nothing was run.")
-                return
             self.refreshCatalogue()
             self.logic.start(self._parameterNode)
             self.ui.progressBar.setRange(0, 0)
@@ -266,9 +265,9 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
+        if not dependenciesReady():
+            return
         with slicer.util.tryWithErrorDisplay("Could not import the checkpoint.", waitCursor=True):
-            if not ensureDependencies():
-                return
             bundle = self.logic.importCheckpoint(path)
             self._parameterNode.model = bundle.card.name
             self.refreshCatalogue()
@@ -386,6 +385,13 @@ def ensureDependencies(training=False):
     return True
 
 
+def dependenciesReady(training=False):
+    """`ensureDependencies` with its errors shown; no wait cursor, as it may ask the user first."""
+    with slicer.util.tryWithErrorDisplay("BrainDINO could not install what it needs."):
+        return ensureDependencies(training)
+    return False
+
+
 def jobPython():
     """(interpreter, folders holding BrainDINOLib) of background jobs: Slicer's ``PythonSlicer``, found on the PATH
     Slicer sets (as ``_executePythonModule`` in Base/Python/slicer/util.py finds it), with Slicer's own environment,
@@ -408,7 +414,8 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
 
     @property
     def session(self):
-        """Runs ``infer`` in a ``PythonSlicer`` process; this process never imports torch."""
+        """Runs ``infer`` in a ``PythonSlicer`` process: inference, queries and exploration import no torch here
+        (the catalogue listing, `bundles`, still does)."""
         if self._session is None:
             from BrainDINOLib.session import InferenceSession
 

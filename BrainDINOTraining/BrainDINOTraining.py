@@ -77,9 +77,11 @@ class PathLineEditToStrConnector(GuiConnector):
 
     def _connect(self):
         self._widget.currentPathChanged.connect(self.changed)
+        self._widget.validInputChanged.connect(self.changed)  # emptied: no currentPathChanged (ctkPathLineEdit.cpp)
 
     def _disconnect(self):
         self._widget.currentPathChanged.disconnect(self.changed)
+        self._widget.validInputChanged.disconnect(self.changed)
 
     def widget(self):
         return self._widget
@@ -188,11 +190,11 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             setattr(self._parameterNode, field, folder)
 
     def launch(self, what):
-        with slicer.util.tryWithErrorDisplay("BrainDINO Training could not start.", waitCursor=True):
-            from BrainDINO import ensureDependencies
+        from BrainDINO import dependenciesReady
 
-            if not ensureDependencies(training=True):
-                return
+        if not dependenciesReady(training=True):
+            return
+        with slicer.util.tryWithErrorDisplay("BrainDINO Training could not start.", waitCursor=True):
             commands = self.logic.commands(self._parameterNode, what)
             self.ui.logPlainTextEdit.clear()
             self.logic.start(commands)
@@ -226,9 +228,9 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = f"Done. {self.logic.outcome}"
         else:
             self.ui.statusLabel.text = f"Failed (exit code {event.code}); the log says why."
-        if event.code == 0 and self.logic.lastAction == "cohort":
-            cohort = str(self.logic.cohortFolder(self._parameterNode))
-            self._parameterNode.dataPath = self._parameterNode.headManifest = cohort
+        if event.code == 0 and self.logic.lastAction == "cohort":  # the module may be hidden by now
+            parameters = self._parameterNode or self.logic.getParameterNode()
+            parameters.dataPath = parameters.headManifest = str(self.logic.cohortFolder(parameters))
 
     def onCancel(self):
         self.logic.cancel()
@@ -347,6 +349,8 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
             ui.dataPathLineEdit.currentPath = typed
             self.assertEqual(parameters.dataPath, typed)
             self.assertEqual(ui.dataPathLineEdit.currentPath, typed)
+            ui.dataPathLineEdit.currentPath = ""  # emptied: the parameter follows
+            self.assertEqual(parameters.dataPath, "")
         finally:
             parameters.disconnectGui(guiTag)
         slicer.util.selectModule("BrainDINOTraining")
