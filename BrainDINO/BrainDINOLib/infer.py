@@ -203,9 +203,10 @@ def analyse(
             for i in s.layers
         }
     )
-    kept = range(bundle.card.encoder.depth - 1) if options.keep_blocks == "all" else ()
+    last = bundle.card.encoder.depth - 1
+    kept = (*(range(last) if options.keep_blocks == "all" else ()), last)
     encoded = encode_volume(
-        prepared, encoder, device=device, batch_size=options.batch_size, layers=sorted({*layers, *kept}),
+        prepared, encoder, device=device, batch_size=options.batch_size, layers=sorted({*layers, *kept[:-1]}),
         progress=encoding, cancel=cancel,
     )  # fmt: skip
     lap("encode")
@@ -225,8 +226,8 @@ def analyse(
     maps = TokenMaps(
         layout=prepared.layout,
         cls=encoded.cls,
-        blocks={**{i: encoded.layers[i] for i in kept}, bundle.card.encoder.depth - 1: encoded.patch_tokens},
-        kept=(*kept, bundle.card.encoder.depth - 1),
+        blocks={i: encoded.patch_tokens if i == last else encoded.layers[i] for i in kept},
+        kept=kept,
         attention=encoded.attention,
         foreground=prepared.foreground,
         foreground_patches=prepared.patch_foreground(encoded.grid),  # with a brain mask: brain patches
