@@ -44,8 +44,8 @@ class BrainDINO(ScriptedLoadableModule):
         self.parent.helpText = (
             "Runs a frozen self-supervised ViT encoder slice by slice on a brain MRI: tumour segmentation, "
             "attention, PCA and similarity maps, and the predictions of the model bundle's heads. "
-            "Press 'Load sample' and then Apply for a first look. The same pipeline runs headless: "
-            "<code>PythonSlicer -m BrainDINOLib infer scan.nii.gz -o out/</code>. "
+            "Press 'Load sample' and then Apply for a first look. 'Many scans' runs a whole folder. The same "
+            "pipeline runs headless: <code>PythonSlicer -m BrainDINOLib infer scan.nii.gz -o out/</code>. "
             "The default model is a demonstration trained on synthetic phantoms, not a medical device."
         )
         self.parent.acknowledgementText = (
@@ -107,6 +107,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.timeout.connect(self.onPoll)
+        self._cohortOutDir = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -124,6 +125,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importCheckpointButton.connect("clicked(bool)", self.onImportCheckpoint)
         self.ui.modelComboBox.connect("activated(int)", self.onCatalogueChosen)
         self.ui.queryPointsSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onQueryPointsCreated)
+        self.ui.processFolderButton.connect("clicked(bool)", self.onProcessFolder)
+        self.ui.loadCohortScanButton.connect("clicked(bool)", self.onLoadCohortScan)
         self.initializeParameterNode()
         note = slicerVersionProblem() or dependencyNote()
         if note:
@@ -174,9 +177,13 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep Apply's state, the overlay and the query observers in step with the parameter node."""
         if self._parameterNode is None:
             return
-        running = self.logic.running
-        self.ui.applyButton.enabled = running or bool(self._parameterNode.inputVolume)
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        running, cohort = self.logic.running, self.logic.runningCohort
+        single = running and not cohort
+        self.ui.applyButton.enabled = single or (not running and bool(self._parameterNode.inputVolume))
+        self.ui.applyButton.text = "Cancel" if single else "Apply"
+        self.ui.processFolderButton.enabled = cohort or not running
+        self.ui.processFolderButton.text = "Cancel" if cohort else "Process a folder…"
+        self.ui.loadCohortScanButton.enabled = not running and self.ui.cohortScanComboBox.count > 0
         overlay = (self._parameterNode.overlay, self._parameterNode.overlayOpacity)
         if overlay != self._shownOverlay:
             self._shownOverlay = overlay
@@ -197,25 +204,48 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("BrainDINO could not start.", waitCursor=True):
             self.refreshCatalogue()
             self.logic.start(self._parameterNode)
-            self.ui.progressBar.setRange(0, 0)
-            self.ui.progressBar.visible = True
             self.ui.predictionsTextEdit.setPlainText("")
-            self.showStatus("Starting...")
-            self._pollTimer.start()
+            self.showStarted()
         self.onParameterChanged()
+
+    def onProcessFolder(self):
+        """Ask for the folder of scans and the results folder, then run the cohort in the background."""
+        if self.logic.running:
+            self.logic.cancel()
+            self.showStatus("Cancelling: the scans done so far stay in the results folder...")
+            return
+        window = slicer.util.mainWindow()
+        folder = qt.QFileDialog.getExistingDirectory(window, "Choose the folder of scans")
+        if not folder:
+            return
+        outDir = qt.QFileDialog.getExistingDirectory(window, "Choose the folder for results", os.path.dirname(folder))
+        if not outDir or not dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay("BrainDINO could not start.", waitCursor=True):
+            self.logic.startCohort(self._parameterNode, folder, outDir)
+            self.showStarted()
+        self.onParameterChanged()
+
+    def showStarted(self):
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.progressBar.visible = True
+        self.showStatus("Starting...")
+        self._pollTimer.start()
 
     def onPoll(self):
         """Drain the run's events: progress, then the finished run (its nodes are made here, on the GUI thread)."""
         from BrainDINOLib.cli import Progress
-        from BrainDINOLib.session import Failed, Finished, Stopped
+        from BrainDINOLib.session import CohortDone, Failed, Finished, Stopped
 
         for event in self.logic.poll():
             if isinstance(event, Progress):
                 self.ui.progressBar.setRange(0, event.total)
                 self.ui.progressBar.setValue(event.done)
-                self.showStatus(f"{event.stage} {event.done}/{event.total}" if event.total else event.stage)
+                self.ui.statusLabel.text = f"{event.stage} ({100 * event.done // max(event.total, 1)} %)"
             elif isinstance(event, Finished):
                 self.onFinished(event.run)
+            elif isinstance(event, CohortDone):
+                self.onCohortDone(event)
             elif isinstance(event, Failed):
                 self.showStatus(f"Failed: {event.message}")
                 slicer.util.errorDisplay(event.message, windowTitle="BrainDINO")
@@ -231,6 +261,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene).GetItemName(run.folder)
         seconds, device = result["timings_s"]["total"], result["device"]
         self.showStatus(f"Done in {seconds:.1f} s on {device}; the outputs are in the folder '{folder}'.")
+        self.showPredictions(run)
+
+    def showPredictions(self, run):
+        result = run.result
         lines = [html.escape(line) for line in run.prediction_lines]
         if run.alert:  # out of distribution: the first line, in red
             lines.insert(0, f'<b style="color:#d62728">{html.escape(run.alert)}</b>')
@@ -239,6 +273,36 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"warning: {warning}")
         if self._parameterNode:
             self.logic.showOverlay(self._parameterNode)
+
+    def onCohortDone(self, done):
+        """Show the summary table, list the scans to load, and say how the cohort went."""
+        self._cohortOutDir = done.out_dir
+        self.ui.cohortScanComboBox.clear()
+        for row in done.rows:
+            self.ui.cohortScanComboBox.addItem(f"{row['scan']} ({row['status']})", row["scan"])
+        counts = {status: sum(row["status"] == status for row in done.rows) for status in ("ok", "skipped", "failed")}
+        self.showStatus(
+            f"{'Cancelled after' if done.cancelled else 'Done:'} {len(done.rows)} scans ({counts['ok']} done, "
+            f"{counts['skipped']} already done, {counts['failed']} failed); results in {done.out_dir}. "
+            "Choose a scan under 'Many scans' and press 'Load scan' to see it."
+        )
+        for row in done.rows:
+            if row["status"] == "failed":
+                self.log(f"{row['scan']}: {row['error']}")
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(done.table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+    def onLoadCohortScan(self):
+        name = self.ui.cohortScanComboBox.itemData(self.ui.cohortScanComboBox.currentIndex)
+        if not name or self._cohortOutDir is None or not dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay(f"Could not load scan {name}.", waitCursor=True):
+            run = self.logic.loadCohortScan(self._parameterNode, self._cohortOutDir, name)
+            self.showStatus(f"Loaded {name} from {self._cohortOutDir}; its outputs are in the folder of the same name.")
+            self.showPredictions(run)
+        self.onParameterChanged()
 
     def onQueryPointsCreated(self, points):
         """The user asked for a point list (no query node exists before): one point, placed right away."""
@@ -427,6 +491,10 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     def running(self):
         return self._session is not None and self._session.running
 
+    @property
+    def runningCohort(self):
+        return self._session is not None and self._session.running_cohort
+
     def runOptions(self, parameters):
         from BrainDINOLib.session import RunOptions
 
@@ -457,6 +525,19 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         self._explored = (0, 0)  # a new run shows the mean attention and the last block first
         parameters.attentionHead = parameters.featureBlock = 0
         self.session.start(parameters.inputVolume, self.runOptions(parameters), self.otherScans(parameters))
+
+    def startCohort(self, parameters, folder, outDir):
+        """Run every scan in ``folder`` into ``outDir`` with the model, device and sequence of ``parameters``."""
+        self.session.start_cohort(slicer.mrmlScene, folder, outDir, self.runOptions(parameters))
+
+    def loadCohortScan(self, parameters, outDir, name):
+        """Load a cohort scan and its outputs; it becomes the input and the run that queries and exploration use."""
+        self._explored = (0, 0)
+        parameters.attentionHead = parameters.featureBlock = 0
+        run = self.session.load_cohort_scan(slicer.mrmlScene, outDir, name, self.runOptions(parameters).outputs)
+        parameters.inputVolume = run.input
+        self.showOverlay(parameters)
+        return run
 
     def poll(self):
         return self.session.poll() if self._session else []

@@ -189,7 +189,7 @@ def main() -> None:
 
     from BrainDINOLib import __version__
     from BrainDINOLib.bundle import ENCODER_FILE, load_bundle
-    from BrainDINOTrainingLib.data import load_manifest
+    from BrainDINOLib.manifest import load_manifest
 
     torch.manual_seed(0)
     bundles = _encoder_bundles(args.encoder, DEMO)

@@ -98,13 +98,23 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk."""
+    """A verified bundle on disk. Its encoder, heads and reference are read once and then shared (a cohort run
+    reads the model once): callers use them, never modify them."""
 
     path: Path
     card: ModelCard
+    _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _once(self, key: str, build):
+        if key not in self._loaded:
+            self._loaded[key] = build()
+        return self._loaded[key]
 
     def load_encoder(self) -> BrainEncoder:
-        """Build the encoder and load its weights (CPU, eval mode)."""
+        """The encoder with its weights (CPU, eval mode)."""
+        return self._once(ENCODER_FILE, self._build_encoder)
+
+    def _build_encoder(self) -> BrainEncoder:
         encoder = BrainEncoder(self.card.encoder, self.card.preprocessing.image_size, self.card.preprocessing.in_chans)
         encoder.load_weights(load_file(self.path / ENCODER_FILE), str(self.path / ENCODER_FILE))
         return encoder.eval()
@@ -124,6 +134,9 @@ class Bundle:
         Raises:
             BrainDINOError: its file is not listed (and so not hashed) in the card.
         """
+        return self._once(OOD_FILE, self._build_typicality)
+
+    def _build_typicality(self) -> Typicality | None:
         if not self.card.ood:
             return None
         if OOD_FILE not in self.card.files:  # only hashed files are read
@@ -146,6 +159,9 @@ class Bundle:
         Raises:
             BrainDINOError: the head was fitted on other encoder weights than this bundle's.
         """
+        return self._once(f"{HEADS_DIR}/{spec.name}", lambda: self._build_head(spec))
+
+    def _build_head(self, spec: HeadSpec) -> torch.nn.Module:
         if spec.encoder_sha256 != self.card.files[ENCODER_FILE]:
             raise BrainDINOError(
                 f"{self.path}: head '{spec.name}' was fitted on another encoder (sha256 "

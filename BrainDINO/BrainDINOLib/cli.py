@@ -81,6 +81,52 @@ class ProgressBar:
             self._bar.close()
 
 
+class CohortBar:
+    """One progress bar across a cohort (`batch.CohortProgress`): scans done, slices/s and ETA on stderr; with
+    ``--progress-lines``, ``[progress] scan K/N NAME DONE/TOTAL`` lines in thousandths of the cohort."""
+
+    def __init__(self, count: int, disable: bool = False):
+        self.count, self.disable = count, disable
+        self._bar = None
+        self._printed = 0.0
+        self._slices = 0
+        self._last = (-1, 0)
+        self._start = time.monotonic()
+
+    def __call__(self, index: int, name: str, done: int, total: int) -> None:
+        if self._last[0] == index and done >= self._last[1]:
+            self._slices += done - self._last[1]
+        elif done < total:  # a new scan's first report
+            self._slices += done
+        self._last = (index, done)
+        fraction = index + done / max(total, 1)
+        if ProgressBar.lines:
+            now = time.monotonic()
+            if not self.disable and (done >= total or now - self._printed >= 1.0):
+                position = min(index + 1, self.count)
+                print(f"[progress] scan {position}/{self.count} {name} {round(1000 * fraction)}/{1000 * self.count}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                self._printed = now
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.count, disable=self.disable, file=sys.stderr, desc="scans",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]",
+            )  # fmt: skip
+        rate = self._slices / max(time.monotonic() - self._start, 1e-6)
+        self._bar.set_postfix_str(f"{name}, {rate:.1f} slices/s", refresh=False)
+        self._bar.update(fraction - self._bar.n)
+
+    def __enter__(self) -> CohortBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _voxel(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -124,22 +170,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``infer``, ``demo`` and ``models`` on a subparser set."""
     infer = subparsers.add_parser(
         "infer",
-        help="run the encoder on a scan and write attention/PCA/similarity maps",
+        help="run the encoder on one scan or a cohort and write maps, segmentations and predictions",
         description="Encode every brain slice of SCAN and write, in SCAN's own geometry: <name>_attention.nii.gz, "
         "<name>_pca.nii.gz (RGB), <name>_similarity.nii.gz (with --query), embeddings.safetensors, "
         "result.json and report.png. The bundle's task heads are applied too (see --sequence, --also): their "
         "predictions go to result.json and the report, a segmentation head writes <name>_seg.nii.gz. "
-        "SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder.",
+        "SCAN is a NIfTI/MGZ/NRRD/MHA file or a DICOM series folder. "
+        "Several SCANs, a folder of scans (every image file and DICOM series inside, recursively), a CSV/TSV "
+        "manifest, a BIDS or BraTS folder make a cohort: the model is loaded once, each scan's outputs go to "
+        "OUT/<scan name>/, OUT/summary.csv and OUT/summary.json get one row per scan (ok, failed or skipped), a "
+        "scan that fails does not stop the others (exit code 1 if any failed), and running the same command "
+        "again skips the scans already done.",
     )
-    infer.add_argument("scan", type=Path, metavar="SCAN")
+    infer.add_argument("scans", type=Path, nargs="+", metavar="SCAN")
     infer.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder (created if missing)")
+    infer.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="for a DICOM series, also write the segmentations as a DICOM Segmentation object (<name>_seg.dcm) "
+        "that references the series",
+    )
+    infer.add_argument(
+        "--force", action="store_true", help="cohorts: redo the scans a previous run finished with the same options"
+    )
     infer.add_argument("--volume", type=int, help="volume index of a 4D scan")
     infer.add_argument("--dicom-series", help="SeriesInstanceUID when a DICOM folder holds several series")
     infer.add_argument(
         "--sequence",
         type=str.lower,
         help="SCAN's MRI sequence as the bundle's heads name them (t1, t1ce, t2, flair); "
-        "default: what the bundle's sequence head says",
+        "default: what the bundle's sequence head says. For a manifest: the column to analyse (default: the "
+        "first of flair, t1ce, t2, t1 a row has; the row's other sequences feed the heads that read them)",
     )
     infer.add_argument(
         "--also",
@@ -210,9 +271,9 @@ def _models_dir(args) -> Path:
     return args.models_dir or DEFAULT_MODELS_DIR
 
 
-def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
-    """``run_inference`` with the command line's options; ``choices`` override InferenceOptions fields."""
-    from .infer import InferenceOptions, run_inference
+def _run_options(args, **choices):
+    """The command line's InferenceOptions; ``choices`` override fields."""
+    from .infer import InferenceOptions
 
     options = InferenceOptions(
         bundle=args.bundle,
@@ -226,8 +287,16 @@ def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
         sequence=getattr(args, "sequence", None),
         other_scans=dict(getattr(args, "also", [])),
         keep_blocks=getattr(args, "keep_blocks", "last"),
+        dicom_seg=getattr(args, "dicom_seg", False),
     )
-    options = dataclasses.replace(options, **choices)
+    return dataclasses.replace(options, **choices)
+
+
+def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
+    """``run_inference`` on one scan with the command line's options; ``choices`` override InferenceOptions fields."""
+    from .infer import run_inference
+
+    options = _run_options(args, **choices)
     others = f" and {len(options.other_scans)} other scan(s)" if options.other_scans else ""
     with ProgressBar(f"encoding {Path(scan).name}{others}", "slice", disable=args.quiet) as progress:
         result = run_inference(scan, out_dir, options, progress=progress)
@@ -236,9 +305,36 @@ def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
     return result
 
 
-def _infer(args) -> None:
-    result = _run(args, args.scan, args.out_dir)
-    print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
+def _infer(args) -> int:
+    from .batch import find_scans, is_single_scan
+
+    if is_single_scan(args.scans):
+        result = _run(args, args.scans[0], args.out_dir)
+        print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
+        return 0
+    if args.also:
+        raise BrainDINOError("--also names one subject's other scans; for a cohort, give a manifest with a column "
+                             "per sequence (t1, t1ce, t2, flair)")  # fmt: skip
+    jobs = find_scans(args.scans, exclude=args.out_dir, sequence=args.sequence)
+    return _cohort(args, jobs)
+
+
+def _cohort(args, jobs) -> int:
+    """Run a cohort; failures are reported as they happen; exit code 1 if any scan failed."""
+    from .batch import SUMMARY_CSV, run_cohort
+
+    def failed(job, error: str) -> None:
+        print(f"braindino: {job.name}: failed: {error}", file=sys.stderr, flush=True)
+
+    options = _run_options(args)
+    with CohortBar(len(jobs), disable=args.quiet) as bar:
+        rows = run_cohort(jobs, args.out_dir, options, force=args.force, progress=bar, on_failure=failed)
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "failed")}
+    flagged = sum(bool(row["out_of_distribution"]) for row in rows)
+    flags = f"; {flagged} out of distribution" if flagged else ""
+    print(f"{len(rows)} scans: {counts['ok']} done, {counts['skipped']} already done, {counts['failed']} failed"
+          f"{flags}. Summary: {args.out_dir / SUMMARY_CSV}")  # fmt: skip
+    return 1 if counts["failed"] else 0
 
 
 def _demo(args) -> None:
@@ -340,18 +436,18 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
 
 
 def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdder] = ()) -> int:
-    """Run one command; user errors print one line and return 2, interruption returns 130."""
+    """Run one command; user errors print one line and return 2, interruption returns 130 (a cohort with failed
+    scans returns 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(extra_commands).parse_args(argv)
     args.command_line = shlex.join(["braindino", *argv])  # recorded in model cards
     ProgressBar.lines = args.progress_lines
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except BrainDINOError as error:
         print(f"braindino: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("braindino: interrupted", file=sys.stderr)
         return 130
-    return 0

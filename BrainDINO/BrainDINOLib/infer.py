@@ -4,11 +4,13 @@ Outputs in ``out_dir`` (``<name>`` is the scan's file name without extension):
 ``<name>_attention.nii.gz``, ``<name>_pca.nii.gz`` (RGB), ``<name>_similarity.nii.gz`` (with a
 query voxel), ``<name>_seg.nii.gz`` (with a segmentation head), ``<name>_brainmask.nii.gz`` (with a
 brain-mask head, which then bounds the analysed slices, the normalisation and every map),
+``<name>_seg.dcm`` (a DICOM SEG of those segmentations, for a DICOM series on request),
 ``embeddings.safetensors``, ``result.json`` (with the heads' predictions) and ``report.png``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -31,7 +33,7 @@ from .predictions import ood_warning, prediction_text
 from .preprocess import PreparedVolume, prepare
 from .report import write_report
 from .typicality import scan_descriptions
-from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, load_volume, save_like
+from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, dicom_series_files, load_volume, save_like
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class InferenceOptions:
             heads that need them.
         keep_blocks: ``last`` keeps the last block's patch tokens in ``embeddings.safetensors``; ``all`` every
             block's (PCA and similarity of any block can then be made from the file, as the Slicer module does).
+        dicom_seg: for a DICOM series, also write the segmentations as a DICOM SEG referencing it.
     """
 
     bundle: str | None = None
@@ -71,10 +74,24 @@ class InferenceOptions:
     sequence: str | None = None
     other_scans: dict[str, Path] = field(default_factory=dict)
     keep_blocks: str = "last"
+    dicom_seg: bool = False
 
     def __post_init__(self):
         if self.keep_blocks not in KEEP_BLOCKS:
             raise BrainDINOError(f"keep_blocks is one of {', '.join(KEEP_BLOCKS)}, not '{self.keep_blocks}'")
+
+    def record(self) -> dict:
+        """The choices that shape a run's outputs, as ``result.json`` keeps them (a cohort rerun compares them)."""
+        return {
+            "query": list(self.query) if self.query else None,
+            "volume_index": self.volume_index,
+            "dicom_series": self.dicom_series,
+            "sequence": self.sequence,
+            "other_scans": {name: str(path) for name, path in sorted(self.other_scans.items())},
+            "keep_blocks": self.keep_blocks,
+            "report": self.report,
+            "dicom_seg": self.dicom_seg,
+        }
 
 
 def output_stem(scan: str | Path) -> str:
@@ -102,6 +119,7 @@ class Analysis:
             PCA, similarity and segmentations are zero outside it.
         brain_head: the name of that head.
         ood: `Typicality.verdict` of the scan (None: the bundle has no out-of-distribution reference).
+        sequence: the scan's sequence as the heads read it (given, or the sequence head's answer; None: unknown).
     """
 
     volume: Volume
@@ -119,6 +137,7 @@ class Analysis:
     brain: np.ndarray | None = None
     brain_head: str | None = None
     ood: dict | None = None
+    sequence: str | None = None
 
     def query_patch(self, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
         """(slice position, row, col) of the patch holding source voxel ``ijk``.
@@ -211,7 +230,7 @@ def analyse(
     )  # fmt: skip
     lap("encode")
     unused = [name for name in others if name not in read]
-    predictions, segmentations, head_warnings = _apply_heads(
+    predictions, segmentations, head_warnings, sequence = _apply_heads(
         bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
     )
     ood = None
@@ -253,6 +272,7 @@ def analyse(
         brain=brain,
         brain_head=brain_spec.name if brain is not None else None,
         ood=ood,
+        sequence=sequence,
     )
     lap("maps")
     return analysis
@@ -292,10 +312,16 @@ def run_inference(
     out_dir: str | Path,
     options: InferenceOptions = InferenceOptions(),
     *,
+    bundle: Bundle | None = None,
+    volume: Volume | None = None,
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> dict:
     """Run the whole pipeline and write every output; returns what ``result.json`` holds.
+
+    Args:
+        bundle: the model, when the caller has loaded it (a cohort loads it once); default: ``options.bundle``.
+        volume: ``scan`` already read with ``options`` (a cohort reads the next scan during this one).
 
     Raises:
         BrainDINOError: bad scan, bundle, device or query (one line naming the problem).
@@ -303,12 +329,12 @@ def run_inference(
     """
     clock = time.perf_counter()
     out_dir = Path(out_dir)
-    bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+    bundle = bundle or load_bundle(find_bundle(options.bundle, options.models_dir))
     check_sequences(bundle.head_specs, options.sequence, options.other_scans)
     for name, path in options.other_scans.items():
         if not Path(path).exists():
             raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
-    volume = load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
+    volume = volume or read_scan(scan, options)
     load_time = time.perf_counter() - clock
     created = not out_dir.exists()
     try:  # before encoding, so an unusable folder costs nothing
@@ -376,6 +402,8 @@ def run_inference(
             )
         for job in jobs:
             job.result()
+    if options.dicom_seg:
+        outputs.update(_write_dicom_seg(scan, out_dir / f"{stem}_seg.dcm", analysis, bundle, options))
     timings = {"load_scan": round(load_time, 3), **analysis.timings, "write": round(time.perf_counter() - clock, 3)}
 
     result = {
@@ -386,7 +414,10 @@ def run_inference(
             "orientation": "".join(volume.source_axcodes),
             "spacing_mm": [round(s, 4) for s in volume.spacing],
             "affine": volume.source_affine.tolist(),
+            "signature": input_signature(scan),
         },
+        "options": options.record(),
+        "sequence": analysis.sequence,
         "model": {
             "name": bundle.card.name,
             "path": str(bundle.path),
@@ -420,6 +451,47 @@ def run_inference(
     return result
 
 
+def read_scan(scan: str | Path, options: InferenceOptions) -> Volume:
+    """The scan as ``options`` choose it (the volume of a 4D file, the series of a DICOM folder)."""
+    return load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
+
+
+def input_signature(scan: str | Path) -> str:
+    """Names, sizes and modification times of a scan's file(s), hashed: changes when the scan does."""
+    path = Path(scan)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_dicom_seg(scan, path: Path, analysis: Analysis, bundle: Bundle, options: InferenceOptions) -> dict:
+    """``{"dicom_seg": file name}`` after writing the run's segments as a DICOM SEG; a warning instead when the scan
+    is no DICOM series or nothing was segmented."""
+    from .dicomseg import write_dicom_seg
+
+    if not Path(scan).is_dir():
+        analysis.warnings.append(f"no DICOM SEG written: {Path(scan).name} is not a DICOM series")
+        return {}
+    specs = {spec.name: spec for spec in bundle.head_specs}
+    segments = [
+        (class_name, labels == value)
+        for name, labels in analysis.segmentations.items()
+        for value, class_name in zip(specs[name].label_values, specs[name].classes, strict=True)
+    ]
+    if analysis.brain is not None:
+        segments.append(("Brain", analysis.brain))
+    if not segments:
+        analysis.warnings.append(f"no DICOM SEG written: model '{bundle.card.name}' has no segmentation head")
+        return {}
+    _, files = dicom_series_files(scan, options.dicom_series)
+    identity = json.dumps([bundle.card.files, options.record()], sort_keys=True)
+    write_dicom_seg(files, analysis.volume, segments, path, model=bundle.card.name, identity=identity)
+    return {"dicom_seg": path.name}
+
+
 _SEQUENCE_HINT = "(--sequence, or 'Sequence' in Slicer)"
 
 
@@ -448,7 +520,8 @@ def check_sequences(specs, sequence: str | None, others) -> None:
 
 def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, unused, device, cancel,
                  brain):  # fmt: skip
-    """Predictions of the bundle's heads, label volumes of its segmentation heads, and notes on how each was fed.
+    """Predictions of the bundle's heads, label volumes of its segmentation heads, notes on how each was fed, and
+    the scan's sequence as they read it.
 
     The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
     every sequence it reads is at hand (the scan, or ``others``: sequence -> (path, prepared volume,
@@ -522,4 +595,4 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
             tokens = np.concatenate([embeddings[m] for m in reads])
             predictions[spec.name] = predict_volume(spec, head, tokens)
         predictions[spec.name]["reads"] = sources
-    return predictions, segmentations, warnings
+    return predictions, segmentations, warnings, sequence

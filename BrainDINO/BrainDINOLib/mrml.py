@@ -13,7 +13,7 @@ import slicer
 import vtk
 
 from .errors import BrainDINOError
-from .segments import SEGMENT_TERMINOLOGY, terminology_entry
+from .segments import segment_style, terminology_entry
 from .volume import Volume, volume_from_array
 
 #: Colour nodes that Slicer's Colors logic always creates (no colour files needed): a red-to-yellow heat
@@ -113,6 +113,15 @@ def add_volume_like(reference, array: np.ndarray, name: str, *, colors: str | No
     return node
 
 
+def add_volume(scene, volume: Volume, name: str):
+    """A scalar volume node of a scan read from disk (`volume.load_volume`), on the file's own voxel grid."""
+    node = _new_node(scene, "vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.source_affine))
+    set_voxels(node, volume.to_source(volume.data))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
 def set_voxels(node, array: np.ndarray) -> None:
     """Replace a volume node's voxels with an (I, J, K[, 3]) array (Slicer keeps them as (K, J, I[, 3]))."""
     axes = (2, 1, 0, 3) if array.ndim == 4 else (2, 1, 0)
@@ -158,9 +167,8 @@ def add_segmentation(reference, labels: np.ndarray, classes, label_values, name:
     brain_id = f"{node.GetName()}_brain"
     if brain is not None:
         segments.append((brain_id, "Brain", brain.transpose(2, 1, 0)))
-    palette = np.array([[0.3, 0.75, 0.3], [0.85, 0.5, 0.85], [0.4, 0.6, 1.0], [1.0, 0.6, 0.2]])
     for index, (segment_id, segment_name, mask) in enumerate(segments):
-        category, kind, color = SEGMENT_TERMINOLOGY.get(segment_name, (None, None, tuple(palette[index % 4])))
+        category, kind, color = segment_style(segment_name, index)
         node.GetSegmentation().AddEmptySegment(segment_id, segment_name, color)
         if category:
             entry = terminology_entry(category, kind)

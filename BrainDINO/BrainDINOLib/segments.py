@@ -14,6 +14,14 @@ SEGMENT_TERMINOLOGY = {
     "Brain": (("123037004", "Anatomical Structure"), ("12738006", "Brain"), (0.93, 0.78, 0.65)),
 }
 
+#: Colours of segments without a terminology entry (a head fitted on other classes), by segment position.
+_PALETTE = ((0.3, 0.75, 0.3), (0.85, 0.5, 0.85), (0.4, 0.6, 1.0), (1.0, 0.6, 0.2))
+
+
+def segment_style(name: str, index: int) -> tuple[tuple[str, str] | None, tuple[str, str] | None, tuple]:
+    """(category, type, colour) of the ``index``-th segment: its terminology, or no codes and a palette colour."""
+    return SEGMENT_TERMINOLOGY.get(name, (None, None, _PALETTE[index % len(_PALETTE)]))
+
 
 def terminology_entry(category: tuple[str, str], kind: tuple[str, str]) -> str:
     """Slicer's terminology entry string for a SNOMED CT category and type (``vtkSegment.SetTerminology``)."""

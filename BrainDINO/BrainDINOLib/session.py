@@ -1,5 +1,7 @@
 """What the BrainDINO Slicer module does, without its widgets: ``infer`` on a volume node in a background
-process, the run's files turned into scene nodes, and similarity queries and exploration from the saved tokens.
+process, the run's files turned into scene nodes, and similarity queries and exploration from the saved tokens;
+and ``infer`` on a folder of scans (a cohort) in the same background process, its summary as a table node and
+any scan's outputs loaded from it.
 
 Nothing here imports torch. The input (and the subject's other scans) are written as NIfTI into a run
 folder; a child ``python -m BrainDINOLib --progress-lines infer ... --keep-blocks all`` (Slicer's
@@ -11,6 +13,7 @@ PCA and similarity maps are answered from the saved tokens (`featuremaps.TokenMa
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -80,7 +83,23 @@ class Stopped:
     """The run was cancelled; nothing was added to the scene."""
 
 
-Event = Progress | Finished | Failed | Stopped
+@dataclass(frozen=True)
+class CohortDone:
+    """A cohort run ended (done, with failed scans, or cancelled after some scans).
+
+    Attributes:
+        out_dir: its output folder (``summary.csv``, a folder per scan).
+        table: the summary as a table node.
+        rows: the summary's rows (``summary.json``).
+    """
+
+    out_dir: Path
+    table: object
+    rows: list[dict]
+    cancelled: bool = False
+
+
+Event = Progress | Finished | Failed | Stopped | CohortDone
 
 
 @dataclass
@@ -90,6 +109,9 @@ class RunNodes:
     Attributes:
         result: the run's ``result.json``.
         volume: the input as the run saw it (canonical; maps query points onto its voxels).
+        out_dir: the folder of the run's files (``result.json``, the maps, the saved tokens).
+        temporary: the folder made for the run, deleted once it is no longer the latest (None: the files are
+            the user's, e.g. a cohort's outputs, and stay).
         maps: the saved tokens of the block in use (`block`).
         head: the attention head shown (None: the mean of all heads).
         block: the block whose tokens feed PCA and similarity (None: the last).
@@ -99,7 +121,8 @@ class RunNodes:
     input: object
     result: dict
     volume: Volume
-    run_dir: Path
+    out_dir: Path
+    temporary: Path | None
     maps: TokenMaps
     outputs: frozenset[str]
     segmentations: dict[str, object] = field(default_factory=dict)
@@ -137,21 +160,24 @@ def attention_window(attention: np.ndarray, levels: np.ndarray) -> tuple[float, 
     return low, max(float(np.percentile(inside, 99.5)) if inside.size else low, low * 1.01)
 
 
-def node_steps(input_node, volume: Volume, run_dir: Path, outputs=OUTPUTS, names=None) -> Iterator[None]:
-    """Add a finished run's outputs to the input's scene under one folder, one node per step (the generator's
-    value, once exhausted, is the `RunNodes`). Closing the generator early, or an error, removes what it made.
+def node_steps(
+    input_node, volume: Volume, out: Path, outputs=OUTPUTS, names=None, temporary: Path | None = None
+) -> Iterator[None]:
+    """Add a finished run's outputs (the files in ``out``) to the input's scene under one folder, one node per step
+    (the generator's value, once exhausted, is the `RunNodes`). Closing the generator early, or an error, removes
+    what it made.
 
     Args:
         names: file -> node name of the scans written for the run: what each head read is said by node name.
+        temporary: the run's own folder, deleted when the run is dropped (`RunNodes.temporary`).
     """
-    out = run_dir / "out"
     result = json.loads((out / "result.json").read_text())
     for prediction in result["predictions"].values():
         prediction["reads"] = {k: (names or {}).get(v, v) for k, v in prediction.get("reads", {}).items()}
     files, maps = result["outputs"], TokenMaps.load(out / TOKENS_FILE)
     scene, name = input_node.GetScene(), input_node.GetName()
     folder = mrml.add_folder(input_node, f"BrainDINO {name} ({result['model']['name']})")
-    run = RunNodes(folder, input_node, result, volume, run_dir, maps, frozenset(outputs))
+    run = RunNodes(folder, input_node, result, volume, out, temporary, maps, frozenset(outputs))
     made = []
 
     def placed(node):
@@ -206,9 +232,9 @@ def _voxels(path: Path) -> np.ndarray:
     return data.astype(np.float32) if data.dtype.kind == "f" else data
 
 
-def add_run_nodes(input_node, volume: Volume, run_dir: Path, outputs=OUTPUTS, names=None) -> RunNodes:
-    """All of `node_steps` at once (scripts and tests)."""
-    steps = node_steps(input_node, volume, run_dir, outputs, names)
+def add_run_nodes(input_node, volume: Volume, out: Path, outputs=OUTPUTS, names=None) -> RunNodes:
+    """All of `node_steps` at once (scripts, tests, a cohort's scan)."""
+    steps = node_steps(input_node, volume, out, outputs, names)
     while True:
         try:
             next(steps)
@@ -242,6 +268,7 @@ class InferenceSession:
         self._job: BackgroundJob | None = None
         self._steps: Iterator[None] | None = None
         self._pending: tuple | None = None
+        self._cohort: tuple | None = None
         self._errors: list[str] = []
         self._stopped = False
         self.latest: RunNodes | None = None
@@ -252,6 +279,10 @@ class InferenceSession:
     @property
     def running(self) -> bool:
         return self._job is not None or self._steps is not None
+
+    @property
+    def running_cohort(self) -> bool:
+        return self._cohort is not None
 
     def start(self, input_node, options: RunOptions = RunOptions(), others: dict | None = None) -> None:
         """Write the scans into a new run folder and start ``infer`` on them in a child process.
@@ -273,18 +304,28 @@ class InferenceSession:
         files = {name: _write(other, run_dir / "others" / f"{name}.nii") for name, other in other_volumes.items()}
         names = {str(files[n]): node.GetName() for n, node in (others or {}).items()}
         names[str(scan)] = input_node.GetName()
-        command = ["infer", str(scan), "-o", str(run_dir / "out"), "--keep-blocks", "all", "--no-report"]
-        command += ["--device", options.device]
-        if options.bundle:
-            command += ["--bundle", options.bundle]
-        if options.models_dir:
-            command += ["--models-dir", str(options.models_dir)]
-        if options.sequence:
-            command += ["--sequence", options.sequence]
+        command = ["infer", str(scan), "-o", str(run_dir / "out"), "--no-report", *_model_options(options)]
         if files:
             command += ["--also", *(f"{name}={path}" for name, path in files.items())]
-        self._errors, self._stopped = [], False
         self._pending = (input_node, volume, options, run_dir, names)
+        self._start(command)
+
+    def start_cohort(self, scene, folder: str | Path, out_dir: str | Path, options: RunOptions = RunOptions()) -> None:
+        """Start ``infer`` on every scan in a folder (image files, DICOM series, a BIDS/BraTS dataset, recursively),
+        each scan's outputs in ``out_dir/<scan>/``; `poll` ends with `CohortDone`. A rerun skips finished scans.
+
+        Raises:
+            BrainDINOError: a run is in progress, or no such folder.
+        """
+        if self.running:
+            raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
+        if not Path(folder).is_dir():
+            raise BrainDINOError(f"{folder}: no such folder")
+        self._cohort = (scene, Path(out_dir))
+        self._start(["infer", str(folder), "-o", str(out_dir), *_model_options(options)])
+
+    def _start(self, command: list[str]) -> None:
+        self._errors, self._stopped = [], False
         self._job = BackgroundJob(
             [command], module="BrainDINOLib", python=self.python, python_path=self.python_path, env=self.env
         ).start()
@@ -314,6 +355,9 @@ class InferenceSession:
                 logger.info(event.text)
                 if "error:" in event.text or "Error" in event.text:
                     self._errors.append(event.text)
+            elif isinstance(event, JobEnded) and self._cohort is not None:
+                self._job = None
+                events.append(self._cohort_ended(event))
             elif isinstance(event, JobEnded):
                 self._job = None
                 if event.cancelled:
@@ -321,12 +365,49 @@ class InferenceSession:
                     events.append(Stopped())
                 elif event.code != 0:
                     self._end()
-                    message = self._errors[-1].split("error:", 1)[-1].strip() if self._errors else ""
-                    events.append(Failed(message or f"inference failed (exit code {event.code}); see the log"))
+                    events.append(Failed(self._error_message(event)))
                 else:
                     input_node, volume, options, run_dir, names = self._pending
-                    self._steps = node_steps(input_node, volume, run_dir, options.outputs, names)
+                    self._steps = node_steps(input_node, volume, run_dir / "out", options.outputs, names, run_dir)
         return events
+
+    def _error_message(self, ended: JobEnded) -> str:
+        message = self._errors[-1].split("error:", 1)[-1].strip() if self._errors else ""
+        return message or f"inference failed (exit code {ended.code}); see the log"
+
+    def _cohort_ended(self, ended: JobEnded) -> Event:
+        """The cohort's summary as a table node (exit code 1: some scans failed, they are rows too)."""
+        scene, out_dir = self._cohort
+        self._cohort = None
+        summary = out_dir / "summary.json"
+        if (ended.code not in (0, 1) and not ended.cancelled) or not summary.is_file():
+            return Stopped() if ended.cancelled else Failed(self._error_message(ended))
+        with open(out_dir / "summary.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        columns = {title: [row[i] for row in rows[1:]] for i, title in enumerate(rows[0])}
+        table = mrml.add_table(scene, f"BrainDINO {out_dir.name} summary", columns)
+        return CohortDone(out_dir, table, json.loads(summary.read_text())["scans"], ended.cancelled)
+
+    def load_cohort_scan(self, scene, out_dir: str | Path, name: str, outputs=OUTPUTS) -> RunNodes:
+        """Load one scan of a cohort run and its outputs into the scene; it becomes the latest run (queries,
+        heads and blocks are answered from its saved tokens). Its files stay where they are.
+
+        Raises:
+            BrainDINOError: the scan has no finished outputs there, or its input file is gone.
+        """
+        from .volume import load_volume
+
+        folder = Path(out_dir) / name
+        if not (folder / "result.json").is_file():
+            raise BrainDINOError(f"{folder}: no finished outputs of scan {name} (it failed or was not run)")
+        result = json.loads((folder / "result.json").read_text())
+        chosen = result["options"]
+        volume = load_volume(
+            result["input"]["path"], volume_index=chosen["volume_index"], dicom_series=chosen["dicom_series"]
+        )
+        run = add_run_nodes(mrml.add_volume(scene, volume, name), volume, folder, outputs)
+        self._finish(run)
+        return run
 
     def _step(self) -> list[Event]:
         try:
@@ -350,15 +431,13 @@ class InferenceSession:
 
     def _finish(self, run: RunNodes) -> None:
         previous, self.latest, self._query_patch, self._pending = self.latest, run, None, None
-        if previous is not None:
-            shutil.rmtree(previous.run_dir, ignore_errors=True)
+        _drop(previous)
 
     def forget(self) -> None:
         """Cancel a run, drop the latest run's tokens and folder (its nodes stay) and every observer."""
         self.cancel()
         self.stop_observing()
-        if self.latest is not None:
-            shutil.rmtree(self.latest.run_dir, ignore_errors=True)
+        _drop(self.latest)
         self.latest = None
 
     def run(
@@ -444,7 +523,7 @@ class InferenceSession:
             BrainDINOError: no run, or the block's tokens were not kept.
         """
         run = self._latest()
-        run.maps = TokenMaps.load(run.run_dir / "out" / TOKENS_FILE, block)
+        run.maps = TokenMaps.load(run.out_dir / TOKENS_FILE, block)
         run.block = block
         if run.alive(run.pca):
             mrml.set_voxels(run.pca, run.volume.to_source(run.maps.pca(block)))
@@ -469,6 +548,24 @@ class InferenceSession:
             self.on_query_message(f"similarity to the patch at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f}")
         except BrainDINOError as error:
             self.on_query_message(str(error))
+
+
+def _model_options(options: RunOptions) -> list[str]:
+    """``infer`` arguments of a run's model choices (every block's tokens kept, for exploring them later)."""
+    command = ["--keep-blocks", "all", "--device", options.device]
+    if options.bundle:
+        command += ["--bundle", options.bundle]
+    if options.models_dir:
+        command += ["--models-dir", str(options.models_dir)]
+    if options.sequence:
+        command += ["--sequence", options.sequence]
+    return command
+
+
+def _drop(run: RunNodes | None) -> None:
+    """Delete a run's own folder (a cohort's outputs stay)."""
+    if run is not None and run.temporary is not None:
+        shutil.rmtree(run.temporary, ignore_errors=True)
 
 
 def _file_stem(name: str) -> str:

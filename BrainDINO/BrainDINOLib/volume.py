@@ -218,10 +218,22 @@ def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, n
     return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+def dicom_series_in(folder: str | Path) -> list[str]:
+    """SeriesInstanceUIDs of the DICOM series whose files lie directly in ``folder``."""
     import SimpleITK as sitk
 
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def dicom_series_files(folder: str | Path, series_uid: str | None = None) -> tuple[str, list[str]]:
+    """(series UID, its files in slice order) of a DICOM folder's series: the order of the volume's K axis.
+
+    Raises:
+        BrainDINOError: no series there, several and none chosen, or not the chosen one.
+    """
+    import SimpleITK as sitk
+
+    series = dicom_series_in(folder)
     if not series:
         raise BrainDINOError(f"{folder}: a folder without DICOM series (pass an image file or a DICOM series folder)")
     if series_uid is None:
@@ -232,7 +244,13 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
         series_uid = series[0]
     elif series_uid not in series:
         raise BrainDINOError(f"{folder}: no DICOM series {series_uid} (found {', '.join(series)})")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    return series_uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    series_uid, files = dicom_series_files(folder, series_uid)
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     try:

@@ -18,9 +18,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.manifest import Manifest
 from BrainDINOLib.typicality import CHANNELS, Typicality, outlier_features
 
-from .data import Manifest
 from .features import FeatureCache
 from .outliers import outlier_volumes
 

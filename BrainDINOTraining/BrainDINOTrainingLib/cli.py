@@ -259,8 +259,8 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
 def _fit_head(args) -> None:
     from BrainDINOLib.brain import BRAIN_CLASSES, BRAIN_TARGET
     from BrainDINOLib.bundle import add_head, load_bundle
+    from BrainDINOLib.manifest import load_manifest
 
-    from .data import load_manifest
     from .evaluation import fit_and_evaluate, write_report
     from .features import FeatureCache
     from .fit_heads import FitOptions
@@ -337,8 +337,8 @@ def _evaluate(args) -> None:
     import csv
 
     from BrainDINOLib.bundle import find_bundle, load_bundle
+    from BrainDINOLib.manifest import load_manifest
 
-    from .data import load_manifest
     from .evaluation import evaluate_bundle
 
     bundle = load_bundle(find_bundle(args.bundle))
@@ -419,9 +419,9 @@ def _changed_bundle(args, source: Path) -> Path:
 
 def _calibrate(args) -> None:
     from BrainDINOLib.bundle import load_bundle, set_typicality
+    from BrainDINOLib.manifest import load_manifest
 
     from .calibration import CalibrationOptions, calibrate_typicality
-    from .data import load_manifest
     from .features import FeatureCache
 
     source = _checked_bundle(args)

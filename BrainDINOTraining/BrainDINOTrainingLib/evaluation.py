@@ -26,8 +26,8 @@ from sklearn.preprocessing import StandardScaler
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import HeadSpec
+from BrainDINOLib.manifest import Manifest
 
-from .data import Manifest
 from .features import FeatureCache
 from .fit_heads import FitOptions, FitResult, Samples, collect, cox_loss, fit_volume_head, label_subset, predict
 from .fit_segmentation import SegOptions, collect_segmentation, segmentation_metrics

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead, decode_outputs
+from BrainDINOLib.manifest import Manifest
 
-from .data import Manifest
 from .features import FeatureCache
 
 

@@ -27,11 +27,11 @@ from BrainDINOLib.heads import (
     segmentation_input,
 )
 from BrainDINOLib.layout import PlaneGeometry
+from BrainDINOLib.manifest import Manifest
 from BrainDINOLib.preprocess import labels_to_canvas
 from BrainDINOLib.segments import BRATS_CLASSES
 from BrainDINOLib.volume import load_labels, load_volume
 
-from .data import Manifest
 from .features import FeatureCache
 from .fit_heads import FitResult
 

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
-
-from .data import load_manifest
 
 #: below this, the teacher's targets tell almost nothing about which slice they came from (nats).
 MIN_TARGET_INFORMATION = 2e-3

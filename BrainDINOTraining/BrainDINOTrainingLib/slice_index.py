@@ -33,10 +33,9 @@ import torch
 
 from BrainDINOLib import __version__
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
-
-from .data import load_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +24,15 @@ from BrainDINOLib.featuremaps import query_patch
 from BrainDINOLib.infer import InferenceOptions, run_inference
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.segments import BRATS_CLASSES, SEGMENT_TERMINOLOGY
-from BrainDINOLib.session import Failed, Finished, InferenceSession, RunOptions, Stopped, add_run_nodes
+from BrainDINOLib.session import (
+    CohortDone,
+    Failed,
+    Finished,
+    InferenceSession,
+    RunOptions,
+    Stopped,
+    add_run_nodes,
+)
 from slicer_scene import activate, add_volume_node, slicer_app
 from testdata import reorient
 
@@ -167,7 +177,7 @@ def test_phantom_run_makes_named_nodes_in_the_input_geometry(phantom_run):
         assert entry.GetCategoryObject().GetCodeMeaning() == "Morphologically Altered Structure"
     # each segment, read back in the input's grid, is the run's own label volume voxel for voxel; the brain is
     # the phantom's (the default model misses this phantom's tumour: README)
-    labels = np.asarray(nib.load(run.run_dir / "out" / run.result["outputs"]["segmentation:tumor"]).dataobj)
+    labels = np.asarray(nib.load(run.out_dir / run.result["outputs"]["segmentation:tumor"]).dataobj)
     for value in (1, 2, 3):
         found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_{value}", run.input)
         np.testing.assert_array_equal(found > 0, (labels == value).transpose(2, 1, 0))
@@ -228,7 +238,7 @@ def _run_here(node, folder, outputs) -> object:
     volume = mrml.volume_from_node(node)
     nib.save(nib.Nifti1Image(volume.to_source(volume.data), volume.source_affine), folder / "scan.nii")
     run_inference(folder / "scan.nii", folder / "out", InferenceOptions(device="cpu", sequence="t1", report=False))
-    return add_run_nodes(node, volume, folder, outputs)
+    return add_run_nodes(node, volume, folder / "out", outputs)
 
 
 def test_outputs_keep_the_geometry_of_lps_and_oblique_inputs(slicer_app, mni_2mm, tmp_path):
@@ -371,7 +381,7 @@ def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm, tm
         if expected == "brain":  # the same run without its tumour segmentation
             del result["outputs"]["segmentation:tumor"]
             (tmp_path / "out" / "result.json").write_text(json.dumps(result))
-        run = add_run_nodes(node, volume, tmp_path)
+        run = add_run_nodes(node, volume, tmp_path / "out")
         assert list(run.segmentations) == [expected]
         segmentation = run.segmentations[expected]
         segment_id = f"{segmentation.GetName()}_brain"
@@ -440,3 +450,42 @@ def test_the_slicer_process_never_imports_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]
+
+
+def test_a_folder_run_becomes_a_summary_table_and_loads_any_scan(slicer_app, tmp_path, mni_2mm):
+    """'Many scans' in Slicer: the folder runs in a child process with progress, its summary.csv becomes a table
+    node, and a finished scan loads with its outputs on its file's voxel grid, answers queries and keeps its files
+    when another scan is loaded."""
+    scans, _ = demo_phantom()
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(scans["flair"], folder / "flair.nii.gz")
+    lps = reorient(mni_2mm, "LPS", np.int16)
+    nib.save(lps, folder / "mni_lps.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    session = InferenceSession()
+    session.start_cohort(slicer_app.scene, folder, out, RunOptions(device="cpu"))
+    assert session.running_cohort
+    events = _poll_until_done(session)
+    assert any(isinstance(e, Progress) and e.stage.startswith("scan ") for e in events)
+    done = events[-1]
+    assert isinstance(done, CohortDone) and not done.cancelled and not session.running_cohort
+    assert [(row["scan"], row["status"]) for row in done.rows] == [("broken", "failed"), ("flair", "ok"),
+                                                                   ("mni_lps", "ok")]  # fmt: skip
+    with open(out / "summary.csv", newline="") as handle:
+        expected = list(csv.DictReader(handle))
+    assert mrml.table_columns(done.table) == {key: [row[key] for row in expected] for key in expected[0]}
+
+    run = session.load_cohort_scan(slicer_app.scene, out, "mni_lps")
+    assert session.latest is run and run.input.GetName() == "mni_lps" and run.temporary is None
+    np.testing.assert_allclose(mrml.ijk_to_ras(run.input), lps.affine, atol=1e-4)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.input).transpose(2, 1, 0), np.asarray(lps.dataobj))
+    for output in (run.attention, run.pca):
+        np.testing.assert_allclose(mrml.ijk_to_ras(output), lps.affine, atol=1e-4)
+    assert "tumor" in run.segmentations and run.table is not None
+    assert session.query((0.0, -18.0, 18.0)) is run.similarity
+    session.load_cohort_scan(slicer_app.scene, out, "flair")
+    assert (out / "mni_lps" / "embeddings.safetensors").is_file()  # a cohort's files are the user's: they stay
+    with pytest.raises(BrainDINOError, match="no finished outputs of scan broken"):
+        session.load_cohort_scan(slicer_app.scene, out, "broken")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -37,8 +38,7 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run, tmp_path):
     """The phantom's true tumour as a run's segmentation (the default model misses this phantom's tumour: README)."""
     app, run, view = drawn_run
     run.segmentations["tumor"].GetDisplayNode().SetVisibility(False)
-    shutil.copytree(run.run_dir, tmp_path / "run")
-    out = tmp_path / "run" / "out"  # a copy of the run's files, its segmentation the truth, no brain mask
+    out = Path(shutil.copytree(run.out_dir, tmp_path / "run"))  # a copy of the run's files: true tumour, no brain
     result = json.loads((out / "result.json").read_text())
     truth = nib.load(demo_phantom()[0]["seg"])
     nib.save(
@@ -48,7 +48,7 @@ def test_segment_colour_is_drawn_inside_the_tumour(drawn_run, tmp_path):
     del result["outputs"]["brain_mask"]
     (out / "result.json").write_text(json.dumps(result))
     shown = run.segmentations["tumor"]
-    run = add_run_nodes(run.input, run.volume, tmp_path / "run")
+    run = add_run_nodes(run.input, run.volume, out)
     segmentation = run.segmentations["tumor"]
     oedema = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, f"{segmentation.GetName()}_2", run.input)
     k = int(np.argmax(oedema.sum(axis=(1, 2))))

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOTrainingLib.data import load_manifest
+from BrainDINOLib.manifest import load_manifest
 
 
 def test_table_manifest_of_the_cohort(cohort):

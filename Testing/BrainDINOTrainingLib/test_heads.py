@@ -17,10 +17,10 @@ from BrainDINOLib.bundle import add_head, create_random_bundle, load_bundle
 from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import predict_volume
+from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
 from BrainDINOTrainingLib.cli import main
-from BrainDINOTrainingLib.data import load_manifest
 from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier, metrics
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict

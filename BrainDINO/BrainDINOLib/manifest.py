@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES
+from .errors import BrainDINOError
+from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES
 
 IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES
 MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "brain_mask", "image")
@@ -142,19 +142,26 @@ def load_manifest(source: str | Path) -> Manifest:
     source = Path(source)
     if not source.exists():
         raise BrainDINOError(f"{source}: no such file or folder")
-    if source.is_file():
-        manifest = read_table(source)
-    elif (source / "manifest.csv").is_file():
-        manifest = read_table(source / "manifest.csv")
-    elif (source / "participants.tsv").is_file() or any(source.glob("sub-*/**/anat")):
-        manifest = read_bids(source)
-    elif any(_brats_images(case) for case in sorted(source.iterdir()) if case.is_dir()):
-        manifest = read_brats(source)
+    kind = manifest_kind(source)
+    if kind == "table":
+        manifest = read_table(source if source.is_file() else source / "manifest.csv")
     else:
-        manifest = read_folder(source)
+        manifest = {"bids": read_bids, "brats": read_brats, "folder": read_folder}[kind](source)
     if not manifest.entries:
         raise BrainDINOError(f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return manifest
+
+
+def manifest_kind(source: Path) -> str:
+    """How `load_manifest` reads an existing file or folder: ``table`` (a CSV/TSV, or a folder with
+    ``manifest.csv``), ``bids``, ``brats`` (case folders) or ``folder`` (any volumes inside)."""
+    if source.is_file() or (source / "manifest.csv").is_file():
+        return "table"
+    if (source / "participants.tsv").is_file() or any(source.glob("sub-*/**/anat")):
+        return "bids"
+    if any(_brats_images(case) for case in sorted(source.iterdir()) if case.is_dir()):
+        return "brats"
+    return "folder"
 
 
 def read_folder(folder: Path) -> Manifest:

@@ -1,0 +1,331 @@
+"""Many scans in one run: find the scans in files, folders and manifests, run `run_inference` on each with one
+model load, and keep a summary table that a rerun uses to skip what is done.
+
+``OUT/<scan name>/`` holds each scan's outputs, ``OUT/summary.csv`` and ``OUT/summary.json`` one row per scan
+(rewritten after every scan, so an interrupted run leaves a true summary). A scan that fails is a row with its
+error; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bundle import Bundle, find_bundle, load_bundle
+from .errors import BrainDINOError, describe
+from .featuremaps import TOKENS_FILE
+from .infer import InferenceOptions, input_signature, output_stem, read_scan, run_inference
+from .manifest import IMAGE_SUFFIXES, load_manifest, manifest_kind
+from .volume import dicom_series_in
+
+SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
+MANIFEST_SUFFIXES = (".csv", ".tsv")
+#: Which scan of a manifest row is analysed when ``--sequence`` does not name one (the others feed the heads).
+SCAN_PREFERENCE = ("flair", "t1ce", "t2", "t1")
+#: Files that never hold DICOM (a folder of only these and images is not probed for series).
+_NOT_DICOM = (".csv", ".tsv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".pdf", ".html", ".safetensors")
+_DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
+
+#: ``progress(scan index, scan name, slices done, slices of the scan)`` across a cohort.
+CohortProgress = Callable[[int, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """One scan of a cohort.
+
+    Attributes:
+        name: its output folder's name (unique in the run).
+        path: image file or DICOM series folder.
+        sequence: its sequence when the input says (a manifest column); None: ``--sequence`` or the sequence head.
+        others: the subject's other sequences (a manifest row), read by the heads that need them.
+        dicom_series: the series of a folder that holds several.
+        error: why it cannot be run (found while looking for scans), None if it can.
+    """
+
+    name: str
+    path: Path
+    sequence: str | None = None
+    others: dict[str, Path] = field(default_factory=dict)
+    dicom_series: str | None = None
+    error: str | None = None
+
+
+def is_single_scan(inputs: Sequence[Path]) -> bool:
+    """One image file, or one folder holding a DICOM series and no subfolders: ``infer`` as for a single scan."""
+    if len(inputs) != 1:
+        return False
+    path = inputs[0]
+    if path.is_file():
+        return path.name.lower().endswith(IMAGE_SUFFIXES)
+    return path.is_dir() and not any(p.is_dir() for p in path.iterdir()) and bool(dicom_series_in(path))
+
+
+def find_scans(inputs: Sequence[Path], *, exclude: Path | None = None, sequence: str | None = None) -> list[ScanJob]:
+    """The scans of files, folders (every image file and DICOM series inside, recursively; or a dataset that
+    `load_manifest` reads: BIDS, BraTS case folders, a folder with ``manifest.csv``) and CSV/TSV manifests.
+
+    Args:
+        exclude: a folder not to look in (the run's output folder).
+        sequence: the scan column of manifest rows (default: the first of `SCAN_PREFERENCE` a row has).
+
+    Raises:
+        BrainDINOError: an input is missing, not an image, folder or manifest, or holds no scan.
+    """
+    jobs: list[ScanJob] = []
+    for path in inputs:
+        if not path.exists():
+            raise BrainDINOError(f"{path}: no such file or folder")
+        if exclude is not None and path.is_dir() and path.resolve() == exclude.resolve():
+            raise BrainDINOError(f"{path}: the output folder cannot be the folder of scans; choose another (-o)")
+        if path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES):
+            found = _manifest_jobs(path, sequence)
+        elif path.is_file():
+            found = [ScanJob(output_stem(path), path)]
+        elif manifest_kind(path) != "folder":
+            found = _manifest_jobs(path, sequence)
+        else:
+            found = _folder_jobs(path, exclude)
+        if not found:
+            raise BrainDINOError(
+                f"{path}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series)"
+            )
+        jobs += found
+    return _unique_names(jobs)
+
+
+def _manifest_jobs(source: Path, sequence: str | None) -> list[ScanJob]:
+    jobs = []
+    for entry in load_manifest(source).entries:
+        scans = entry.scans
+        chosen = sequence if sequence in scans else next((s for s in SCAN_PREFERENCE if s in scans), None)
+        if sequence and chosen != sequence:
+            raise BrainDINOError(f"{source}: subject {entry.subject_id} has no {sequence} scan (--sequence)")
+        chosen = chosen or next(iter(scans))
+        named = entry.sequences
+        jobs.append(
+            ScanJob(
+                name="_".join(filter(None, (entry.subject_id, entry.session))),
+                path=scans[chosen],
+                sequence=chosen if chosen in named else None,
+                others={s: p for s, p in named.items() if s != chosen},
+            )
+        )
+    return jobs
+
+
+def _folder_jobs(folder: Path, exclude: Path | None) -> list[ScanJob]:
+    jobs = []
+    skip = exclude.resolve() if exclude else None
+    for directory, subdirectories, files in os.walk(folder):
+        here = Path(directory)
+        if _made_by_braindino(files):  # an earlier run's outputs inside the scans' folder
+            subdirectories.clear()
+            continue
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and (here / d).resolve() != skip)
+        files = sorted(f for f in files if not f.startswith("."))
+        images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        jobs += [ScanJob(output_stem(here / f), here / f) for f in images]
+        others = [f for f in files if f not in images and not f.lower().endswith(_NOT_DICOM)]
+        if not others:
+            continue
+        series = dicom_series_in(here)
+        for uid in series:
+            jobs.append(ScanJob(here.name if len(series) == 1 else f"{here.name}_{uid[-8:]}", here, dicom_series=uid))
+        unread = [f for f in others if f.lower().endswith(_DICOM_SUFFIXES)]
+        if not series and unread:
+            error = f"{here}: no readable DICOM series among {len(unread)} DICOM file(s) such as {unread[0]}"
+            jobs.append(ScanJob(here.name, here, error=error))
+    return jobs
+
+
+def _made_by_braindino(files: list[str]) -> bool:
+    """A folder of `run_cohort` (its summary) or of one scan's outputs (result and tokens)."""
+    return SUMMARY_JSON in files or {"result.json", TOKENS_FILE} <= set(files)
+
+
+def _unique_names(jobs: list[ScanJob]) -> list[ScanJob]:
+    seen: dict[str, int] = {}
+    unique = []
+    for job in jobs:
+        count = seen[job.name.lower()] = seen.get(job.name.lower(), 0) + 1
+        unique.append(job if count == 1 else dataclasses.replace(job, name=f"{job.name}-{count}"))
+    return unique
+
+
+def job_options(options: InferenceOptions, job: ScanJob) -> InferenceOptions:
+    """A cohort's options as one scan runs with them."""
+    return dataclasses.replace(
+        options,
+        sequence=job.sequence or options.sequence,
+        other_scans=job.others,
+        dicom_series=job.dicom_series or options.dicom_series,
+    )
+
+
+def previous_result(folder: Path, bundle: Bundle, options: InferenceOptions, job: ScanJob) -> dict | None:
+    """The scan's ``result.json`` when a run with the same model, options and input wrote every output there."""
+    try:
+        result = json.loads((folder / "result.json").read_text())
+        same = (
+            result["model"]["sha256"] == bundle.card.files
+            and result["options"] == options.record()
+            and result["input"]["path"] == str(job.path)
+            and result["input"]["signature"] == input_signature(job.path)
+        )
+        complete = all((folder / name).is_file() for name in result["outputs"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return result if same and complete else None
+
+
+def run_cohort(
+    jobs: Sequence[ScanJob],
+    out_dir: Path,
+    options: InferenceOptions,
+    *,
+    force: bool = False,
+    progress: CohortProgress | None = None,
+    on_failure: Callable[[ScanJob, str], None] | None = None,
+) -> list[dict]:
+    """Run every scan into ``out_dir/<name>/`` and write the summary; returns its rows.
+
+    The model is loaded once; while one scan is encoded the next is read. A scan whose outputs a run with the
+    same model, options and input left is ``skipped`` (unless ``force``); one that fails is ``failed`` with its
+    error and the run goes on. The summary is rewritten after each scan.
+
+    Raises:
+        BrainDINOError: the model cannot be loaded, or ``out_dir`` cannot be written.
+    """
+    bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
+    plans = [(job, job_options(options, job)) for job in jobs]
+    done = {
+        job.name: previous
+        for job, chosen in plans
+        if not force and not job.error and (previous := previous_result(out_dir / job.name, bundle, chosen, job))
+    }
+    to_read = [(job, chosen) for job, chosen in plans if job.name not in done and not job.error]
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-next-scan") as reader:
+        reads: dict[str, Future] = {}
+
+        def read_ahead(position: int) -> None:
+            if position < len(to_read):
+                job, chosen = to_read[position]
+                reads[job.name] = reader.submit(read_scan, job.path, chosen)
+
+        read_ahead(0)
+        position = 0
+        for index, (job, chosen) in enumerate(plans):
+            clock = time.perf_counter()
+            if job.error:
+                row = _row(job, "failed", error=job.error)
+            elif job.name in done:
+                row = _row(job, "skipped", result=done[job.name])
+            else:
+                position += 1
+                read_ahead(position)  # the next scan is read while this one is encoded
+                try:
+                    volume = reads.pop(job.name).result()
+                    _clear_previous(out_dir / job.name)
+                    scan_progress = None if progress is None else _scan_progress(progress, index, job.name)
+                    result = run_inference(
+                        job.path, out_dir / job.name, chosen, bundle=bundle, volume=volume, progress=scan_progress
+                    )
+                    row = _row(job, "ok", result=result)
+                except BrainDINOError as error:
+                    row = _row(job, "failed", error=str(error))
+                except Exception as error:  # one scan's unforeseen failure must not end the cohort
+                    row = _row(job, "failed", error=f"{job.path}: {describe(error)}")
+            row["seconds"] = round(time.perf_counter() - clock, 3)
+            if row["status"] == "failed" and on_failure:
+                on_failure(job, row["error"])
+            rows.append(row)
+            write_summary(out_dir, rows, bundle)
+            if progress is not None:
+                progress(index, job.name, 1, 1)
+    return rows
+
+
+def _clear_previous(folder: Path) -> None:
+    """Remove an earlier run's outputs of a scan done again, so that no file of another run lingers beside the new."""
+    try:
+        outputs = list(json.loads((folder / "result.json").read_text())["outputs"].values())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return
+    for name in [*outputs, "result.json"]:
+        (folder / Path(name).name).unlink(missing_ok=True)
+
+
+def _scan_progress(progress: CohortProgress, index: int, name: str):
+    return lambda done, total: progress(index, name, done, total)
+
+
+def _row(job: ScanJob, status: str, *, result: dict | None = None, error: str = "") -> dict:
+    result = result or {}
+    return {
+        "scan": job.name,
+        "status": status,
+        "error": error,
+        "input": str(job.path),
+        "outputs": job.name if result else "",
+        "sequence": result.get("sequence"),
+        "out_of_distribution": result.get("out_of_distribution"),
+        "ood_score": result.get("ood_score"),
+        "ood_threshold": result.get("ood_threshold"),
+        "predictions": result.get("predictions", {}),
+        "slices": result.get("slices", {}).get("analysed"),
+        "timings_s": result.get("timings_s", {}),
+        "warnings": result.get("warnings", []),
+    }
+
+
+def prediction_columns(name: str, prediction: dict) -> dict[str, object]:
+    """A prediction as summary columns whose titles carry the units: ``age [years]``, ``tumor [mL]``, ``diagnosis``
+    with ``diagnosis [probability]``."""
+    kind = prediction["kind"]
+    if "probabilities" in prediction:
+        chosen = prediction["prediction"]
+        return {name: chosen, f"{name} [probability]": round(prediction["probabilities"][chosen], 4)}
+    if kind == "seg":
+        return {f"{name} [mL]": prediction["total_ml"]}
+    return {f"{name} [{prediction['units']}]": round(prediction["value"], 4)}
+
+
+def write_summary(out_dir: Path, rows: list[dict], bundle: Bundle) -> None:
+    """``summary.json`` (the rows in full) and ``summary.csv`` (one flat row per scan), each replaced atomically."""
+    document = {"model": {"name": bundle.card.name, "path": str(bundle.path)}, "scans": rows}
+    flat = []
+    for row in rows:
+        values = {k: v for k, v in row.items() if k not in ("predictions", "timings_s", "warnings")}
+        for name, prediction in row["predictions"].items():
+            values.update(prediction_columns(name, prediction))
+        values["warnings"] = " | ".join(row["warnings"])
+        flat.append(values)
+    columns = list(dict.fromkeys(key for values in flat for key in values))
+    _replace(out_dir / SUMMARY_JSON, lambda handle: handle.write(json.dumps(document, indent=2) + "\n"))
+
+    def write_csv(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in values.items()} for values in flat)
+
+    _replace(out_dir / SUMMARY_CSV, write_csv)
+
+
+def _replace(path: Path, write) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    with open(staging, "w", newline="", encoding="utf-8") as handle:
+        write(handle)
+    os.replace(staging, path)
