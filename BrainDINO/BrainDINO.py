@@ -182,7 +182,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = single or (not running and bool(self._parameterNode.inputVolume))
         self.ui.applyButton.text = "Cancel" if single else "Apply"
         self.ui.processFolderButton.enabled = cohort or not running
-        self.ui.processFolderButton.text = "Cancel" if cohort else "Process a folder…"
+        self.ui.processFolderButton.text = "Cancel" if cohort else "Process a folder\u2026"
         self.ui.loadCohortScanButton.enabled = not running and self.ui.cohortScanComboBox.count > 0
         overlay = (self._parameterNode.overlay, self._parameterNode.overlayOpacity)
         if overlay != self._shownOverlay:
@@ -658,6 +658,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
             self.test_module_and_parameter_node,
             self.test_mrml_round_trip,
             self.test_phantom_outputs,
+            self.test_folder_of_scans,
             self.test_bad_input_is_refused,
         )
 
@@ -731,6 +732,44 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(run.similarity)
         self.assertGreater(slicer.util.arrayFromVolume(run.similarity).max(), 0.9)
         logic.session.stop_observing()
+
+    def test_folder_of_scans(self):
+        """'Many scans': a folder with two scans and a broken file runs in the background, its summary becomes a
+        table node, and a scan loads with its outputs on its file's grid."""
+        skipWithoutDependencies(self)
+        import time
+
+        from BrainDINOLib.sample_data import demo_phantom
+        from BrainDINOLib.session import CohortDone
+
+        scans, _ = demo_phantom()
+        logic = BrainDINOLogic()
+        parameters = logic.getParameterNode()
+        with tempfile.TemporaryDirectory() as work:
+            folder = os.path.join(work, "scans")
+            os.mkdir(folder)
+            for sequence in ("t1", "flair"):
+                shutil.copy(scans[sequence], os.path.join(folder, f"phantom_{sequence}.nii.gz"))
+            with open(os.path.join(folder, "broken.nii.gz"), "wb") as handle:
+                handle.write(b"not an image")
+            logic.startCohort(parameters, folder, os.path.join(work, "out"))
+            self.assertTrue(logic.runningCohort)
+            events = []
+            deadline = time.monotonic() + 600
+            while logic.running and time.monotonic() < deadline:
+                events += logic.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            events += logic.poll()
+            done = events[-1]
+            self.assertIsInstance(done, CohortDone)
+            self.assertEqual([row["status"] for row in done.rows], ["failed", "ok", "ok"])
+            self.assertEqual(done.table.GetNumberOfRows(), 3)
+            run = logic.loadCohortScan(parameters, done.out_dir, "phantom_t1")
+            self.assertIs(parameters.inputVolume, run.input)
+            self.assertTrue(run.attention.IsA("vtkMRMLScalarVolumeNode"))
+            self.assertEqual(run.attention.GetImageData().GetDimensions(), run.input.GetImageData().GetDimensions())
+            logic.cancelAndForget()
 
     def test_bad_input_is_refused(self):
         skipWithoutDependencies(self)

@@ -247,7 +247,7 @@ def run_cohort(
                 except BrainDINOError as error:
                     row = _row(job, "failed", error=str(error))
                 except Exception as error:  # one scan's unforeseen failure must not end the cohort
-                    row = _row(job, "failed", error=f"{job.path}: {describe(error)}")
+                    row = _row(job, "failed", error=f"{job.path}: {type(error).__name__}: {describe(error)}")
             row["seconds"] = round(time.perf_counter() - clock, 3)
             if row["status"] == "failed" and on_failure:
                 on_failure(job, row["error"])
