@@ -32,6 +32,7 @@ from slicer.util import VTKObservationMixin
 
 SEQUENCES = ["auto", "t1", "t1ce", "t2", "flair"]
 OVERLAYS = ["attention", "PCA", "similarity", "none"]
+IMAGE_SIZES = ["bundle default", "224", "336", "448", "560", "672", "896"]  # multiples of 14- and 16-px patches
 
 
 class BrainDINO(ScriptedLoadableModule):
@@ -73,6 +74,7 @@ class BrainDINOParameterNode:
     queryPoints: the point list whose points query the similarity map.
     attentionHead: the attention head shown, counted from 1 (0: the mean of all heads).
     featureBlock: the block whose tokens make PCA and similarity, counted from 1 (0: the last block).
+    imageSize: canvas side in pixels for the maps and heads ("bundle default": the bundle's own).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -83,6 +85,7 @@ class BrainDINOParameterNode:
     flairVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    imageSize: Annotated[str, Choice(IMAGE_SIZES)] = IMAGE_SIZES[0]
     makeSegmentation: bool = True
     makeAttention: bool = True
     makePca: bool = True
@@ -108,6 +111,11 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.setInterval(100)
         self._pollTimer.timeout.connect(self.onPoll)
         self._cohortOutDir = None
+        self._downloadable = {}
+        self._downloadTimer = qt.QTimer()
+        self._downloadTimer.setInterval(200)
+        self._downloadTimer.timeout.connect(self.onDownloadPoll)
+        self._downloadLastLine = ""
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -123,6 +131,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModel)
         self.ui.importCheckpointButton.connect("clicked(bool)", self.onImportCheckpoint)
+        self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.modelComboBox.connect("activated(int)", self.onCatalogueChosen)
         self.ui.queryPointsSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onQueryPointsCreated)
         self.ui.processFolderButton.connect("clicked(bool)", self.onProcessFolder)
@@ -136,6 +145,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._pollTimer.stop()
+        self._downloadTimer.stop()
+        self.logic.cancelDownload()
         self.logic.cancelAndForget()
         self.removeObservers()
 
@@ -184,6 +195,12 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.processFolderButton.enabled = cohort or not running
         self.ui.processFolderButton.text = "Cancel" if cohort else "Process a folder\u2026"
         self.ui.loadCohortScanButton.enabled = not running and self.ui.cohortScanComboBox.count > 0
+        downloading = self.logic.downloading
+        chosen = self._parameterNode.model in self._downloadable
+        self.ui.downloadButton.enabled = downloading or (chosen and not running)
+        self.ui.downloadButton.text = "Cancel" if downloading else "Download"
+        if downloading:  # one background job at a time: they share the progress bar
+            self.ui.applyButton.enabled = self.ui.processFolderButton.enabled = False
         overlay = (self._parameterNode.overlay, self._parameterNode.overlayOpacity)
         if overlay != self._shownOverlay:
             self._shownOverlay = overlay
@@ -342,11 +359,61 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, source, card in self.logic.bundles():
             self.ui.modelComboBox.addItem(f"{name} ({source})", name)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.intended_use, qt.Qt.ToolTipRole)
+        self._downloadable = dict(self.logic.downloadable())
+        for name, entry in self._downloadable.items():
+            self.ui.modelComboBox.addItem(f"{name} (download)", name)
+            tip = f"{entry['license']}: {entry['description']}"
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, tip, qt.Qt.ToolTipRole)
         self.ui.modelInfoLabel.text = self.logic.modelSummary(self._parameterNode)
+        self.onParameterChanged()
 
     def onCatalogueChosen(self, index):
         self._parameterNode.model = self.ui.modelComboBox.itemData(index)
         self.ui.modelInfoLabel.text = self.logic.modelSummary(self._parameterNode)
+
+    def onDownload(self):
+        """Download the chosen public encoder in a background process (or cancel the download)."""
+        if self.logic.downloading:
+            self.logic.cancelDownload()
+            self.showStatus("Cancelling the download...")
+            return
+        if not dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay("BrainDINO could not start the download.", waitCursor=True):
+            self.logic.startDownload(self._parameterNode.model)
+            self._downloadLastLine = ""
+            self.ui.progressBar.setRange(0, 0)
+            self.ui.progressBar.visible = True
+            self.showStatus(f"Downloading {self._parameterNode.model}...")
+            self._downloadTimer.start()
+        self.onParameterChanged()
+
+    def onDownloadPoll(self):
+        """Show the download's progress; when it ends, list the new bundle or say what went wrong."""
+        from BrainDINOLib.background import JobEnded, LogLine
+        from BrainDINOLib.cli import Progress
+
+        for event in self.logic.pollDownload():
+            if isinstance(event, Progress):
+                self.ui.progressBar.setRange(0, event.total)
+                self.ui.progressBar.setValue(event.done)
+                self.ui.statusLabel.text = f"{event.stage}: {event.done}/{event.total}"
+            elif isinstance(event, LogLine):
+                self.log(event.text)
+                self._downloadLastLine = event.text
+            elif isinstance(event, JobEnded):
+                self._downloadTimer.stop()
+                self.ui.progressBar.visible = False
+                message = self._downloadLastLine.split("error:", 1)[-1].strip()
+                if event.cancelled:
+                    self.showStatus("Download cancelled.")
+                elif event.code != 0:
+                    self.showStatus(f"Download failed: {message}")
+                    slicer.util.errorDisplay(message, windowTitle="BrainDINO")
+                else:
+                    self.showStatus(f"Done: {message}")
+                    self.refreshCatalogue()
+        self.onParameterChanged()
 
     def showStatus(self, message):
         self.ui.statusLabel.text = message
@@ -470,6 +537,7 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
+        self._download = None
         self._observed = None
         self._explored = (0, 0)
 
@@ -510,6 +578,7 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
             device=parameters.device,
             sequence=None if parameters.sequence == "auto" else parameters.sequence,
             outputs=frozenset(name for name, wanted in chosen.items() if wanted),
+            image_size=None if parameters.imageSize == IMAGE_SIZES[0] else int(parameters.imageSize),
         )
 
     def otherScans(self, parameters):
@@ -630,12 +699,49 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         from BrainDINOLib.bundle import find_bundle, read_card
         from BrainDINOLib.errors import BrainDINOError
 
+        entry = dict(self.downloadable()).get(parameters.model)
+        if entry:
+            return (
+                f"{entry['name']} ({entry['license']}), not downloaded yet: {entry['description']} Press Download to "
+                f"fetch it from the Hugging Face Hub ({entry['source']['repo']}) into your models folder."
+            )
         try:
             card = read_card(find_bundle(parameters.model or None))
         except BrainDINOError as error:
             return f"Model: {error}"
         heads = ", ".join(f"{h['name']} ({'+'.join(h['modalities']) or 'any'})" for h in card.heads) or "none"
         return f"{card.name}: {card.encoder.name}. Heads: {heads}. Intended use: {card.intended_use}"
+
+    def downloadable(self):
+        """(name, catalogue entry) of every public encoder that can be downloaded and is not in the models folder."""
+        from BrainDINOLib.download import is_present, public_encoders
+
+        return [(entry["name"], entry) for entry in public_encoders() if "source" in entry and not is_present(entry)]
+
+    @property
+    def downloading(self):
+        return self._download is not None
+
+    def startDownload(self, name):
+        """Run ``models download NAME`` in a ``PythonSlicer`` process; `pollDownload` reports it."""
+        from BrainDINOLib.background import BackgroundJob
+
+        python, pythonPath = jobPython()
+        command = ["models", "download", name]
+        self._download = BackgroundJob([command], module="BrainDINOLib", python=python, python_path=pythonPath).start()
+
+    def pollDownload(self):
+        """The download's events since the last call (progress, log lines, and `JobEnded` last)."""
+        from BrainDINOLib.background import JobEnded
+
+        events = self._download.poll() if self._download else []
+        if any(isinstance(event, JobEnded) for event in events):
+            self._download = None
+        return events
+
+    def cancelDownload(self):
+        if self._download:
+            self._download.cancel()
 
     def importCheckpoint(self, path):
         from BrainDINOLib.bundle import DEFAULT_MODELS_DIR
@@ -660,6 +766,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
             self.test_phantom_outputs,
             self.test_folder_of_scans,
             self.test_bad_input_is_refused,
+            self.test_public_encoders_are_offered,
         )
 
     def test_module_and_parameter_node(self):
@@ -780,6 +887,24 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         with self.assertRaises(BrainDINOError):
             logic.session.start(empty)
         self.assertFalse(logic.running)
+
+    def test_public_encoders_are_offered(self):
+        """A public encoder not downloaded yet is in the model list; choosing it enables Download and says what it is
+        (nothing is downloaded: the self-test needs no network)."""
+        skipWithoutDependencies(self)
+        offered = [name for name, _ in BrainDINOLogic().downloadable()]
+        if not offered:
+            self.skipTest("every public encoder is in the models folder already")
+        slicer.util.selectModule("BrainDINO")
+        widget = slicer.util.getModuleWidget("BrainDINO")
+        widget.refreshCatalogue()
+        index = widget.ui.modelComboBox.findData(offered[0])
+        self.assertEqual(widget.ui.modelComboBox.itemText(index), f"{offered[0]} (download)")
+        widget.onCatalogueChosen(index)
+        self.assertTrue(widget.ui.downloadButton.enabled)
+        self.assertIn("Press Download", widget.ui.modelInfoLabel.text)
+        widget.logic.getParameterNode().model = ""
+        self.assertFalse(widget.ui.downloadButton.enabled)
 
 
 def runEachTest(testCase, *tests):

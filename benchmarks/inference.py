@@ -4,10 +4,12 @@ The volume is the real MNI T1 template, its brain extent stretched to 155 axial 
 padded to 240 x 240, so every slice is encoded. For each config, in one process: a warm-up, the
 encoder alone over all slices (input prepared beforehand), then ``run_inference`` end to end
 (load, preprocess, encode, maps, NIfTI + embeddings + report). Each config runs in its own
-subprocess so ``peak_rss_mb`` is that config's own peak.
+subprocess so ``peak_rss_mb`` is that config's own peak. With several ``--image-size`` values, each
+config runs at each size and a comparison object follows (times and peak memory relative to the first size).
 
     python benchmarks/inference.py                       # tiny and vit-s16 on the default shape
     python benchmarks/inference.py --config vit-b16 --shape 512,512,400   # memory on a large scan
+    python benchmarks/inference.py --image-size 224 --image-size 448      # the cost of finer maps
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ def make_scan(path: Path, shape: tuple[int, int, int]) -> Path:
     return path
 
 
-def run_one(config: str, shape: tuple[int, int, int], batch_size: int) -> dict:
+def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_size: int | None) -> dict:
     import torch
 
     from BrainDINOLib.bundle import create_random_bundle, find_bundle, load_bundle
-    from BrainDINOLib.infer import InferenceOptions, run_inference
+    from BrainDINOLib.infer import InferenceOptions, analysis_spec, run_inference
     from BrainDINOLib.preprocess import prepare
     from BrainDINOLib.volume import load_volume
 
@@ -70,7 +72,7 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int) -> dict:
             bundle_path = create_random_bundle(tmp / config, CONFIGS[config]).path
         bundle = load_bundle(bundle_path)
         encoder = bundle.load_encoder()
-        prepared = prepare(load_volume(scan), bundle.card.preprocessing)
+        prepared = prepare(load_volume(scan), analysis_spec(bundle.card, image_size))
         batches = [
             prepared.model_input(prepared.slices[i : i + batch_size])
             for i in range(0, len(prepared.slices), batch_size)
@@ -83,7 +85,7 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int) -> dict:
                     encoder(batch)
             return time.perf_counter() - start
 
-        options = InferenceOptions(bundle=str(bundle_path), device="cpu", batch_size=batch_size)
+        options = InferenceOptions(bundle=str(bundle_path), device="cpu", batch_size=batch_size, image_size=image_size)
         with torch.inference_mode():
             encoder(batches[0])  # warm-up
         encoder_s = encoder_alone(batches)
@@ -96,6 +98,7 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int) -> dict:
         "config": config,
         "encoder": CONFIGS[config],
         "shape": list(shape),
+        "image_size": prepared.spec.image_size,
         "slices": slices,
         "batch_size": batch_size,
         "encoder_s": round(encoder_s, 3),
@@ -117,26 +120,40 @@ def main() -> None:
     parser.add_argument("--config", choices=CONFIGS, action="append", help="default: tiny and vit-s16")
     parser.add_argument("--shape", default="240,240,155", help="X,Y,Z of the synthetic scan (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--image-size", type=int, action="append", help="canvas side for the maps and heads (default: the bundle's)"
+    )
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     configs = args.config or ["tiny", "vit-s16"]
+    sizes = args.image_size or [None]
     if args.in_process:
-        print(json.dumps(run_one(configs[0], shape, args.batch_size)), flush=True)
+        print(json.dumps(run_one(configs[0], shape, args.batch_size, sizes[0])), flush=True)
         return
     for config in configs:
-        command = [
-            sys.executable,
-            __file__,
-            "--in-process",
-            "--config",
-            config,
-            "--shape",
-            args.shape,
-            "--batch-size",
-            str(args.batch_size),
-        ]
-        subprocess.run(command, check=True)
+        runs = []
+        for size in sizes:
+            command = [sys.executable, __file__, "--in-process", "--config", config, "--shape", args.shape,
+                       "--batch-size", str(args.batch_size)]  # fmt: skip
+            if size:
+                command += ["--image-size", str(size)]
+            output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+            print(output, end="", flush=True)
+            runs.append(json.loads(output))
+        if len(runs) > 1:
+            print(json.dumps(compare(runs)), flush=True)
+
+
+def compare(runs: list[dict]) -> dict:
+    """Each run's times and peak memory as ratios to the first run's (one config at several image sizes)."""
+    first = runs[0]
+    keys = ("encoder_s", "pipeline_s", "peak_rss_mb")
+    return {
+        "config": first["config"],
+        "image_sizes": [run["image_size"] for run in runs],
+        **{f"{key}_ratio": [round(run[key] / first[key], 2) for run in runs] for key in keys},
+    }
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ error; the others go on.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +21,9 @@ from pathlib import Path
 from .bundle import Bundle, find_bundle, load_bundle
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE
-from .infer import InferenceOptions, input_signature, output_stem, read_scan, run_inference
+from .infer import InferenceOptions, analysis_spec, input_signature, output_stem, read_scan, run_inference
 from .manifest import IMAGE_SUFFIXES, load_manifest, manifest_kind
+from .predictions import summary_table
 from .volume import dicom_series_in
 
 SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
@@ -65,7 +66,14 @@ def is_single_scan(inputs: Sequence[Path]) -> bool:
     path = inputs[0]
     if path.is_file():
         return path.name.lower().endswith(IMAGE_SUFFIXES)
-    return path.is_dir() and not any(p.is_dir() for p in path.iterdir()) and bool(dicom_series_in(path))
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return (
+        not any(p.is_dir() for p in entries)
+        and any(not p.name.lower().endswith(IMAGE_SUFFIXES + _NOT_DICOM) for p in entries)
+        and bool(dicom_series_in(path))
+    )
 
 
 def find_scans(inputs: Sequence[Path], *, exclude: Path | None = None, sequence: str | None = None) -> list[ScanJob]:
@@ -83,12 +91,13 @@ def find_scans(inputs: Sequence[Path], *, exclude: Path | None = None, sequence:
     for path in inputs:
         if not path.exists():
             raise BrainDINOError(f"{path}: no such file or folder")
-        if exclude is not None and path.is_dir() and path.resolve() == exclude.resolve():
-            raise BrainDINOError(f"{path}: the output folder cannot be the folder of scans; choose another (-o)")
+        path = path.resolve()
+        if exclude is not None and (exclude.resolve() == path or exclude.resolve() in path.parents):
+            raise BrainDINOError(f"{path}: the output folder {exclude} holds these scans; choose one outside it (-o)")
         if path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES):
             found = _manifest_jobs(path, sequence)
         elif path.is_file():
-            found = [ScanJob(output_stem(path), path)]
+            found = [ScanJob(_clean(output_stem(path)), path)]
         elif manifest_kind(path) != "folder":
             found = _manifest_jobs(path, sequence)
         else:
@@ -104,16 +113,20 @@ def find_scans(inputs: Sequence[Path], *, exclude: Path | None = None, sequence:
 def _manifest_jobs(source: Path, sequence: str | None) -> list[ScanJob]:
     jobs = []
     for entry in load_manifest(source).entries:
+        name = _clean("_".join(filter(None, (entry.subject_id, entry.session))))
         scans = entry.scans
+        if not scans:
+            jobs.append(ScanJob(name, source, error=f"{source}: subject {entry.subject_id} has no scan, only masks"))
+            continue
         chosen = sequence if sequence in scans else next((s for s in SCAN_PREFERENCE if s in scans), None)
         if sequence and chosen != sequence:
             raise BrainDINOError(f"{source}: subject {entry.subject_id} has no {sequence} scan (--sequence)")
         chosen = chosen or next(iter(scans))
-        named = entry.sequences
+        named = {s: p.resolve() for s, p in scans.items() if s in SCAN_PREFERENCE}  # t1, t1ce, t2, flair
         jobs.append(
             ScanJob(
-                name="_".join(filter(None, (entry.subject_id, entry.session))),
-                path=scans[chosen],
+                name=name,
+                path=scans[chosen].resolve(),
                 sequence=chosen if chosen in named else None,
                 others={s: p for s, p in named.items() if s != chosen},
             )
@@ -131,18 +144,20 @@ def _folder_jobs(folder: Path, exclude: Path | None) -> list[ScanJob]:
             continue
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and (here / d).resolve() != skip)
         files = sorted(f for f in files if not f.startswith("."))
+        where = here.relative_to(folder).parts
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-        jobs += [ScanJob(output_stem(here / f), here / f) for f in images]
+        jobs += [ScanJob(_clean("_".join((*where, output_stem(here / f)))), here / f) for f in images]
         others = [f for f in files if f not in images and not f.lower().endswith(_NOT_DICOM)]
         if not others:
             continue
         series = dicom_series_in(here)
+        stem = "_".join(where) or folder.name
         for uid in series:
-            jobs.append(ScanJob(here.name if len(series) == 1 else f"{here.name}_{uid[-8:]}", here, dicom_series=uid))
+            jobs.append(ScanJob(_clean(stem if len(series) == 1 else f"{stem}_{uid[-8:]}"), here, dicom_series=uid))
         unread = [f for f in others if f.lower().endswith(_DICOM_SUFFIXES)]
         if not series and unread:
             error = f"{here}: no readable DICOM series among {len(unread)} DICOM file(s) such as {unread[0]}"
-            jobs.append(ScanJob(here.name, here, error=error))
+            jobs.append(ScanJob(_clean(stem), here, error=error))
     return jobs
 
 
@@ -151,12 +166,21 @@ def _made_by_braindino(files: list[str]) -> bool:
     return SUMMARY_JSON in files or {"result.json", TOKENS_FILE} <= set(files)
 
 
+def _clean(name: str) -> str:
+    """A scan's name as a folder name of the output folder (never a path outside it)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "scan"
+
+
 def _unique_names(jobs: list[ScanJob]) -> list[ScanJob]:
-    seen: dict[str, int] = {}
-    unique = []
+    """Names made unique (ignoring case): a repeated name gets the first free ``-2``, ``-3``, ..."""
+    taken, unique = set(), []
     for job in jobs:
-        count = seen[job.name.lower()] = seen.get(job.name.lower(), 0) + 1
-        unique.append(job if count == 1 else dataclasses.replace(job, name=f"{job.name}-{count}"))
+        name, count = job.name, 1
+        while name.lower() in taken:
+            count += 1
+            name = f"{job.name}-{count}"
+        taken.add(name.lower())
+        unique.append(dataclasses.replace(job, name=name))
     return unique
 
 
@@ -178,7 +202,7 @@ def previous_result(folder: Path, bundle: Bundle, options: InferenceOptions, job
             result["model"]["sha256"] == bundle.card.files
             and result["options"] == options.record()
             and result["input"]["path"] == str(job.path)
-            and result["input"]["signature"] == input_signature(job.path)
+            and result["input"]["signature"] == input_signature(job.path, *job.others.values())
         )
         complete = all((folder / name).is_file() for name in result["outputs"].values())
     except (OSError, ValueError, KeyError, TypeError):
@@ -202,9 +226,11 @@ def run_cohort(
     error and the run goes on. The summary is rewritten after each scan.
 
     Raises:
-        BrainDINOError: the model cannot be loaded, or ``out_dir`` cannot be written.
+        BrainDINOError: the model cannot be loaded, does not take ``options.image_size``, or ``out_dir`` cannot be
+            written.
     """
     bundle = load_bundle(find_bundle(options.bundle, options.models_dir))
+    analysis_spec(bundle.card, options.image_size)  # a bad size fails once, not for every scan
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -217,7 +243,8 @@ def run_cohort(
     }
     to_read = [(job, chosen) for job, chosen in plans if job.name not in done and not job.error]
     rows: list[dict] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-next-scan") as reader:
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-next-scan")
+    try:
         reads: dict[str, Future] = {}
 
         def read_ahead(position: int) -> None:
@@ -255,6 +282,8 @@ def run_cohort(
             write_summary(out_dir, rows, bundle)
             if progress is not None:
                 progress(index, job.name, 1, 1)
+    finally:  # interrupted: the scan being read ahead is dropped, not waited for
+        reader.shutdown(wait=False, cancel_futures=True)
     return rows
 
 
@@ -291,35 +320,19 @@ def _row(job: ScanJob, status: str, *, result: dict | None = None, error: str = 
     }
 
 
-def prediction_columns(name: str, prediction: dict) -> dict[str, object]:
-    """A prediction as summary columns whose titles carry the units: ``age [years]``, ``tumor [mL]``, ``diagnosis``
-    with ``diagnosis [probability]``."""
-    kind = prediction["kind"]
-    if "probabilities" in prediction:
-        chosen = prediction["prediction"]
-        return {name: chosen, f"{name} [probability]": round(prediction["probabilities"][chosen], 4)}
-    if kind == "seg":
-        return {f"{name} [mL]": prediction["total_ml"]}
-    return {f"{name} [{prediction['units']}]": round(prediction["value"], 4)}
-
-
 def write_summary(out_dir: Path, rows: list[dict], bundle: Bundle) -> None:
-    """``summary.json`` (the rows in full) and ``summary.csv`` (one flat row per scan), each replaced atomically."""
+    """``summary.json`` (the rows in full) and ``summary.csv`` (`predictions.summary_table`), each replaced
+    atomically."""
     document = {"model": {"name": bundle.card.name, "path": str(bundle.path)}, "scans": rows}
-    flat = []
-    for row in rows:
-        values = {k: v for k, v in row.items() if k not in ("predictions", "timings_s", "warnings")}
-        for name, prediction in row["predictions"].items():
-            values.update(prediction_columns(name, prediction))
-        values["warnings"] = " | ".join(row["warnings"])
-        flat.append(values)
-    columns = list(dict.fromkeys(key for values in flat for key in values))
     _replace(out_dir / SUMMARY_JSON, lambda handle: handle.write(json.dumps(document, indent=2) + "\n"))
+    columns = summary_table(rows)
 
     def write_csv(handle) -> None:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in values.items()} for values in flat)
+        import csv
+
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values(), strict=True))
 
     _replace(out_dir / SUMMARY_CSV, write_csv)
 

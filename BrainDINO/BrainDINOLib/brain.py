@@ -6,7 +6,8 @@ a bundle, `prepare_scan` runs it first on every slice with foreground (pass 1), 
 connected component with its holes filled, and prepares the scan again with that mask (pass 2):
 brain statistics for the normalisation, the brain's extent for the slices, the brain as the
 foreground. Inference (`infer`) and head fitting (the training library's feature cache) both call
-it, so every other head is fitted on exactly what it is applied to.
+it, so every other head is fitted on exactly what it is applied to. Pass 1 always reads the bundle's
+own canvas, the one the head was fitted on; pass 2 may be placed on another (``infer --image-size``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from scipy import ndimage
 
 from .engine import EncodedVolume, ProgressCallback, encode_volume
 from .heads import HeadSpec, segment_slices, segmentation_input
-from .preprocess import PreparedVolume, prepare
+from .preprocess import PreparedVolume, PreprocessSpec, prepare
 from .volume import Volume
 
 BRAIN_TARGET = "brain_mask"
@@ -45,6 +46,7 @@ def prepare_scan(
     encoder,
     *,
     whole: PreparedVolume | None = None,
+    final: PreprocessSpec | None = None,
     device=None,
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
@@ -56,6 +58,8 @@ def prepare_scan(
         bundle: the model bundle (its preprocessing and, if any, its brain-mask head).
         encoder: the bundle's loaded encoder.
         whole: ``prepare(volume, preprocessing)`` if the caller already has it (pass 1's input).
+        final: how the returned scan is prepared (default: the bundle's preprocessing; ``infer --image-size`` gives
+            another canvas). Pass 1 always reads the bundle's own canvas, the one the brain-mask head was fitted on.
         progress: follows the encoding of pass 1 (``len(whole.slices)`` slices).
 
     Returns:
@@ -67,10 +71,15 @@ def prepare_scan(
         BrainDINOError: no slice with foreground. Cancelled: when ``cancel()`` returned True.
     """
     spec = bundle.card.preprocessing
+    final = final or spec
     whole = whole or prepare(volume, spec)
+
+    def unmasked() -> PreparedVolume:
+        return whole if final == spec else prepare(volume, final)
+
     head_spec = brain_head(bundle.head_specs)
     if head_spec is None:
-        return whole, None, [], None
+        return unmasked(), None, [], None
     encoded = encode_volume(
         whole, encoder, device=device, batch_size=batch_size, layers=head_spec.layers, progress=progress, cancel=cancel
     )
@@ -85,5 +94,5 @@ def prepare_scan(
             f"the brain-mask head '{head_spec.name}' found no brain in {volume.path}: the whole scan was analysed "
             "(is this a brain MRI?)"
         )
-        return whole, None, [warning], encoded
-    return prepare(volume, spec, brain), brain, [], encoded
+        return unmasked(), None, [warning], encoded
+    return prepare(volume, final, brain), brain, [], encoded

@@ -327,13 +327,14 @@ def create_random_bundle(
 
 
 def catalog() -> dict:
-    """The shipped model catalogue (``models/catalog.json``)."""
+    """The shipped model catalogue (``models/catalog.json``): bundles shipped in its folder (``path``), public
+    encoders that ``braindino models download`` fetches (``source``) and ones obtained by hand (``access``)."""
     return json.loads((CATALOG_DIR / "catalog.json").read_text())
 
 
 def list_bundles(models_dir: Path = DEFAULT_MODELS_DIR) -> list[tuple[str, str, Path]]:
-    """(name, source, path) of every shipped and user-imported bundle."""
-    found = [(entry["name"], "shipped", CATALOG_DIR / entry["path"]) for entry in catalog()["models"]]
+    """(name, source, path) of every shipped and user-imported (or downloaded) bundle."""
+    found = [(e["name"], "shipped", CATALOG_DIR / e["path"]) for e in catalog()["models"] if "path" in e]
     if models_dir.is_dir():
         found += [(p.name, "user", p) for p in sorted(models_dir.iterdir()) if (p / CARD_FILE).is_file()]
     return found
@@ -348,5 +349,10 @@ def find_bundle(reference: str | None = None, models_dir: Path = DEFAULT_MODELS_
     for name, _, path in list_bundles(models_dir):
         if name == reference:
             return path
+    public = next((entry for entry in catalog()["models"] if entry["name"] == reference), None)
+    if public and "source" in public:
+        raise BrainDINOError(f"model '{reference}' is not downloaded yet: run 'braindino models download {reference}'")
+    if public:
+        raise BrainDINOError(f"model '{reference}' is not imported yet: {public['access']['instructions']}")
     known = ", ".join(name for name, _, _ in list_bundles(models_dir))
     raise BrainDINOError(f"no model bundle '{reference}' (a bundle folder, or one of: {known})")

@@ -81,9 +81,23 @@ class ProgressBar:
             self._bar.close()
 
 
+def download_progress_lines(name: str) -> type:
+    """A tqdm class for huggingface_hub's download bar that reports ``[progress] downloading NAME (MB) DONE/TOTAL``
+    lines instead (``--progress-lines``)."""
+    from tqdm import tqdm
+
+    report = ProgressBar(f"downloading {name} (MB)", "MB")
+
+    class ProgressLines(tqdm):
+        def display(self, msg=None, pos=None):
+            report(round(self.n / 1e6), round((self.total or 0) / 1e6))
+
+    return ProgressLines
+
+
 class CohortBar:
     """One progress bar across a cohort (`batch.CohortProgress`): scans done, slices/s and ETA on stderr; with
-    ``--progress-lines``, ``[progress] scan K/N NAME DONE/TOTAL`` lines in thousandths of the cohort."""
+    ``--progress-lines``, ``[progress] scan K/N NAME DONE/TOTAL`` lines counting thousandths of a scan."""
 
     def __init__(self, count: int, disable: bool = False):
         self.count, self.disable = count, disable
@@ -94,11 +108,9 @@ class CohortBar:
         self._start = time.monotonic()
 
     def __call__(self, index: int, name: str, done: int, total: int) -> None:
-        if self._last[0] == index and done >= self._last[1]:
-            self._slices += done - self._last[1]
-        elif done < total:  # a new scan's first report
-            self._slices += done
-        self._last = (index, done)
+        if total > 1 or done < total:  # not the end-of-scan mark (1 of 1) that skipped and failed scans get too
+            self._slices += done - self._last[1] if self._last[0] == index else done
+            self._last = (index, done)
         fraction = index + done / max(total, 1)
         if ProgressBar.lines:
             now = time.monotonic()
@@ -193,6 +205,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument(
         "--force", action="store_true", help="cohorts: redo the scans a previous run finished with the same options"
     )
+    infer.add_argument(
+        "--cohort",
+        action="store_true",
+        help="treat the inputs as a cohort even when they are one scan (OUT/<scan name>/ and a summary)",
+    )
     infer.add_argument("--volume", type=int, help="volume index of a 4D scan")
     infer.add_argument("--dicom-series", help="SeriesInstanceUID when a DICOM folder holds several series")
     infer.add_argument(
@@ -218,6 +235,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="whose patch tokens embeddings.safetensors keeps: the last block's (default) or every block's, "
         "for PCA and similarity maps of any block made later from the file (the Slicer module keeps all)",
     )
+    infer.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="canvas side in pixels for the maps and heads (default: the bundle's, 224 for the shipped ones): 448 "
+        "gives a 28 x 28 patch grid instead of 14 x 14 for ~4x the encoding time; a multiple of the patch size "
+        "from 112 to 1024, RoPE (DINOv3-family) encoders only. The brain mask and the out-of-distribution check "
+        "stay on the bundle's canvas",
+    )
     _add_run_options(infer)
     infer.set_defaults(func=_infer)
 
@@ -238,11 +264,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     models = subparsers.add_parser(
         "models",
-        help="list, import and verify model bundles",
+        help="list, download, import and verify model bundles",
         description="Manage model bundles (encoder.safetensors + model.json).",
     )
-    actions = models.add_subparsers(dest="action", required=True, metavar="{list,import,verify}")
-    listing = actions.add_parser("list", help="shipped and user bundles")
+    actions = models.add_subparsers(dest="action", required=True, metavar="{list,download,import,verify}")
+    listing = actions.add_parser("list", help="shipped and user bundles, public encoders and whether they are here")
     listing.add_argument("--models-dir", type=Path)
     listing.set_defaults(func=_models_list)
     imports = actions.add_parser(
@@ -263,6 +289,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("bundle", metavar="BUNDLE", help="bundle folder or name")
     verify.add_argument("--models-dir", type=Path)
     verify.set_defaults(func=_models_verify)
+    download = actions.add_parser(
+        "download",
+        help="download a public encoder of the catalogue (see 'braindino models list') as a bundle",
+        description="Download NAME's weights from the Hugging Face Hub (with huggingface_hub, into a temporary "
+        "folder), check their sha256 against the one the Hub publishes for the file, and import them as the bundle "
+        "<models-dir>/NAME, which works offline from then on. Without network access, download the file elsewhere "
+        "and use 'braindino models import FILE --name NAME'.",
+    )
+    download.add_argument("name", metavar="NAME")
+    download.add_argument("--models-dir", type=Path)
+    download.add_argument("--force", action="store_true", help="download and import again, replacing the bundle")
+    download.add_argument(
+        "--endpoint", help="address of a Hugging Face Hub mirror (default: HF_ENDPOINT, else https://huggingface.co)"
+    )
+    download.set_defaults(func=_models_download)
 
 
 def _models_dir(args) -> Path:
@@ -288,6 +329,7 @@ def _run_options(args, **choices):
         other_scans=dict(getattr(args, "also", [])),
         keep_blocks=getattr(args, "keep_blocks", "last"),
         dicom_seg=getattr(args, "dicom_seg", False),
+        image_size=getattr(args, "image_size", None),
     )
     return dataclasses.replace(options, **choices)
 
@@ -308,7 +350,7 @@ def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
 def _infer(args) -> int:
     from .batch import find_scans, is_single_scan
 
-    if is_single_scan(args.scans):
+    if not args.cohort and is_single_scan(args.scans):
         result = _run(args, args.scans[0], args.out_dir)
         print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
         return 0
@@ -385,6 +427,7 @@ def truth_line(prediction: dict, truth: dict) -> str:
 
 def _models_list(args) -> None:
     from .bundle import list_bundles, read_card
+    from .download import is_present, public_encoders
     from .encoder import ENCODERS
 
     print("bundles:")
@@ -394,6 +437,13 @@ def _models_list(args) -> None:
         print(f"  {name:<28} {source:<8} {card.encoder.name:<20} {label:<12} {card.description}")
         for head in card.heads:
             print(f"  {'':<28} head {head['name']} ({head['kind']}, target {head['target']})")
+    print("\npublic encoders (here: in the models folder; download: 'braindino models download NAME'; access request: "
+          "obtain the file as its page says, then 'braindino models import FILE --name NAME'):")  # fmt: skip
+    for entry in public_encoders():
+        downloadable = "source" in entry
+        state = "here" if is_present(entry, _models_dir(args)) else "download" if downloadable else "access request"
+        where = f"https://huggingface.co/{entry['source']['repo']}" if downloadable else entry["access"]["url"]
+        print(f"  {entry['name']:<28} {state:<14} {entry['encoder']:<20} {entry['license']:<15} {where}")
     print("\nencoder architectures (for 'models import --encoder'):")
     for config in ENCODERS.values():
         print(f"  {config.name:<28} {config.description}")
@@ -405,6 +455,20 @@ def _models_import(args) -> None:
     out_dir = args.out_dir or _models_dir(args) / bundle_name(args.checkpoint, args.name)
     bundle = import_checkpoint(args.checkpoint, out_dir, encoder_name=args.encoder, overwrite=args.force)
     print(f"imported {args.checkpoint} as {bundle.card.encoder.name} bundle '{bundle.card.name}' at {bundle.path}")
+
+
+def _models_download(args) -> None:
+    from .download import download, download_entry
+
+    bundle = download(
+        download_entry(args.name),
+        _models_dir(args),
+        force=args.force,
+        endpoint=args.endpoint,
+        tqdm_class=download_progress_lines(args.name) if ProgressBar.lines else None,
+    )
+    print(f"downloaded '{args.name}' ({bundle.card.license}) as a {bundle.card.encoder.name} bundle at {bundle.path}; "
+          f"use it with --bundle {args.name}")  # fmt: skip
 
 
 def _models_verify(args) -> None:

@@ -3,8 +3,8 @@ PACS or a DICOM viewer stores and shows them with the scan.
 
 One SEG per scan holds every segment of the run (each class of each segmentation head, then the brain mask),
 as binary frames on the source series' own frames, each segment with the terminology codes of the Slicer
-segments (`segments`). Its UIDs derive from the source series, the model and the run's options, so the same
-run gives the same object.
+segments (`segments`). Its UIDs derive from the source series, the BrainDINO version, the model and the
+segments' voxels, so the same run gives the same object and different segments never share a UID.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ _TISSUE = ("85756007", "Tissue")
 
 
 def write_dicom_seg(
-    series_files: list[str], volume: Volume, segments: list[tuple[str, np.ndarray]], path: str | Path, *,
-    model: str, identity: str,
-) -> Path:  # fmt: skip
+    series_files: list[str], volume: Volume, segments: list[tuple[str, np.ndarray]], path: str | Path, *, model: str
+) -> Path:
     """Write the segments of a scan read from a DICOM series as one SEG object.
 
     Args:
@@ -33,11 +32,12 @@ def write_dicom_seg(
         volume: the scan read from them.
         segments: (name, canonical (X, Y, Z) bool mask) in segment-number order.
         model: the model's name (the SEG's algorithm).
-        identity: what makes this run's SEG differ from another's of the same series (model hashes, options).
 
     Raises:
         BrainDINOError: a source file cannot be read, or the series cannot carry a SEG (e.g. missing UIDs).
     """
+    import hashlib
+
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -50,6 +50,7 @@ def write_dicom_seg(
         raise BrainDINOError(f"{folder}: cannot read the DICOM series ({describe(error)})") from error
     # (I, J, K) masks -> frames (K, rows = J, columns = I): SimpleITK stacks the series' frames along K
     frames = np.stack([volume.to_source(mask) for _, mask in segments], axis=-1).transpose(2, 1, 0, 3)
+    frames = frames.astype(bool)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"BrainDINO {model}", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
@@ -69,11 +70,12 @@ def write_dicom_seg(
             )
         )
     series = sources[0]
-    seed = [series.SeriesInstanceUID, identity]
+    names = "\0".join(name for name, _ in segments)
+    seed = [series.SeriesInstanceUID, __version__, model, names, hashlib.sha256(frames.tobytes()).hexdigest()]
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
-            pixel_array=frames.astype(bool),
+            pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=generate_uid(entropy_srcs=[*seed, "series"]),

@@ -56,6 +56,12 @@ class EncoderConfig:
         """(h, w) patch grid on a square canvas of ``image_size`` pixels."""
         return (image_size // self.patch_size,) * 2
 
+    @property
+    def any_canvas(self) -> bool:
+        """Whether the encoder reads canvases of any size: RoPE (dinov3) computes its rotary angles for the patch
+        grid at hand, exactly; a learned position embedding (dinov2) is a table for the bundle's grid alone."""
+        return self.family == "dinov3"
+
     @classmethod
     def from_dict(cls, values: dict) -> EncoderConfig:
         try:
@@ -111,6 +117,17 @@ ENCODERS: dict[str, EncoderConfig] = {
             4,
             "tiny DINOv3-style ViT/16 for CPU tests and demos",
         ),
+        EncoderConfig(
+            "vit-tiny14-dinov2",
+            "vit_small_patch14_dinov2",
+            "dinov2",
+            96,
+            6,
+            3,
+            14,
+            0,
+            "tiny DINOv2-style ViT/14 for CPU tests",
+        ),
         EncoderConfig("vit-s14-dinov2", "vit_small_patch14_dinov2", "dinov2", 384, 12, 6, 14, 0, "DINOv2 ViT-S/14"),
         EncoderConfig("vit-b14-dinov2", "vit_base_patch14_dinov2", "dinov2", 768, 12, 12, 14, 0, "DINOv2 ViT-B/14"),
         EncoderConfig("vit-l14-dinov2", "vit_large_patch14_dinov2", "dinov2", 1024, 24, 16, 14, 0, "DINOv2 ViT-L/14"),
@@ -165,6 +182,7 @@ def build_vit(config: EncoderConfig, img_size: int = 224, in_chans: int = 3) -> 
         pretrained=False,
         num_classes=0,
         img_size=img_size,
+        dynamic_img_size=config.any_canvas,
         in_chans=in_chans,
         embed_dim=config.embed_dim,
         depth=config.depth,
@@ -199,7 +217,8 @@ class BrainEncoder(nn.Module):
 
     Args:
         config: architecture.
-        img_size: canvas side the model is built for (DINOv2 position embeddings are sized to it).
+        img_size: canvas side the model is built for (DINOv2 position embeddings are sized to it; RoPE encoders
+            also read any other multiple of the patch size, see `EncoderConfig.any_canvas`).
         in_chans: input channels (3 for natural-image checkpoints; grey slices are repeated).
     """
 

@@ -133,20 +133,16 @@ def bundle_name(checkpoint: str | Path, name: str | None = None) -> str:
     return name
 
 
-def import_checkpoint(
-    path: str | Path,
-    out_dir: str | Path,
-    *,
-    encoder_name: str | None = None,
-    preprocessing: PreprocessSpec | None = None,
-    overwrite: bool = False,
-) -> Bundle:
-    """Convert a checkpoint into a verified bundle at ``out_dir`` (its folder name is the bundle name).
+def encoder_from_checkpoint(
+    path: str | Path, *, encoder_name: str | None = None, image_size: int = 224
+) -> tuple[BrainEncoder, str, str]:
+    """The encoder a checkpoint holds, its weights loaded; with where they were found (``teacher``, ``model``,
+    ...) and their key layout (``Meta`` or ``timm``).
 
     Raises:
         BrainDINOError: unreadable checkpoint, unknown architecture, or weights that do not fit.
     """
-    path, out_dir = Path(path), Path(out_dir)
+    path = Path(path)
     checkpoint = read_checkpoint(path)
     try:
         state, container = backbone_state_dict(checkpoint)
@@ -154,14 +150,41 @@ def import_checkpoint(
         config = encoder_config(encoder_name) if encoder_name else detect_encoder(state)
     except BrainDINOError as error:
         raise BrainDINOError(f"{path}: {error}") from error
-    preprocessing = preprocessing or PreprocessSpec(in_chans=in_chans)
-    encoder = BrainEncoder(config, preprocessing.image_size, in_chans)
-    converted = convert_state_dict(state, encoder)
-    encoder.load_weights(converted, str(path))
+    encoder = BrainEncoder(config, image_size, in_chans)
+    encoder.load_weights(convert_state_dict(state, encoder), str(path))
     layout = "Meta" if any(k in state for k in ("storage_tokens", "mask_token", "register_tokens")) else "timm"
+    return encoder, container, layout
+
+
+def import_checkpoint(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder_name: str | None = None,
+    preprocessing: PreprocessSpec | None = None,
+    overwrite: bool = False,
+    source: dict | None = None,
+    license: str | None = None,
+) -> Bundle:
+    """Convert a checkpoint into a verified bundle at ``out_dir`` (its folder name is the bundle name).
+
+    Args:
+        source: where a downloaded file came from (repo, file, revision, commit), kept in the card.
+        license: the weights' licence, for the card (default: the card's own default).
+
+    Raises:
+        BrainDINOError: unreadable checkpoint, unknown architecture, or weights that do not fit.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    encoder, container, layout = encoder_from_checkpoint(
+        path, encoder_name=encoder_name, image_size=(preprocessing or PreprocessSpec()).image_size
+    )
+    config = encoder.config
+    preprocessing = preprocessing or PreprocessSpec(in_chans=encoder.model.patch_embed.proj.in_channels)
     card = ModelCard(
         name=out_dir.name,
-        description=f"{config.description}; imported from {path.name}",
+        description=f"{config.description}; imported from {source['repo'] if source else path.name}",
+        license=license or ModelCard.license,
         encoder=config,
         preprocessing=preprocessing,
         random_init=False,
@@ -171,6 +194,7 @@ def import_checkpoint(
             "source_sha256": sha256(path),
             "container": container,
             "key_layout": layout,
+            **({"source": source} if source else {}),
         },
     )
     return save_bundle(out_dir, encoder, card, overwrite=overwrite)

@@ -10,6 +10,7 @@ brain-mask head, which then bounds the analysed slices, the normalisation and ev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
 from .heads import predict_volume, segment_slices, segmentation_input, segmentation_summary
 from .predictions import ood_warning, prediction_text
-from .preprocess import PreparedVolume, prepare
+from .preprocess import PreparedVolume, PreprocessSpec, prepare
 from .report import write_report
 from .typicality import scan_descriptions
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, dicom_series_files, load_volume, save_like
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 KEEP_BLOCKS = ("last", "all")
+IMAGE_SIZE_RANGE = (112, 1024)  # the canvas sides --image-size accepts: from a 7 x 7 to a 64 x 64 grid of 16-px patches
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class InferenceOptions:
         keep_blocks: ``last`` keeps the last block's patch tokens in ``embeddings.safetensors``; ``all`` every
             block's (PCA and similarity of any block can then be made from the file, as the Slicer module does).
         dicom_seg: for a DICOM series, also write the segmentations as a DICOM SEG referencing it.
+        image_size: side in pixels of the canvas the maps and heads are computed on (pass 2; None: the bundle's
+            ``preprocessing.image_size``); see `analysis_spec`.
     """
 
     bundle: str | None = None
@@ -75,6 +79,7 @@ class InferenceOptions:
     other_scans: dict[str, Path] = field(default_factory=dict)
     keep_blocks: str = "last"
     dicom_seg: bool = False
+    image_size: int | None = None
 
     def __post_init__(self):
         if self.keep_blocks not in KEEP_BLOCKS:
@@ -91,7 +96,36 @@ class InferenceOptions:
             "keep_blocks": self.keep_blocks,
             "report": self.report,
             "dicom_seg": self.dicom_seg,
+            "image_size": self.image_size,
         }
+
+
+def analysis_spec(card: ModelCard, image_size: int | None) -> PreprocessSpec:
+    """The preprocessing of the maps and heads: the bundle's, on an ``image_size``-px canvas (None: its own).
+
+    Only RoPE encoders (DINOv3 family) take another canvas: their rotary angles are computed for the patch grid at
+    hand, exactly. A learned position embedding (DINOv2 family) is a table for the bundle's grid; timm could
+    resample it bicubically, but the positions in between would be interpolated, not learned.
+
+    Raises:
+        BrainDINOError: the size is outside `IMAGE_SIZE_RANGE`, not a multiple of the patch size, or not the bundle's
+            own for an encoder with a learned position embedding.
+    """
+    spec, encoder = card.preprocessing, card.encoder
+    if image_size is None or image_size == spec.image_size:
+        return spec
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= image_size <= high or image_size % encoder.patch_size:
+        raise BrainDINOError(
+            f"image size {image_size} px: choose a multiple of {encoder.name}'s {encoder.patch_size}-px patches "
+            f"from {low} to {high} px (the bundle's own: {spec.image_size})"
+        )
+    if not encoder.any_canvas:
+        raise BrainDINOError(
+            f"image size {image_size} px: {encoder.name} has a learned position embedding for the bundle's "
+            f"{spec.image_size}-px canvas; only RoPE encoders (DINOv3 family) run on other canvases"
+        )
+    return dataclasses.replace(spec, image_size=image_size)
 
 
 def output_stem(scan: str | Path) -> str:
@@ -178,11 +212,12 @@ def analyse(
     device = resolve_device(options.device)
     others = others or {}
     check_sequences(bundle.head_specs, options.sequence, others)
+    final = analysis_spec(bundle.card, options.image_size)  # pass 2: the maps and heads
     encoder = bundle.load_encoder()
     typicality = bundle.load_typicality()
     brain_spec = brain_head(bundle.head_specs)
     lap("load_model")
-    spec = bundle.card.preprocessing
+    spec = bundle.card.preprocessing  # pass 1 (the brain) and the out-of-distribution check: the bundle's canvas
     whole = prepare(volume, spec)
     grid = bundle.card.encoder.patch_grid(spec.image_size)
     if options.query:  # fail before encoding
@@ -192,17 +227,23 @@ def analyse(
     wholes = {name: prepare(other, spec) for name, other in loaded.items()}
     lap("prepare")
     passes = 2 if brain_spec else 1  # pass 1 finds the brain, pass 2 encodes it
-    part = _progress_parts(progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())))
+    checking_whole = typicality is not None and brain_spec is None and final != spec  # the check's own pass 1
+    part = _progress_parts(
+        progress, passes * sum(len(w.slices) for w in (whole, *wholes.values())) + checking_whole * len(whole.slices)
+    )
 
     def prepared_for_heads(scan: Volume, first: PreparedVolume):
         """(prepared, brain, warnings, pass 1's encoding) of a scan, through the brain-mask head if any."""
         finding = part(len(first.slices)) if passes == 2 else None
         return prepare_scan(
-            scan, bundle, encoder, whole=first, device=device, batch_size=options.batch_size, progress=finding,
-            cancel=cancel,
+            scan, bundle, encoder, whole=first, final=final, device=device, batch_size=options.batch_size,
+            progress=finding, cancel=cancel,
         )  # fmt: skip
 
     prepared, brain, warnings, first_pass = prepared_for_heads(volume, whole)
+    if final != spec and any(s != brain_spec for s in bundle.head_specs):
+        warnings.append(f"the heads were fitted on {spec.image_size}-px canvases; at {final.image_size} px their "
+                        "predictions may shift")  # fmt: skip
     found = {}
     for name, other in loaded.items():
         found[name], _, notes, _ = prepared_for_heads(other, wholes[name])
@@ -213,6 +254,7 @@ def analyse(
         name: (other.path, found[name], part(len(wholes[name].slices), len(found[name].slices)))
         for name, other in loaded.items()
     }
+    checking = part(len(whole.slices)) if checking_whole else None
     lap("brain")
     layers = sorted(
         {
@@ -234,8 +276,15 @@ def analyse(
         bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
     )
     ood = None
-    if typicality:  # the whole scan, as pass 1 saw it (without a brain-mask head, the only pass)
-        seen = first_pass if first_pass is not None else encoded
+    if typicality:  # the whole scan on the bundle's canvas, as pass 1 saw it
+        if first_pass is not None:
+            seen = first_pass
+        elif checking_whole:
+            seen = encode_volume(
+                whole, encoder, device=device, batch_size=options.batch_size, progress=checking, cancel=cancel
+            )
+        else:  # without a brain-mask head, on the bundle's canvas: the only pass
+            seen = encoded
         ood = typicality.verdict(scan_descriptions(whole, seen, bundle.card.pooling))
         if ood["out_of_distribution"]:
             warnings.append(ood_warning(bundle.card.name, ood))
@@ -331,6 +380,7 @@ def run_inference(
     out_dir = Path(out_dir)
     bundle = bundle or load_bundle(find_bundle(options.bundle, options.models_dir))
     check_sequences(bundle.head_specs, options.sequence, options.other_scans)
+    analysis_spec(bundle.card, options.image_size)  # a bad size fails before the scan is read
     for name, path in options.other_scans.items():
         if not Path(path).exists():
             raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
@@ -414,7 +464,7 @@ def run_inference(
             "orientation": "".join(volume.source_axcodes),
             "spacing_mm": [round(s, 4) for s in volume.spacing],
             "affine": volume.source_affine.tolist(),
-            "signature": input_signature(scan),
+            "signature": input_signature(scan, *options.other_scans.values()),
         },
         "options": options.record(),
         "sequence": analysis.sequence,
@@ -426,7 +476,7 @@ def run_inference(
             "intended_use": bundle.card.intended_use,
             "sha256": bundle.card.files,
         },
-        "preprocessing": bundle.card.preprocessing.to_dict(),
+        "preprocessing": prepared.spec.to_dict(),
         "slices": {
             "analysed": len(prepared.slices),
             "first": int(prepared.slices[0]),
@@ -456,14 +506,15 @@ def read_scan(scan: str | Path, options: InferenceOptions) -> Volume:
     return load_volume(scan, volume_index=options.volume_index, dicom_series=options.dicom_series)
 
 
-def input_signature(scan: str | Path) -> str:
-    """Names, sizes and modification times of a scan's file(s), hashed: changes when the scan does."""
-    path = Path(scan)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+def input_signature(*scans: str | Path) -> str:
+    """Names, sizes and modification times of the scans' files (a DICOM folder's every file), hashed: changes when
+    a scan does."""
     digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for scan in scans:
+        path = Path(scan)
+        for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -487,8 +538,11 @@ def _write_dicom_seg(scan, path: Path, analysis: Analysis, bundle: Bundle, optio
         analysis.warnings.append(f"no DICOM SEG written: model '{bundle.card.name}' has no segmentation head")
         return {}
     _, files = dicom_series_files(scan, options.dicom_series)
-    identity = json.dumps([bundle.card.files, options.record()], sort_keys=True)
-    write_dicom_seg(files, analysis.volume, segments, path, model=bundle.card.name, identity=identity)
+    try:
+        write_dicom_seg(files, analysis.volume, segments, path, model=bundle.card.name)
+    except BrainDINOError as error:  # the NIfTI outputs stand; the series could not carry a SEG
+        analysis.warnings.append(f"no DICOM SEG written: {error}")
+        return {}
     return {"dicom_seg": path.name}
 
 

@@ -48,3 +48,28 @@ def ood_warning(model: str, ood: dict) -> str:
         f"OUT OF DISTRIBUTION: this scan is unlike the scans model '{model}' was fitted on (atypicality "
         f"{ood['ood_score']:.2f} x the calibrated threshold); its predictions are unreliable"
     )
+
+
+def prediction_columns(name: str, prediction: dict) -> dict[str, object]:
+    """A prediction as summary columns whose titles carry the units: ``age [years]``, ``tumor [mL]``, ``diagnosis``
+    with ``diagnosis [probability]``."""
+    kind = prediction["kind"]
+    if "probabilities" in prediction:
+        chosen = prediction["prediction"]
+        return {name: chosen, f"{name} [probability]": round(prediction["probabilities"][chosen], 4)}
+    if kind == "seg":
+        return {f"{name} [mL]": prediction["total_ml"]}
+    return {f"{name} [{prediction['units']}]": round(prediction["value"], 4)}
+
+
+def summary_table(rows: list[dict]) -> dict[str, list[str]]:
+    """A cohort summary's rows (``summary.json``) as text columns: ``summary.csv`` and the Slicer table node."""
+    flat = []
+    for row in rows:
+        values = {k: v for k, v in row.items() if k not in ("predictions", "timings_s", "warnings")}
+        for name, prediction in row["predictions"].items():
+            values.update(prediction_columns(name, prediction))
+        values["warnings"] = " | ".join(row["warnings"])
+        flat.append(values)
+    titles = list(dict.fromkeys(key for values in flat for key in values))
+    return {title: ["" if v.get(title) is None else str(v[title]) for v in flat] for title in titles}

@@ -13,7 +13,6 @@ PCA and similarity maps are answered from the saved tokens (`featuremaps.TokenMa
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -33,7 +32,7 @@ from .background import BackgroundJob, JobEnded, LogLine
 from .cli import Progress
 from .errors import BrainDINOError
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
-from .predictions import ood_warning, prediction_row, prediction_text
+from .predictions import ood_warning, prediction_row, prediction_text, summary_table
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,7 @@ class RunOptions:
         sequence: the input's MRI sequence (None: the bundle's sequence head decides).
         outputs: which of `OUTPUTS` to create; ``similarity`` answers point queries.
         models_dir: where user bundles live (None: the command line's default, ``~/.braindino/models``).
+        image_size: canvas side in pixels for the maps and heads (None: the bundle's; ``infer --image-size``).
     """
 
     bundle: str | None = None
@@ -61,6 +61,7 @@ class RunOptions:
     sequence: str | None = None
     outputs: frozenset[str] = frozenset(OUTPUTS)
     models_dir: Path | None = None
+    image_size: int | None = None
 
     def __post_init__(self):
         unknown = set(self.outputs) - set(OUTPUTS)
@@ -321,8 +322,8 @@ class InferenceSession:
             raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
         if not Path(folder).is_dir():
             raise BrainDINOError(f"{folder}: no such folder")
-        self._cohort = (scene, Path(out_dir))
-        self._start(["infer", str(folder), "-o", str(out_dir), *_model_options(options)])
+        self._cohort = (scene, Path(out_dir), time.time())
+        self._start(["infer", str(folder), "-o", str(out_dir), "--cohort", *_model_options(options)])
 
     def _start(self, command: list[str]) -> None:
         self._errors, self._stopped = [], False
@@ -376,17 +377,16 @@ class InferenceSession:
         return message or f"inference failed (exit code {ended.code}); see the log"
 
     def _cohort_ended(self, ended: JobEnded) -> Event:
-        """The cohort's summary as a table node (exit code 1: some scans failed, they are rows too)."""
-        scene, out_dir = self._cohort
+        """This run's summary as a table node (exit code 1: some scans failed, they are rows too)."""
+        scene, out_dir, started = self._cohort
         self._cohort = None
         summary = out_dir / "summary.json"
-        if (ended.code not in (0, 1) and not ended.cancelled) or not summary.is_file():
+        written = summary.is_file() and summary.stat().st_mtime >= started  # not an earlier run's summary
+        if (ended.code not in (0, 1) and not ended.cancelled) or not written:
             return Stopped() if ended.cancelled else Failed(self._error_message(ended))
-        with open(out_dir / "summary.csv", newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
-        columns = {title: [row[i] for row in rows[1:]] for i, title in enumerate(rows[0])}
-        table = mrml.add_table(scene, f"BrainDINO {out_dir.name} summary", columns)
-        return CohortDone(out_dir, table, json.loads(summary.read_text())["scans"], ended.cancelled)
+        rows = json.loads(summary.read_text())["scans"]
+        table = mrml.add_table(scene, f"BrainDINO {out_dir.name} summary", summary_table(rows))
+        return CohortDone(out_dir, table, rows, ended.cancelled)
 
     def load_cohort_scan(self, scene, out_dir: str | Path, name: str, outputs=OUTPUTS) -> RunNodes:
         """Load one scan of a cohort run and its outputs into the scene; it becomes the latest run (queries,
@@ -397,6 +397,8 @@ class InferenceSession:
         """
         from .volume import load_volume
 
+        if self.running:
+            raise BrainDINOError("a run is in progress: cancel it or wait for it to finish")
         folder = Path(out_dir) / name
         if not (folder / "result.json").is_file():
             raise BrainDINOError(f"{folder}: no finished outputs of scan {name} (it failed or was not run)")
@@ -405,7 +407,12 @@ class InferenceSession:
         volume = load_volume(
             result["input"]["path"], volume_index=chosen["volume_index"], dicom_series=chosen["dicom_series"]
         )
-        run = add_run_nodes(mrml.add_volume(scene, volume, name), volume, folder, outputs)
+        node = mrml.add_volume(scene, volume, name)
+        try:
+            run = add_run_nodes(node, volume, folder, outputs)
+        except BaseException:
+            scene.RemoveNode(node)
+            raise
         self._finish(run)
         return run
 
@@ -436,6 +443,7 @@ class InferenceSession:
     def forget(self) -> None:
         """Cancel a run, drop the latest run's tokens and folder (its nodes stay) and every observer."""
         self.cancel()
+        self._cohort = None  # its summary is not shown in a scene it was not started from
         self.stop_observing()
         _drop(self.latest)
         self.latest = None
@@ -559,6 +567,8 @@ def _model_options(options: RunOptions) -> list[str]:
         command += ["--models-dir", str(options.models_dir)]
     if options.sequence:
         command += ["--sequence", options.sequence]
+    if options.image_size:
+        command += ["--image-size", str(options.image_size)]
     return command
 
 

@@ -62,10 +62,10 @@ def _noise(shape: torch.Size, generator: torch.Generator, device, dtype) -> torc
     return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device, dtype=dtype)
 
 
-def random_resized_crop(
-    images: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+def crop_boxes(
+    images: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
 ) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size): per sample, a box of random area fraction and aspect."""
+    """Per sample of (B, C, H, W), a box of random area fraction and aspect: (B, 5) ``roi_align`` boxes."""
     batch, _, height, width = images.shape
     area = _uniform(batch, scale, generator, "cpu") * height * width
     aspect = torch.exp(_uniform(batch, (math.log(ratio[0]), math.log(ratio[1])), generator, "cpu"))
@@ -73,7 +73,11 @@ def random_resized_crop(
     box_h = torch.sqrt(area / aspect).clamp(4, height)
     left = torch.rand(batch, generator=generator) * (width - box_w)
     top = torch.rand(batch, generator=generator) * (height - box_h)
-    boxes = torch.stack([torch.arange(batch, dtype=torch.float32), left, top, left + box_w, top + box_h], dim=1)
+    return torch.stack([torch.arange(batch, dtype=torch.float32), left, top, left + box_w, top + box_h], dim=1)
+
+
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): each sample's box resampled (bilinear)."""
     return roi_align(
         images, boxes.to(images.device, images.dtype), output_size=(size, size), aligned=True, sampling_ratio=2
     )
@@ -92,16 +96,20 @@ def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, height, width)
 
 
+def apply_flips(images: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Left-right flip of the samples of the (B, C, H, W) batch where ``chosen`` (B,) is True."""
+    return torch.where(chosen[:, None, None, None], images.flip(-1), images)
+
+
 def flip(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
     """Left-right flip of a random share of the (B, C, H, W) batch."""
-    chosen = _chance(images.shape[0], probability, generator, images.device)[:, None, None, None]
-    return torch.where(chosen, images.flip(-1), images)
+    return apply_flips(images, _chance(images.shape[0], probability, generator, images.device))
 
 
 def intensity_augment(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> torch.Tensor:
-    """Flips and intensity changes with per-sample parameters; (B, C, H, W) -> same shape."""
+    """Intensity changes with per-sample parameters; (B, C, H, W) -> same shape."""
     batch, device = images.shape[0], images.device
-    out = flip(images, config.flip_probability, generator)
+    out = images
     per_sample = (batch, 1, 1, 1)
     if config.gamma_probability > 0:
         low = out.amin(dim=(1, 2, 3), keepdim=True)
@@ -130,10 +138,18 @@ def intensity_augment(images: torch.Tensor, config: MultiCropConfig, generator: 
 
 
 def augmented_crop(
-    images: torch.Tensor, size: int, scale: tuple[float, float], config: MultiCropConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size): a random resized crop, then flips and intensity changes."""
-    return intensity_augment(random_resized_crop(images, size, scale, config.ratio, generator), config, generator)
+    images: torch.Tensor, size: int, scale: tuple[float, float], config: MultiCropConfig, generator: torch.Generator,
+    plain_size: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, C, H, W) -> (B, C, size, size): a random resized crop, then flips and intensity changes.
+
+    With ``plain_size``, also (the pair's second item) the same boxes at that size, flipped alike, without
+    intensity changes: DINOv3's Gram teacher sees the student's crop undistorted (and larger, if asked).
+    """
+    boxes = crop_boxes(images, scale, config.ratio, generator)
+    flips = _chance(images.shape[0], config.flip_probability, generator, images.device)
+    augmented = intensity_augment(apply_flips(crop(images, boxes, size), flips), config, generator)
+    return (augmented, apply_flips(crop(images, boxes, plain_size), flips)) if plain_size else augmented
 
 
 def global_views(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> list[torch.Tensor]:
@@ -141,11 +157,16 @@ def global_views(images: torch.Tensor, config: MultiCropConfig, generator: torch
     return [augmented_crop(images, config.global_size, config.global_scale, config, generator) for _ in range(2)]
 
 
-def multi_crop(images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator) -> tuple[list, list]:
-    """(B, C, H, W) slices -> (2 global crops, ``local_crops`` local crops), each (B, C, size, size)."""
-    global_crops = global_views(images, config, generator)
+def multi_crop(
+    images: torch.Tensor, config: MultiCropConfig, generator: torch.Generator, plain_size: int = 0
+) -> tuple[list, list, list]:
+    """(B, C, H, W) slices -> (2 global crops, ``local_crops`` local crops, and with ``plain_size`` the global
+    crops' undistorted views at that size, else []), each (B, C, size, size)."""
+    pairs = [augmented_crop(images, config.global_size, config.global_scale, config, generator, plain_size)
+             for _ in range(2)]  # fmt: skip
+    global_crops, plain = ([p[0] for p in pairs], [p[1] for p in pairs]) if plain_size else (pairs, [])
     local_crops = [
         augmented_crop(images, config.local_size, config.local_scale, config, generator)
         for _ in range(config.local_crops)
     ]
-    return global_crops, local_crops
+    return global_crops, local_crops, plain

@@ -122,10 +122,23 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
         + "\nCheckpoints are written atomically to OUT_DIR; --resume continues exactly. log.csv and TensorBoard\n"
         "hold every loss term and the collapse monitors. At the end the encoder (DINO's teacher) is exported\n"
         "as a model bundle (OUT_DIR/bundle) that 'braindino infer --bundle' uses.\n"
+        "--init continues from earlier weights (an imported DINOv3, an earlier run's bundle); with gram.weight > 0\n"
+        "DINOv3's Gram anchoring keeps the dense features close to a Gram teacher's (the --init weights by default).\n"
+        "The reference recipe's three stages: configs braindino-stage1, -stage2-gram, -stage3-highres.\n"
         "Many GPUs: torchrun --nproc_per_node=N -m BrainDINOTrainingLib pretrain ... (batch_size is global).",
     )
     pretrain.add_argument(
-        "--config", default="tiny-cpu", help="tiny-cpu (default), vit-s16, vit-b16-braindino or a YAML"
+        "--config",
+        default="tiny-cpu",
+        help="a shipped config (tiny-cpu, the default; vit-s16; vit-b16-braindino; braindino-stage1, "
+        "braindino-stage2-gram, braindino-stage3-highres and their tiny-stage* CPU versions) or a YAML file",
+    )
+    pretrain.add_argument(
+        "--init",
+        metavar="BUNDLE|CHECKPOINT",
+        help="start every ViT of the objective from these weights (a bundle name or folder, e.g. an imported "
+        "DINOv3 or a run's bundle/, or a checkpoint file); projection heads start fresh, and the encoder "
+        "architecture is the weights'",
     )
     pretrain.add_argument("--data", help="slice index folder")
     pretrain.add_argument("--objective", choices=list(TITLES), help="default: the config's (dino)")
@@ -145,7 +158,8 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
 def _pretrain(args) -> None:
     from .trainer import Trainer, load_config
 
-    overrides = {"data": args.data, "out_dir": args.out_dir, "device": args.device, "objective": args.objective}
+    overrides = {"data": args.data, "out_dir": args.out_dir, "device": args.device, "objective": args.objective,
+                 "init": args.init}  # fmt: skip
     config = load_config(args.config, overrides, args.set)
     if not config.data:
         raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")

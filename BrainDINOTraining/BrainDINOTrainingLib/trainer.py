@@ -13,7 +13,9 @@ everything else (the dinov2 split):
   so ``resume`` continues exactly where the run stopped (data order included);
 - a non-finite loss stops the run with a clear message, leaving the last good checkpoint intact;
 - CSV and TensorBoard logs of every loss term, lr, wd, momentum, teacher temperature and collapse
-  monitors, with a collapse verdict (`monitor.collapse_verdict`) at every checkpoint.
+  monitors, with a collapse verdict (`monitor.collapse_verdict`) at every checkpoint;
+- a start from earlier weights (``init``: every ViT of the objective from a bundle or checkpoint, heads
+  fresh) and, for DINO, the Gram teacher's weights and its periodic refresh (``gram``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .objectives.anatcl import AnatCLConfig, AnatCLObjective
 from .objectives.centering import is_distributed
 from .objectives.common import Objective
 from .objectives.dino import DINOConfig, DINOObjective
+from .objectives.gram import GramConfig
 from .objectives.jepa import JEPAConfig, JEPAObjective
 from .objectives.mae import MAEConfig, MAEObjective
 from .objectives.moco import MoCoConfig, MoCoObjective
@@ -78,7 +81,8 @@ class TrainConfig:
     data: str = ""
     out_dir: str = "runs/pretrain"
     objective: str = "dino"  # dino, moco, mae, jepa, anatcl (settings in the section of that name)
-    encoder: str = "vit-tiny16-dinov3"
+    encoder: str = "vit-tiny16-dinov3"  # with init: the weights' own (a config naming another is an error)
+    init: str = ""  # bundle (name or folder) or checkpoint whose weights every ViT of the objective starts from
     layer_scale_init: float = 1e-5  # DINOv2/v3's; larger (0.1) gives a fresh ViT input-dependent tokens sooner
     epochs: int = 2
     steps_per_epoch: int = 0  # 0: one pass over the index per epoch
@@ -106,10 +110,15 @@ class TrainConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
     jepa: JEPAConfig = field(default_factory=JEPAConfig)
     anatcl: AnatCLConfig = field(default_factory=AnatCLConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise BrainDINOError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
+        if self.gram.weight > 0 and self.objective != "dino":
+            raise BrainDINOError(f"Gram anchoring (gram.weight > 0) is for the DINO objective, not {self.objective}")
+        if self.gram.weight > 0 and not (self.gram.teacher or self.init):
+            raise BrainDINOError("Gram anchoring needs a Gram teacher: start from weights (--init) or set gram.teacher")
         if self.parallel not in ("ddp", "fsdp"):
             raise BrainDINOError(f"parallel must be 'ddp' or 'fsdp', got '{self.parallel}'")
 
@@ -199,6 +208,15 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
             if not isinstance(target, dict):
                 raise BrainDINOError(f"--set {key}: '{parent}' is a setting, not a section")
         target[leaf] = yaml.safe_load(text)
+    if values.get("init"):
+        from .initial_weights import initial_architecture
+
+        architecture = initial_architecture(values["init"])
+        if values.setdefault("encoder", architecture) != architecture:
+            raise BrainDINOError(
+                f"the config trains {values['encoder']} but --init {values['init']} holds {architecture}: drop "
+                "'encoder' from the config (the weights decide it) or start from weights of that architecture"
+            )
     return TrainConfig.from_dict(values)
 
 
@@ -329,14 +347,16 @@ class Trainer:
                 "vit-tiny16-dinov3, vit-s16-dinov3, vit-b16-dinov3 or vit-l16-dinov3"
             )
         settings = getattr(config, config.objective)
+        extra = {"gram": config.gram} if config.objective == "dino" else {}
         self.objective: Objective = OBJECTIVES[config.objective](
-            encoder_config(config.encoder), settings, config.crops, spec.image_size, spec.in_chans
+            encoder_config(config.encoder), settings, config.crops, spec.image_size, spec.in_chans, **extra
         )
         with torch.no_grad():  # every ViT copy (student, teacher) starts with the same LayerScale
             for module in self.objective.modules():
                 for gamma in (getattr(module, "gamma_1", None), getattr(module, "gamma_2", None)):
                     if isinstance(gamma, torch.nn.Parameter):
                         gamma.fill_(config.layer_scale_init)
+        self._check_initial_weights()
         if self.world > 1 and self.device.type == "cuda":
             self.objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
         self.objective.to(self.device)
@@ -357,6 +377,46 @@ class Trainer:
             if not config.probe_label:
                 raise BrainDINOError("a probe set needs probe_label (the label column to classify)")
             self.probe = ProbeSet.load(config.probe, config.probe_label, spec)
+
+    def _sources(self) -> dict[str, str]:
+        """Module-name prefix -> the bundle or checkpoint its weights start from (every ViT of the objective
+        from ``init``; DINO's Gram teacher from ``gram.teacher`` or ``init``)."""
+        from timm.models.eva import Eva
+
+        sources = {}
+        for name, module in self.objective.named_modules():
+            if isinstance(module, Eva):
+                source = (self.config.gram.teacher or self.config.init) if name == "gram_teacher" else self.config.init
+                if source:
+                    sources[name] = source
+        return sources
+
+    def _check_initial_weights(self) -> None:
+        """Before anything trains: the initial weights' architecture is the run's (one line otherwise)."""
+        from .initial_weights import initial_architecture
+
+        for source in set(self._sources().values()):
+            if initial_architecture(source) != self.config.encoder:
+                raise BrainDINOError(f"{source}: holds {initial_architecture(source)} weights; this run trains "
+                                     f"{self.config.encoder}")  # fmt: skip
+
+    def _start_from_initial_weights(self) -> None:
+        """Load the `_sources` weights into their ViTs (every process, DDP or FSDP alike); heads stay fresh."""
+        from .initial_weights import load_initial_encoder
+
+        state = {}
+        for source in sorted(set(self._sources().values())):
+            encoder = load_initial_encoder(source)
+            in_chans = encoder.model.patch_embed.proj.in_channels
+            if in_chans != self.dataset.spec.in_chans:
+                raise BrainDINOError(f"{source}: weights for {in_chans}-channel input; the index {self.config.data} "
+                                     f"has {self.dataset.spec.in_chans}-channel slices")  # fmt: skip
+            weights = encoder.model.state_dict()
+            for name, chosen in self._sources().items():
+                if chosen == source:
+                    state.update({f"{name}.{key}": value for key, value in weights.items()})
+        if state:
+            set_model_state_dict(self.objective, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def _parallel(self) -> torch.nn.Module:
         """The module the step calls: the objective itself, or wrapped for DDP, or sharded in place by FSDP2."""
@@ -485,6 +545,8 @@ class Trainer:
         self.optimizer.step()
         self.objective.after_step(output, float(self.schedules.momentum[step]))
         self.step += 1
+        if config.gram.weight > 0 and config.gram.refresh and self.step % config.gram.refresh == 0:
+            self.objective.refresh_gram_teacher()
         names = list(output.losses) + list(output.metrics)
         values = torch.tensor(
             [float(v.detach()) for v in output.losses.values()] + list(output.metrics.values()), dtype=torch.float64
@@ -512,8 +574,10 @@ class Trainer:
                 log_path.write_text("".join(lines[: 1 + self.step]))
         elif (self.out_dir / CHECKPOINT).exists():
             raise BrainDINOError(f"{self.out_dir}: holds a run already; pass --resume or choose another folder")
-        elif self.rank == 0:
-            log_path.unlink(missing_ok=True)  # a run stopped before its first checkpoint starts over
+        else:
+            self._start_from_initial_weights()
+            if self.rank == 0:
+                log_path.unlink(missing_ok=True)  # a run stopped before its first checkpoint starts over
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")

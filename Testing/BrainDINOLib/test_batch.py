@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -60,7 +61,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
     assert "broken.nii.gz" in failures[0] and "no readable DICOM series" in failures[1]
     rows = {row["scan"]: row for row in _summary(out)}
     assert {name: row["status"] for name, row in rows.items()} == {
-        "broken": "failed", "bad": "failed", "phantom_t1": "ok", "phantom_t2": "ok", "flair_series": "ok",
+        "broken": "failed", "bad": "failed", "phantom_t1": "ok", "phantom_t2": "ok", "dicom_flair_series": "ok",
     }  # fmt: skip
     assert rows["broken"]["error"].startswith(f"{mixed_folder / 'broken.nii.gz'}: cannot read the image header")
     for name, source in (("phantom_t1", "phantom_t1.nii.gz"), ("phantom_t2", "phantom_t2.nrrd")):
@@ -72,7 +73,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
         assert attention.shape == volume.source_shape
     assert float(rows["phantom_t1"]["age [years]"]) > 0 and rows["phantom_t1"]["diagnosis"] in ("AD", "CN", "MCI")
     assert 0 < float(rows["phantom_t1"]["diagnosis [probability]"]) <= 1 and rows["phantom_t1"]["tumor [mL]"] != ""
-    assert rows["flair_series"]["sequence"] in ("t1", "t1ce", "t2", "flair")
+    assert rows["dicom_flair_series"]["sequence"] in ("t1", "t1ce", "t2", "flair")
     document = json.loads((out / "summary.json").read_text())
     assert [row["scan"] for row in document["scans"]] == list(rows)
     t1 = next(row for row in document["scans"] if row["scan"] == "phantom_t1")
@@ -82,7 +83,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
     assert main(["infer", str(mixed_folder), "-o", str(out), "-q"]) == 1  # the same command, in this process
     assert "broken: failed:" in capsys.readouterr().err
     statuses = {row["scan"]: row["status"] for row in _summary(out)}
-    assert [statuses[n] for n in ("phantom_t1", "phantom_t2", "flair_series")] == ["skipped"] * 3
+    assert [statuses[n] for n in ("phantom_t1", "phantom_t2", "dicom_flair_series")] == ["skipped"] * 3
     assert statuses["broken"] == "failed" and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again_t1 = next(r for r in json.loads((out / "summary.json").read_text())["scans"] if r["scan"] == "phantom_t1")
     assert again_t1["predictions"] == t1["predictions"]  # a skipped scan's row keeps its predictions
@@ -90,7 +91,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
 
 def test_reruns_redo_what_changed(tmp_path, mni_2mm):
     """``--force`` redoes every scan, other options redo it without leaving the old run's files, a changed input
-    is read again; two scans of the same name get unique folders."""
+    is read again."""
     scans = tmp_path / "scans"
     for sub in ("a", "b"):
         (scans / sub).mkdir(parents=True)
@@ -101,15 +102,15 @@ def test_reruns_redo_what_changed(tmp_path, mni_2mm):
         assert main(["infer", str(scans), "-o", str(out), "-q", "--bundle", "braindino-tiny-random", *extra]) == 0
         return {row["scan"]: row["status"] for row in _summary(out)}
 
-    assert run() == {"scan": "ok", "scan-2": "ok"}
-    assert (out / "scan-2" / "report.png").is_file()
-    assert run() == {"scan": "skipped", "scan-2": "skipped"}
-    assert run("--force") == {"scan": "ok", "scan-2": "ok"}
-    assert run("--no-report") == {"scan": "ok", "scan-2": "ok"}
-    assert not (out / "scan" / "report.png").exists()  # the earlier run's report went with it
+    assert run() == {"a_scan": "ok", "b_scan": "ok"}
+    assert (out / "b_scan" / "report.png").is_file()
+    assert run() == {"a_scan": "skipped", "b_scan": "skipped"}
+    assert run("--force") == {"a_scan": "ok", "b_scan": "ok"}
+    assert run("--no-report") == {"a_scan": "ok", "b_scan": "ok"}
+    assert not (out / "a_scan" / "report.png").exists()  # the earlier run's report went with it
     later = (scans / "b" / "scan.nii.gz").stat().st_mtime_ns + 10**9
     os.utime(scans / "b" / "scan.nii.gz", ns=(later, later))
-    assert run("--no-report") == {"scan": "skipped", "scan-2": "ok"}
+    assert run("--no-report") == {"a_scan": "skipped", "b_scan": "ok"}
 
 
 def test_manifests_give_the_scan_and_its_other_sequences(tmp_path):
@@ -128,8 +129,6 @@ def test_manifests_give_the_scan_and_its_other_sequences(tmp_path):
     assert (job.name, job.sequence, list(job.others)) == ("s1", "t1", ["t2"])
     with pytest.raises(BrainDINOError, match="s1 has no flair scan"):
         find_scans([table], sequence="flair")
-    with pytest.raises(BrainDINOError, match="the output folder cannot be the folder of scans"):
-        find_scans([tmp_path / "brats"], exclude=tmp_path / "brats")
 
     out = tmp_path / "out"
     assert main(["infer", str(tmp_path / "brats"), "-o", str(out), "-q", "--no-report"]) == 0
@@ -199,3 +198,27 @@ def test_dicom_seg_references_the_series_and_matches_the_label_volumes(tmp_path)
                                                                                     report=False))  # fmt: skip
     assert again["outputs"]["dicom_seg"] == "series_seg.dcm"
     assert pydicom.dcmread(tmp_path / "again" / "series_seg.dcm").SOPInstanceUID == seg.SOPInstanceUID  # same run
+
+
+def test_scan_names_are_stable_unique_folder_names_inside_the_output(tmp_path, mni_2mm, monkeypatch):
+    """Names follow each scan's place under its input (adding a scan renames no other), stay unique whatever the
+    files are called, never leave the output folder; an output folder that holds the scans is refused."""
+    scans = tmp_path / "scans"
+    image = nib.Nifti1Image(np.asarray(mni_2mm.dataobj)[:, :, 20:40], mni_2mm.affine)
+    for relative in ("a.nii.gz", "a-2.nii.gz", "sub/a.nii.gz", "p1/T1.nii.gz", "p2/T1.nii.gz", "odd name!.nii.gz"):
+        (scans / relative).parent.mkdir(parents=True, exist_ok=True)
+        save(image, scans / relative)
+    names = {job.path.relative_to(scans).as_posix(): job.name for job in find_scans([scans])}
+    assert names == {"a.nii.gz": "a", "a-2.nii.gz": "a-2", "odd name!.nii.gz": "odd_name", "p1/T1.nii.gz": "p1_T1",
+                     "p2/T1.nii.gz": "p2_T1", "sub/a.nii.gz": "sub_a"}  # fmt: skip
+    twice = [job.name for job in find_scans([scans / "a.nii.gz", scans / "sub" / "a.nii.gz", scans / "a-2.nii.gz"])]
+    assert twice == ["a", "a-2", "a-2-2"]
+    table = tmp_path / "rows.csv"
+    table.write_text(f"subject_id,image\n../outside,{scans / 'a.nii.gz'}\n/abs,{scans / 'a.nii.gz'}\n")
+    rows = find_scans([table])
+    assert [job.name for job in rows] == ["outside", "abs"] and all(job.sequence is None for job in rows)
+    monkeypatch.chdir(tmp_path)  # relative and absolute inputs are the same scans
+    assert [job.path for job in find_scans([Path(os.path.relpath(scans))])] == [job.path for job in find_scans([scans])]
+    for out in (scans, tmp_path):
+        with pytest.raises(BrainDINOError, match="holds these scans; choose one outside it"):
+            find_scans([scans / "p1"], exclude=out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,8 +13,17 @@ import pytest
 import SimpleITK as sitk
 from safetensors.numpy import load_file
 
+from BrainDINOLib.brain import prepare_scan
+from BrainDINOLib.bundle import load_bundle
 from BrainDINOLib.cli import main
+from BrainDINOLib.encoder import encoder_config
+from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.featuremaps import TokenMaps
+from BrainDINOLib.infer import analysis_spec
+from BrainDINOLib.preprocess import prepare
 from BrainDINOLib.sample_data import demo_phantom
+from BrainDINOLib.typicality import scan_descriptions
+from BrainDINOLib.volume import load_volume
 from testdata import reorient, save
 
 
@@ -122,6 +132,8 @@ def test_same_input_same_output(tmp_path, lps_run):
         (["--bundle", "no-such-model"], "no model bundle 'no-such-model'"),
         (["--device", "tpu7"], "unknown device"),
         (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--image-size", "300"], "image size 300 px: choose a multiple of vit-tiny16-dinov3's 16-px patches"),
+        (["--image-size", "2048"], "from 112 to 1024 px"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, lps_run, capsys, args, problem):
@@ -153,6 +165,41 @@ def test_bad_scan_through_the_installed_command(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and str(bad) in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_finer_maps_on_a_448_px_canvas(tmp_path, mni_2mm, default_bundle):
+    """--image-size 448: tokens, maps and segmentations on a 28 x 28 grid, in the scan's geometry; the brain mask and
+    the out-of-distribution verdict are pass 1's, on the bundle's own 224-px canvas."""
+    slab = nib.Nifti1Image(np.asarray(mni_2mm.dataobj)[:, :, 40:52], mni_2mm.affine)  # 12 slices keep it fast
+    scan = save(slab, tmp_path / "slab.nii.gz")
+    assert _infer(scan, tmp_path, "--image-size", "448", "--query", "50,60,8") == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["preprocessing"]["image_size"] == result["options"]["image_size"] == 448
+    maps = TokenMaps.load(tmp_path / "embeddings.safetensors")
+    assert maps.tokens().shape == (result["slices"]["analysed"], 28, 28, 96) and maps.layout.plane.canvas == 448
+    for name in ("attention", "pca", "similarity", "seg", "brainmask"):
+        output = nib.load(tmp_path / f"slab_{name}.nii.gz")
+        assert output.shape[:3] == slab.shape
+        np.testing.assert_allclose(output.affine, slab.affine)
+    similarity = np.asarray(nib.load(tmp_path / "slab_similarity.nii.gz").dataobj)
+    assert similarity[48:53, 58:63, 8].max() > 0.9
+    assert "the heads were fitted on 224-px canvases; at 448 px their predictions may shift" in result["warnings"]
+    assert (tmp_path / "report.png").is_file()
+    bundle, volume = load_bundle(default_bundle), load_volume(scan)
+    whole = prepare(volume, bundle.card.preprocessing)
+    _, brain, _, first_pass = prepare_scan(volume, bundle, bundle.load_encoder(), whole=whole, device="cpu")
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "slab_brainmask.nii.gz").dataobj) > 0, brain)
+    verdict = bundle.load_typicality().verdict(scan_descriptions(whole, first_pass, bundle.card.pooling))
+    assert result["ood_score"] == verdict["ood_score"] and result["out_of_distribution"] is False
+
+
+def test_only_rope_encoders_take_another_canvas(default_bundle):
+    card = load_bundle(default_bundle).card
+    assert analysis_spec(card, None) == analysis_spec(card, 224) == card.preprocessing
+    learned = dataclasses.replace(card, encoder=encoder_config("vit-s14-dinov2"))
+    assert analysis_spec(learned, 224) == card.preprocessing  # its own canvas
+    with pytest.raises(BrainDINOError, match="vit-s14-dinov2 has a learned position embedding for the bundle's 224"):
+        analysis_spec(learned, 448)
 
 
 def test_the_random_bundle_says_so(tmp_path, lps_run):

@@ -113,6 +113,8 @@ def test_bad_inputs_are_named(slicer_app, mni_2mm, tmp_path):
     before = _scene_nodes(scene)
     with pytest.raises(BrainDINOError, match="no model bundle .no-such-bundle."):  # the child's own words
         session.run(mni, RunOptions(bundle="no-such-bundle"))
+    with pytest.raises(BrainDINOError, match="image size 300 px: choose a multiple"):  # the size reaches the child
+        session.run(mni, RunOptions(image_size=300))
     assert not session.running and _scene_nodes(scene) == before and not any(work.iterdir())
 
 

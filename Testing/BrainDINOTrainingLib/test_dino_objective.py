@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from BrainDINOLib.encoder import encoder_config
 from BrainDINOTrainingLib.augment import MultiCropConfig, multi_crop
@@ -21,12 +24,28 @@ def slices(index64):
 
 
 def test_multi_crop_shapes_and_determinism(slices):
-    global_crops, local_crops = multi_crop(slices, CROPS, torch.Generator().manual_seed(0))
+    global_crops, local_crops, plain = multi_crop(slices, CROPS, torch.Generator().manual_seed(0))
     assert [c.shape for c in global_crops] == [(16, 3, 64, 64)] * 2
-    assert [c.shape for c in local_crops] == [(16, 3, 32, 32)] * 2
-    again, _ = multi_crop(slices, CROPS, torch.Generator().manual_seed(0))
+    assert [c.shape for c in local_crops] == [(16, 3, 32, 32)] * 2 and plain == []
+    again, _, _ = multi_crop(slices, CROPS, torch.Generator().manual_seed(0))
     assert torch.equal(global_crops[0], again[0]) and not torch.equal(global_crops[0], global_crops[1])
     assert all(torch.isfinite(c).all() for c in global_crops + local_crops)
+
+
+def test_the_gram_teachers_views_are_the_global_crops_undistorted_and_larger(slices):
+    """Same boxes and flips as the student's global crops, at the teacher's size, without intensity changes; and
+    asking for them leaves the student's crops as they were."""
+    crops = dataclasses.replace(CROPS, intensity_probability=0.0, gamma_probability=0.0, bias_probability=0.0,
+                                blur_probability=0.0, noise_probability=0.0)  # fmt: skip
+    student, _, plain = multi_crop(slices, crops, torch.Generator().manual_seed(1), plain_size=128)
+    assert [c.shape for c in plain] == [(16, 3, 128, 128)] * 2
+    for small, large in zip(student, plain, strict=True):  # without distortions: the same picture, twice as fine
+        torch.testing.assert_close(F.avg_pool2d(large, 2), small, atol=0.15, rtol=0)
+    distorted, _, plain_again = multi_crop(slices, CROPS, torch.Generator().manual_seed(1), plain_size=128)
+    alone, _, _ = multi_crop(slices, CROPS, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(distorted, alone, strict=True))
+    # the first crop's box and flips are drawn before any intensity draw: the same in both runs, never distorted
+    assert torch.equal(plain_again[0], plain[0]) and not torch.equal(distorted[0], student[0])
 
 
 def _objective(**overrides) -> DINOObjective:

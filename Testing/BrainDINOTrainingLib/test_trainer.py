@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+import csv
+import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
-from BrainDINOLib.bundle import load_bundle
+from BrainDINOLib.bundle import find_bundle, load_bundle
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
-from BrainDINOTrainingLib.trainer import Schedules, TrainConfig, Trainer
+from BrainDINOTrainingLib.objectives.gram import gram_loss
+from BrainDINOTrainingLib.slice_index import build_index
+from BrainDINOTrainingLib.trainer import Schedules, TrainConfig, Trainer, load_config
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +132,77 @@ def test_pretrain_command_exports_a_bundle_that_infer_uses(tmp_path, index, coho
     assert (tmp_path / "out" / "phantom-0005_t1_attention.nii.gz").is_file()
     assert main(["pretrain", "--config", "no-such-config", "--data", str(index)]) == 2
     assert "no training config 'no-such-config'" in capsys.readouterr().err
+
+
+def test_gram_loss_is_dinov3s_image_level_gram_mse_in_fp32():
+    """A hand computation: per image, cosine-similarity matrices of the patches, mean squared difference; the same
+    under bf16 autocast (the similarities are not quantised)."""
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    expected = 0.0
+    for s, t in zip(student.double().numpy(), teacher.double().numpy(), strict=True):
+        s, t = s / np.linalg.norm(s, axis=1, keepdims=True), t / np.linalg.norm(t, axis=1, keepdims=True)
+        expected += ((s @ s.T - t @ t.T) ** 2).sum()
+    expected /= 2 * 5 * 5
+    assert float(gram_loss(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float(gram_loss(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    assert float(gram_loss(teacher, teacher)) == 0.0
+
+
+def _stage(index, out_dir, config: str, init, *sets: str) -> list[str]:
+    return ["pretrain", "--config", config, "--init", str(init), "--data", str(index), "-o", str(out_dir), "--device",
+            "cpu", "--set", "workers=0", *(a for s in sets for a in ("--set", s))]  # fmt: skip
+
+
+def test_three_stage_recipe_from_earlier_weights_to_a_448_px_bundle(tmp_path, index, cohort, mni_2mm):
+    """The tiny recipe chained: --init (student and teacher from the weights, heads fresh) -> Gram anchoring (a
+    gram column; resume exact; the teacher refreshed) -> 448-px canvases, whose bundle infer runs on a 28 x 28
+    grid. A config naming another architecture than the weights is one line before any training."""
+    small = ("crops.global_size=64", "crops.local_size=32", "crops.local_crops=2", "batch_size=8",
+             "steps_per_epoch=2", "dino.prototypes=256")  # fmt: skip
+    init = load_bundle(find_bundle("braindino-tiny-phantom")).load_encoder().model.state_dict()
+    started = Trainer(load_config("tiny-stage1", {"init": "braindino-tiny-phantom", "data": str(index),
+                                                  "out_dir": str(tmp_path / "s0"), "device": "cpu"}))  # fmt: skip
+    started.fit(max_steps=0)
+    for name in ("student", "teacher"):
+        backbone = getattr(started.objective, name)["backbone"].state_dict()
+        assert all(torch.equal(backbone[key], value) for key, value in init.items())
+    with pytest.raises(BrainDINOError, match="the config trains vit-s16-dinov3 but --init braindino-tiny-phantom"):
+        load_config("tiny-stage1", {"init": "braindino-tiny-phantom"}, ["encoder=vit-s16-dinov3"])
+
+    assert main(_stage(index, tmp_path / "s1", "tiny-stage1", "braindino-tiny-phantom", *small)) == 0
+    stage2 = _stage(index, tmp_path / "s2", "tiny-stage2-gram", tmp_path / "s1" / "bundle", *small,
+                    "steps_per_epoch=4", "gram.refresh=2", "checkpoint_every=2")  # fmt: skip
+    assert main(stage2) == 0
+    with open(tmp_path / "s2" / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and all(0 < float(row["gram"]) < 1 for row in rows)
+    config = load_config("tiny-stage2-gram", {"init": str(tmp_path / "s1" / "bundle"), "data": str(index),
+                                              "out_dir": str(tmp_path / "s2b"), "device": "cpu"},
+                         [*small[:-2], "steps_per_epoch=4", "gram.refresh=2", "checkpoint_every=2", "workers=0",
+                          "dino.prototypes=256"])  # fmt: skip
+    first = Trainer(config)
+    first.fit(max_steps=0)
+    stage1 = load_bundle(tmp_path / "s1" / "bundle").load_encoder().model.state_dict()
+    assert all(torch.equal(value, stage1[key]) for key, value in first.objective.gram_teacher.state_dict().items())
+    first.fit(max_steps=2)
+    resumed = Trainer(config)
+    resumed.fit(resume=True)
+    straight = torch.load(tmp_path / "s2" / "checkpoint.pt", weights_only=True)["objective"]
+    assert all(torch.equal(value, straight[key]) for key, value in resumed.objective.state_dict().items())
+    gram, teacher = resumed.objective.gram_teacher.state_dict(), resumed.objective.teacher["backbone"].state_dict()
+    assert all(torch.equal(gram[key], teacher[key]) for key in gram)  # refreshed at step 4
+
+    index448, scans = tmp_path / "index448", tmp_path / "scans448"
+    scans.mkdir()
+    shutil.copy(cohort / "phantom-0000" / "phantom-0000_flair.nii.gz", scans)
+    build_index([scans], index448, PreprocessSpec(image_size=448))
+    stage3 = _stage(index448, tmp_path / "s3", "tiny-stage3-448", tmp_path / "s2" / "bundle", "batch_size=2",
+                    "steps_per_epoch=1", "crops.local_crops=1", "dino.prototypes=256")  # fmt: skip
+    assert main(stage3) == 0
+    scan = tmp_path / "mni.nii.gz"
+    nib.save(mni_2mm, scan)
+    assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(tmp_path / "s3" / "bundle"),
+                 "--no-report", "-q"]) == 0  # fmt: skip
+    assert load_file(tmp_path / "out" / "embeddings.safetensors")["patch_tokens"].shape[1:3] == (28, 28)

@@ -1,4 +1,5 @@
-"""DINOv2/v3-style self-distillation: DINO CLS loss + iBOT masked-patch loss + KoLeo [0, 1, 2].
+"""DINOv2/v3-style self-distillation: DINO CLS loss + iBOT masked-patch loss + KoLeo [0, 1, 2], and DINOv3's
+Gram anchoring [3] when asked (`gram`).
 
 The objective owns student, teacher (a separate EMA copy, never sharing parameters), heads,
 mask token and centering; ``forward`` computes the loss terms and metrics without changing any
@@ -7,6 +8,7 @@ state; `DINOObjective.after_step` then moves the teacher and the centers.
 [0] Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
 [1] Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022.
 [2] Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024.
+[3] Simeoni et al., "DINOv3", arXiv 2508.10104, 2025.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..augment import MultiCropConfig, multi_crop
 from .centering import EMACenter, sinkhorn_knopp
 from .common import Objective, StepOutput, ema_update, embedding_std, encode_tokens
 from .dino_loss import DINOLoss
+from .gram import GramConfig, gram_loss, resize_patches
 from .heads import DINOHead
 from .ibot_loss import IBOTPatchLoss
 from .koleo_loss import KoLeoLoss
@@ -79,6 +82,7 @@ class DINOObjective(Objective):
         config: loss weights, head sizes, centering, iBOT masking.
         crops: multi-crop recipe.
         image_size, in_chans: canvas size and channels of the slices.
+        gram: Gram anchoring; when on, ``gram_teacher`` is a frozen backbone whose weights the trainer loads.
     """
 
     def __init__(
@@ -88,9 +92,18 @@ class DINOObjective(Objective):
         crops: MultiCropConfig,
         image_size: int = 224,
         in_chans: int = 3,
+        gram: GramConfig | None = None,
     ):
         super().__init__()
-        self.config, self.crops = config, crops
+        gram = gram or GramConfig()
+        self.config, self.crops, self.gram = config, crops, gram
+        if (
+            gram.weight > 0
+            and gram.teacher_size
+            and (gram.teacher_size < crops.global_size or gram.teacher_size % encoder.patch_size)
+        ):
+            raise BrainDINOError(f"gram.teacher_size {gram.teacher_size} must be 0 or a multiple of the patch size "
+                                 f"{encoder.patch_size} at least crops.global_size {crops.global_size}")  # fmt: skip
         self.grid = encoder.patch_grid(crops.global_size)
         dim = encoder.embed_dim
         self.student = nn.ModuleDict(
@@ -102,6 +115,7 @@ class DINOObjective(Objective):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
+        self.gram_teacher = copy.deepcopy(self.student["backbone"]).requires_grad_(False) if gram.weight > 0 else None
         self.cls_center = EMACenter(config.prototypes, config.center_momentum)
         self.patch_center = EMACenter(config.prototypes, config.center_momentum)
         self.dino_loss = DINOLoss(config.student_temperature)
@@ -109,10 +123,12 @@ class DINOObjective(Objective):
         self.koleo_loss = KoLeoLoss()
 
     def make_inputs(self, images, generator, descriptors=None) -> dict:
-        global_crops, local_crops = multi_crop(images, self.crops, generator)
+        plain_size = (self.gram.teacher_size or self.crops.global_size) if self.gram_teacher is not None else 0
+        global_crops, local_crops, gram_crops = multi_crop(images, self.crops, generator, plain_size)
         probability = self.config.mask_probability if self.config.ibot_weight > 0 else 0.0
         masks = batch_masks(2 * images.shape[0], self.grid, generator, probability, self.config.mask_ratio)
-        return {"global_crops": global_crops, "local_crops": local_crops, "masks": masks.to(images.device)}
+        inputs = {"global_crops": global_crops, "local_crops": local_crops, "masks": masks.to(images.device)}
+        return inputs | ({"gram_crops": gram_crops} if gram_crops else {})
 
     def _targets(self, logits: torch.Tensor, center: EMACenter, temperature: float) -> torch.Tensor:
         if self.config.centering == "sinkhorn":
@@ -125,7 +141,8 @@ class DINOObjective(Objective):
         """
         Args:
             inputs: from `make_inputs`: ``global_crops`` 2 x (B, C, G, G), ``local_crops`` N x (B, C, L, L),
-                ``masks`` (2B, g, g) bool iBOT masks in ``torch.cat(global_crops)`` order.
+                ``masks`` (2B, g, g) bool iBOT masks in ``torch.cat(global_crops)`` order; with Gram anchoring,
+                ``gram_crops`` 2 x (B, C, T, T), the Gram teacher's views of the global crops.
             teacher_temperature: current teacher softmax temperature.
         """
         global_crops, local_crops, masks = inputs["global_crops"], inputs["local_crops"], inputs["masks"]
@@ -159,7 +176,12 @@ class DINOObjective(Objective):
             losses["ibot"] = self.ibot_loss(patch_logits, patch_targets, masks)
         if config.koleo_weight > 0:
             losses["koleo"] = sum(self.koleo_loss(c) for c in student_cls.chunk(2)) / 2
-        weights = {"dino": config.dino_weight, "ibot": config.ibot_weight, "koleo": config.koleo_weight}
+        if self.gram_teacher is not None:  # every patch of the (masked) global crops, as DINOv3's "all" tokens
+            with torch.no_grad():
+                target = encode_tokens(self.gram_teacher, torch.cat(inputs["gram_crops"]))[1]
+            losses["gram"] = gram_loss(student_patches, resize_patches(target, self.grid))
+        weights = {"dino": config.dino_weight, "ibot": config.ibot_weight, "koleo": config.koleo_weight,
+                   "gram": self.gram.weight}  # fmt: skip
         losses["loss"] = sum(weights[name] * value for name, value in losses.items())
 
         with torch.no_grad():
@@ -183,6 +205,12 @@ class DINOObjective(Objective):
             self.cls_center.update(output.state["teacher_cls_logits"])
             if "teacher_patch_logits" in output.state:  # on every rank, even one without masked patches
                 self.patch_center.update(output.state["teacher_patch_logits"])
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """The Gram teacher becomes a copy of the EMA teacher's backbone (DINOv3's periodic update)."""
+        for gram, teacher in zip(self.gram_teacher.parameters(), self.teacher["backbone"].parameters(), strict=True):
+            gram.copy_(teacher)
 
     def export_backbone(self) -> nn.Module:
         return self.teacher["backbone"]

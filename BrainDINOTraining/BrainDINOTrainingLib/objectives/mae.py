@@ -27,7 +27,7 @@ from torch import nn
 
 from BrainDINOLib.encoder import EncoderConfig, build_vit
 
-from ..augment import MultiCropConfig, flip, random_resized_crop
+from ..augment import MultiCropConfig, crop, crop_boxes, flip
 from .common import Objective, StepOutput, TokenTransformer, embedding_std, encode_tokens
 
 
@@ -83,11 +83,8 @@ class MAEObjective(Objective):
         )
 
     def make_inputs(self, images, generator, descriptors=None) -> dict:
-        view = flip(
-            random_resized_crop(images, self.crops.global_size, self.config.crop_scale, self.crops.ratio, generator),
-            self.crops.flip_probability,
-            generator,
-        )
+        boxes = crop_boxes(images, self.config.crop_scale, self.crops.ratio, generator)
+        view = flip(crop(images, boxes, self.crops.global_size), self.crops.flip_probability, generator)
         patches = self.grid[0] * self.grid[1]
         keep_count = max(1, int(round(patches * (1 - self.config.mask_ratio))))
         order = torch.rand(images.shape[0], patches, generator=generator).argsort(dim=1).to(images.device)
