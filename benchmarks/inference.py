@@ -4,8 +4,10 @@ The volume is the real MNI T1 template, its brain extent stretched to 155 axial 
 padded to 240 x 240, so every slice is encoded. For each config, in one process: a warm-up, the
 encoder alone over all slices (input prepared beforehand), then ``run_inference`` end to end
 (load, preprocess, encode, maps, NIfTI + embeddings + report). Each config runs in its own
-subprocess so ``peak_rss_mb`` is that config's own peak. With several ``--image-size`` values, each
-config runs at each size and a comparison object follows (times and peak memory relative to the first size).
+subprocess so ``peak_rss_mb`` is that config's own peak. CPU times (all threads) come beside the
+wall times: they depend less on other work on the machine. With several ``--image-size`` values,
+each config runs at each size, followed by a comparison object (times and peak memory relative to
+the first size).
 
     python benchmarks/inference.py                       # tiny and vit-s16 on the default shape
     python benchmarks/inference.py --config vit-b16 --shape 512,512,400   # memory on a large scan
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -78,21 +81,21 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_siz
             for i in range(0, len(prepared.slices), batch_size)
         ]
 
-        def encoder_alone(batches: list[torch.Tensor]) -> float:
-            start = time.perf_counter()
+        def encoder_alone(batches: list[torch.Tensor]) -> tuple[float, float]:
+            start, cpu = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 for batch in batches:
                     encoder(batch)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - cpu
 
         options = InferenceOptions(bundle=str(bundle_path), device="cpu", batch_size=batch_size, image_size=image_size)
         with torch.inference_mode():
             encoder(batches[0])  # warm-up
-        encoder_s = encoder_alone(batches)
+        encoder_s, encoder_cpu_s = encoder_alone(batches)
         del batches
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = run_inference(scan, tmp / "out", options)
-        pipeline_s = time.perf_counter() - start
+        pipeline_s, pipeline_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     slices = result["slices"]["analysed"]
     return {
         "config": config,
@@ -103,6 +106,8 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_siz
         "batch_size": batch_size,
         "encoder_s": round(encoder_s, 3),
         "pipeline_s": round(pipeline_s, 3),
+        "encoder_cpu_s": round(encoder_cpu_s, 3),
+        "pipeline_cpu_s": round(pipeline_cpu_s, 3),
         "ratio": round(pipeline_s / encoder_s, 3),
         "slices_per_s": round(slices / pipeline_s, 2),
         "encoder_slices_per_s": round(slices / encoder_s, 2),
@@ -110,6 +115,7 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_siz
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 2),  # other processes on the machine slow the wall times
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
@@ -148,7 +154,7 @@ def main() -> None:
 def compare(runs: list[dict]) -> dict:
     """Each run's times and peak memory as ratios to the first run's (one config at several image sizes)."""
     first = runs[0]
-    keys = ("encoder_s", "pipeline_s", "peak_rss_mb")
+    keys = ("encoder_s", "pipeline_s", "encoder_cpu_s", "pipeline_cpu_s", "peak_rss_mb")
     return {
         "config": first["config"],
         "image_sizes": [run["image_size"] for run in runs],

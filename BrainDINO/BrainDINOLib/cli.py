@@ -240,7 +240,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="canvas side in pixels for the maps and heads (default: the bundle's, 224 for the shipped ones): 448 "
-        "gives a 28 x 28 patch grid instead of 14 x 14 for ~4x the encoding time; a multiple of the patch size "
+        "gives a 28 x 28 patch grid instead of 14 x 14 for 3-5x the time; a multiple of the patch size "
         "from 112 to 1024, RoPE (DINOv3-family) encoders only. The brain mask and the out-of-distribution check "
         "stay on the bundle's canvas",
     )

@@ -87,10 +87,10 @@ def test_rope_encoder_reads_a_larger_canvas_as_one_built_for_it():
     encoder = _trained_like("vit-tiny16-dinov3")
     built_for_448 = BrainEncoder(encoder.config, img_size=448).eval()
     built_for_448.model.load_state_dict(encoder.model.state_dict())
-    x = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         output, expected = encoder(x, layers=(2,)), built_for_448(x, layers=(2,))
-    assert output.patch_tokens.shape == (2, 28, 28, 96) and output.attention.shape == (2, 3, 28, 28)
+    assert output.patch_tokens.shape == (1, 28, 28, 96) and output.attention.shape == (1, 3, 28, 28)
     torch.testing.assert_close(output.patch_tokens, expected.patch_tokens)
     torch.testing.assert_close(output.layers[2], expected.layers[2])
     torch.testing.assert_close(output.attention, expected.attention)

@@ -9,9 +9,10 @@ from BrainDINOTrainingLib.cli import main
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
-    """12 phantom subjects made through the command line, as a user would."""
+    """12 phantom subjects made through the command line, as a user would (two workers, one per CI core: subject i
+    depends only on the seed and i, see test_deterministic_by_seed)."""
     folder = tmp_path_factory.mktemp("cohort") / "cohort"
-    assert main(["cohort", "make", "12", str(folder), "--seed", "7", "--resolution", "2", "--workers", "1"]) == 0
+    assert main(["cohort", "make", "12", str(folder), "--seed", "7", "--resolution", "2", "--workers", "2"]) == 0
     return folder
 
 

@@ -77,11 +77,11 @@ def test_index_then_pretrain_report_progress_and_export_a_bundle(tmp_path, small
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data):
-    index = tmp_path / "index"
-    indexing = [["index", str(small_data), "-o", str(index), "--image-size", "64"]]
-    assert BackgroundJob(indexing, module=TRAINING, python_path=LIB_DIRS).start().wait()[-1] == JobEnded(0, False)
-    pretrain = ["pretrain", "--data", str(index), "-o", str(tmp_path / "run"), *TINY, "--set", "steps_per_epoch=40"]
+def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, index64):
+    """On the shared 64-px index (a background index job is tested above); cancelled at step 3 of 16."""
+    steps = 16
+    pretrain = ["pretrain", "--data", str(index64), "-o", str(tmp_path / "run"), *TINY]
+    pretrain += ["--set", f"steps_per_epoch={steps}"]
     job = BackgroundJob([pretrain, ["models", "list"]], module=TRAINING, python_path=LIB_DIRS).start()
     events, deadline = [], time.monotonic() + 120
     while not any(isinstance(e, Progress) and e.done >= 3 for e in events):  # a checkpoint exists at step 2
@@ -94,15 +94,16 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, small_data)
     events += _finish(job)
     assert events[-1] == JobEnded(events[-1].code, cancelled=True) and events[-1].code != 0
     assert not any("models list" in e.text for e in events if isinstance(e, LogLine))  # later commands never start
+    assert max(e.done for e in events if isinstance(e, Progress)) < steps  # cancelled mid-run, not after the end
     deadline = time.monotonic() + 10  # SIGTERM now, SIGKILL after the 5 s grace
     while _live_group_members(group) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _live_group_members(group) == []
 
-    resumed = _finish(BackgroundJob([[*pretrain, "--resume"]], module=TRAINING, python_path=LIB_DIRS).start())
+    resumed = BackgroundJob([[*pretrain, "--resume"]], module=TRAINING, python_path=LIB_DIRS).start().wait(300)
     assert resumed[-1] == JobEnded(0, cancelled=False)
-    steps = [e.done for e in resumed if isinstance(e, Progress)]
-    assert steps[0] >= 2 and steps[-1] == 40
+    done = [e.done for e in resumed if isinstance(e, Progress)]
+    assert done[0] >= 2 and done[-1] == steps
 
 
 def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
@@ -164,10 +165,12 @@ def test_headless_script_returns_the_command_exit_code(tmp_path):
 
     script = ROOT / "BrainDINOTraining" / "Resources" / "Scripts" / "braindino_headless.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in LIB_DIRS)}
-    listed = subprocess.run([sys.executable, script, "models", "list"], env=env, capture_output=True, text=True)
-    assert listed.returncode == 0 and "braindino-tiny-phantom" in listed.stdout
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    listing = subprocess.Popen([sys.executable, script, "models", "list"], env=env, **pipes)  # alongside the next
     missing = subprocess.run([sys.executable, script, "infer", str(tmp_path / "no.nii.gz"), "-o", str(tmp_path)],
                              env=env, capture_output=True, text=True)  # fmt: skip
+    listed_out, _ = listing.communicate(timeout=300)
+    assert listing.returncode == 0 and "braindino-tiny-phantom" in listed_out
     assert missing.returncode == 2 and "no.nii.gz: no such file" in missing.stderr
 
 

@@ -100,13 +100,13 @@ def test_two_process_torchrun_matches_one_process(tmp_path, index, single_proces
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, index):
     settings = COMMON + ["steps_per_epoch=8", "checkpoint_every=2", "crops.local_crops=2"]
     launcher = [sys.executable, "-m", "BrainDINOTrainingLib"]
-    subprocess.run(
-        _command(index, tmp_path / "straight", settings, launcher),
-        check=True,
-        capture_output=True,
-        env=_env(),
-        timeout=300,
-    )
+    with open(tmp_path / "straight.txt", "w") as output:  # the uninterrupted run goes on alongside (1 thread each)
+        straight = subprocess.Popen(
+            _command(index, tmp_path / "straight", settings, launcher),
+            env=_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     victim = subprocess.Popen(
         _command(index, tmp_path / "killed", settings, launcher),
         env=_env(),
@@ -122,6 +122,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, index):
     assert len(_log(tmp_path / "killed")) < 8  # really interrupted mid-run
     resume = _command(index, tmp_path / "killed", settings, launcher) + ["--resume"]
     subprocess.run(resume, check=True, capture_output=True, env=_env(), timeout=300)
+    assert straight.wait(timeout=300) == 0, (tmp_path / "straight.txt").read_text()[-2000:]
     assert _log(tmp_path / "killed") == _log(tmp_path / "straight")  # bit-exact: every logged value equal
     weights = "bundle/encoder.safetensors"
     assert (tmp_path / "killed" / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()

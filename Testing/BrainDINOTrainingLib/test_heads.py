@@ -24,7 +24,7 @@ from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier, metrics
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
-from BrainDINOTrainingLib.fit_segmentation import SegOptions
+from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 
 
@@ -47,16 +47,28 @@ def bundle64(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(bundle64, tmp_path_factory):
-    return FeatureCache(load_bundle(bundle64), tmp_path_factory.mktemp("features"), device="cpu")
+def cache(cohort40, bundle64, tmp_path_factory):
+    """Features of the cohort's scans; the FLAIR files also keep the blocks a segmentation head reads, so the
+    seg test's fit-head reads them from here instead of encoding the same scans again."""
+    bundle, folder = load_bundle(bundle64), tmp_path_factory.mktemp("features")
+    layered = FeatureCache(bundle, folder, default_layers(bundle.card.encoder.depth), device="cpu")
+    for entry in load_manifest(cohort40).entries:
+        layered.get(entry.images["flair"])
+    return FeatureCache(bundle, folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sequence_fit(cohort40, cache):
+    """The sequence head, fitted once for the two tests that use it."""
+    return fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="seq"), "sequence")
 
 
 def _primary(rows, model, metric):
     return [r[metric] for r in rows if r["model"] == model]
 
 
-def test_sequence_head_beats_the_majority_class(cohort40, cache):
-    result = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="seq"), "sequence")
+def test_sequence_head_beats_the_majority_class(sequence_fit):
+    result = sequence_fit
     assert result.spec.classes == ("flair", "t1", "t1ce", "t2") and len(result.test) == 32  # 8 subjects x 4
     assert _primary(result.rows, "head", "accuracy")[0] > _primary(result.rows, "majority", "accuracy")[0] + 0.2
 
@@ -107,10 +119,12 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     assert prediction["value"] == pytest.approx(fitted_on["value"], abs=1e-3)
 
 
-def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(tmp_path, cohort40, bundle64, cache):
+def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(
+    tmp_path, cohort40, bundle64, sequence_fit
+):
     other = create_random_bundle(tmp_path / "other", "vit-tiny16-dinov3", seed=1,
                                  preprocessing=PreprocessSpec(image_size=64))  # fmt: skip
-    result = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="seq"), "sequence")
+    result = sequence_fit
     with pytest.raises(BrainDINOError, match="fitted on another encoder"):
         other.load_head(result.spec)
     assert main(["fit-head", "--task", "seq", "--manifest", str(cohort40)]) == 2  # default bundle, no -o
@@ -249,11 +263,13 @@ def test_survival_statistics_by_hand():
     assert torch.allclose(cox_loss(risk, torch.from_numpy(times), torch.from_numpy(events).float()), expected)
 
 
-def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry(tmp_path, cohort40, bundle64):
+def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry(
+    tmp_path, cohort40, bundle64, cache
+):
     out = tmp_path / "seg-bundle"
     args = ["fit-head", "--task", "seg", "--modality", "flair", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--steps", "250", "--report", str(tmp_path / "report")]
-    assert main(args + ["--cache", str(tmp_path / "features")]) == 0
+    assert main(args + ["--cache", str(cache.folder)]) == 0  # the FLAIR features with their blocks, encoded once
     (spec,) = load_bundle(out).head_specs
     assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)
     assert spec.metrics["dice_whole_tumor"] > 0.15  # predicting nothing scores 0 on every tumour subject

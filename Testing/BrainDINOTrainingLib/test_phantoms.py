@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -206,14 +207,16 @@ def test_deterministic_by_seed(tmp_path, template, cohort):
     assert other["age"] != again["age"]
 
 
-def test_an_interrupted_cohort_resumes_with_the_same_settings_only(tmp_path):
-    folder = tmp_path / "cohort"
-    make_cohort(3, folder, seed=4, resolution=2)
-    first = (folder / "manifest.csv").read_text()
-    (folder / "manifest.csv").unlink()  # as if stopped before the end, with subject 1 unfinished
+def test_an_interrupted_cohort_resumes_with_the_same_settings_only(tmp_path, cohort):
+    folder = tmp_path / "cohort"  # the shared cohort's first three subjects and settings (seed 7, 2 mm, defaults)
+    for subject in ("phantom-0000", "phantom-0001", "phantom-0002"):
+        shutil.copytree(cohort / subject, folder / subject)
+    shutil.copy(cohort / "cohort.json", folder / "cohort.json")
+    first = "".join((cohort / "manifest.csv").read_text().splitlines(keepends=True)[:4])  # header and those three
+    # as if stopped before the end (no manifest.csv), with subject 1 unfinished
     (folder / "phantom-0001" / "row.json").unlink()
     done = (folder / "phantom-0000" / "phantom-0000_t1.nii.gz").stat().st_mtime_ns
-    make_cohort(3, folder, seed=4, resolution=2)
+    make_cohort(3, folder, seed=7, resolution=2)
     assert (folder / "manifest.csv").read_text() == first
     assert (folder / "phantom-0000" / "phantom-0000_t1.nii.gz").stat().st_mtime_ns == done  # not made again
     (folder / "manifest.csv").unlink()
