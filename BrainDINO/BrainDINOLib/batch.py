@@ -24,15 +24,12 @@ from .featuremaps import TOKENS_FILE
 from .infer import InferenceOptions, analysis_spec, input_signature, output_stem, read_scan, run_inference
 from .manifest import IMAGE_SUFFIXES, load_manifest, manifest_kind
 from .predictions import summary_table
-from .volume import dicom_series_in
+from .volume import DICOM_SUFFIXES, NOT_DICOM_SUFFIXES, dicom_series_in, unreadable_dicom
 
 SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
 MANIFEST_SUFFIXES = (".csv", ".tsv")
 #: Which scan of a manifest row is analysed when ``--sequence`` does not name one (the others feed the heads).
 SCAN_PREFERENCE = ("flair", "t1ce", "t2", "t1")
-#: Files that never hold DICOM (a folder of only these and images is not probed for series).
-_NOT_DICOM = (".csv", ".tsv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".pdf", ".html", ".safetensors")
-_DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 
 #: ``progress(scan index, scan name, slices done, slices of the scan)`` across a cohort.
 CohortProgress = Callable[[int, str, int, int], None]
@@ -57,23 +54,6 @@ class ScanJob:
     others: dict[str, Path] = field(default_factory=dict)
     dicom_series: str | None = None
     error: str | None = None
-
-
-def is_single_scan(inputs: Sequence[Path]) -> bool:
-    """One image file, or one folder holding a DICOM series and no subfolders: ``infer`` as for a single scan."""
-    if len(inputs) != 1:
-        return False
-    path = inputs[0]
-    if path.is_file():
-        return path.name.lower().endswith(IMAGE_SUFFIXES)
-    if not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    return (
-        not any(p.is_dir() for p in entries)
-        and any(not p.name.lower().endswith(IMAGE_SUFFIXES + _NOT_DICOM) for p in entries)
-        and bool(dicom_series_in(path))
-    )
 
 
 def find_scans(inputs: Sequence[Path], *, exclude: Path | None = None, sequence: str | None = None) -> list[ScanJob]:
@@ -147,17 +127,20 @@ def _folder_jobs(folder: Path, exclude: Path | None) -> list[ScanJob]:
         where = here.relative_to(folder).parts
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         jobs += [ScanJob(_clean("_".join((*where, output_stem(here / f)))), here / f) for f in images]
-        others = [f for f in files if f not in images and not f.lower().endswith(_NOT_DICOM)]
+        others = [f for f in files if f not in images and not f.lower().endswith(NOT_DICOM_SUFFIXES)]
         if not others:
             continue
-        series = dicom_series_in(here)
         stem = "_".join(where) or folder.name
+        try:
+            series = dicom_series_in(here)
+        except BrainDINOError as error:
+            jobs.append(ScanJob(_clean(stem), here, error=str(error)))
+            continue
         for uid in series:
             jobs.append(ScanJob(_clean(stem if len(series) == 1 else f"{stem}_{uid[-8:]}"), here, dicom_series=uid))
-        unread = [f for f in others if f.lower().endswith(_DICOM_SUFFIXES)]
+        unread = [f for f in others if f.lower().endswith(DICOM_SUFFIXES)]
         if not series and unread:
-            error = f"{here}: no readable DICOM series among {len(unread)} DICOM file(s) such as {unread[0]}"
-            jobs.append(ScanJob(_clean(stem), here, error=error))
+            jobs.append(ScanJob(_clean(stem), here, error=unreadable_dicom(here, unread)))
     return jobs
 
 

@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from .brain import brain_head
 from .encoder import BrainEncoder, EncoderConfig, encoder_config
-from .errors import BrainDINOError, describe
+from .errors import BrainDINOError, describe, from_fields, read_json
 from .heads import HeadSpec, build_head
 from .preprocess import PreprocessSpec
-from .typicality import NEIGHBOUR_CHANNELS, OOD_FILE, Typicality
+from .typicality import CHANNELS, NEIGHBOUR_CHANNELS, OOD_FILE, Typicality
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,22 @@ ENCODER_FILE = "encoder.safetensors"
 HEADS_DIR = "heads"
 CATALOG_DIR = Path(__file__).parent / "models"
 DEFAULT_MODELS_DIR = Path.home() / ".braindino" / "models"
+
+
+#: How a slice embedding is read from the encoder's tokens (`EncodedVolume.slice_embeddings`).
+POOLINGS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class OodSettings:
+    """The settings of the card's ``ood`` entry that inference reads (the rest describes the calibration)."""
+
+    k: int
+    thresholds: dict[str, float]
+
+    def __post_init__(self):
+        if self.k < 1 or set(self.thresholds) != set(CHANNELS) or min(self.thresholds.values()) <= 0:
+            raise BrainDINOError(f"field 'ood' needs k >= 1 and a positive threshold for each of {', '.join(CHANNELS)}")
 
 
 @dataclass(frozen=True)
@@ -60,15 +76,15 @@ class ModelCard:
     ood: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.files.items()
-        ):
-            raise BrainDINOError("'files' must map file names to sha256 strings")
         if self.preprocessing.image_size % self.encoder.patch_size:
             raise BrainDINOError(
                 f"image_size {self.preprocessing.image_size} is not a multiple of the patch size "
                 f"{self.encoder.patch_size} of {self.encoder.name}"
             )
+        if self.training.get("pooling", "cls") not in POOLINGS:
+            raise BrainDINOError(f"field 'training.pooling' must be one of {', '.join(POOLINGS)}")
+        if self.ood:
+            from_fields(OodSettings, {key: self.ood.get(key) for key in ("k", "thresholds")}, "field 'ood'")
 
     @property
     def pooling(self) -> str:
@@ -86,14 +102,17 @@ class ModelCard:
             raise BrainDINOError(f"{source}: not a BrainDINO model card of format {BUNDLE_FORMAT}")
         values = {k: v for k, v in values.items() if k != "format"}
         try:  # model.json is not covered by the hashes, so every field is checked
-            values["encoder"] = EncoderConfig.from_dict(values["encoder"])
-            values["preprocessing"] = PreprocessSpec.from_dict(values["preprocessing"])
-            values["heads"] = tuple(values.get("heads", ()))
-            for entry in values["heads"]:
-                HeadSpec.from_dict(entry)  # every head entry must describe a head
-            return cls(**values)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:  # BrainDINOError is a ValueError
-            raise BrainDINOError(f"{source}: incomplete or invalid model card ({describe(error)})") from error
+            card = from_fields(cls, values, "invalid model card")
+            for entry in card.heads:
+                spec = HeadSpec.from_dict(entry)  # every head entry must describe a head
+                if any(not 0 <= layer < card.encoder.depth for layer in spec.layers):
+                    raise BrainDINOError(
+                        f"head '{spec.name}': layers {list(spec.layers)} are not blocks of a "
+                        f"{card.encoder.depth}-block encoder"
+                    )
+            return card
+        except BrainDINOError as error:
+            raise BrainDINOError(f"{source}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -195,10 +214,7 @@ def read_card(directory: str | Path) -> ModelCard:
     card_path = Path(directory) / CARD_FILE
     if not card_path.is_file():
         raise BrainDINOError(f"{directory}: not a model bundle (no {CARD_FILE})")
-    try:
-        values = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BrainDINOError(f"{card_path}: not valid JSON ({error})") from error
+    values = read_json(card_path)
     return ModelCard.from_dict(values, str(card_path))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .diagnose import separate_python_stderr
 from .errors import BrainDINOError
 
 CommandAdder = Callable[[argparse._SubParsersAction], None]
@@ -334,29 +335,34 @@ def _run_options(args, **choices):
     return dataclasses.replace(options, **choices)
 
 
-def _run(args, scan: Path, out_dir: Path, **choices) -> dict:
-    """``run_inference`` on one scan with the command line's options; ``choices`` override InferenceOptions fields."""
+def _run(args, scan: Path, out_dir: Path, volume=None, **choices) -> dict:
+    """``run_inference`` on one scan (``volume``: already read) with the command line's options; ``choices``
+    override InferenceOptions fields."""
     from .infer import run_inference
 
     options = _run_options(args, **choices)
     others = f" and {len(options.other_scans)} other scan(s)" if options.other_scans else ""
     with ProgressBar(f"encoding {Path(scan).name}{others}", "slice", disable=args.quiet) as progress:
-        result = run_inference(scan, out_dir, options, progress=progress)
+        result = run_inference(scan, out_dir, options, volume=volume, progress=progress)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return result
 
 
 def _infer(args) -> int:
-    from .batch import find_scans, is_single_scan
+    from .volume import is_single_scan, load_volume
 
     if not args.cohort and is_single_scan(args.scans):
-        result = _run(args, args.scans[0], args.out_dir)
+        # Read before the model's libraries load, so that a bad scan is reported in a second.
+        volume = load_volume(args.scans[0], volume_index=args.volume, dicom_series=args.dicom_series)
+        result = _run(args, args.scans[0], args.out_dir, volume=volume)
         print(f"wrote {len(result['outputs']) + 1} files to {args.out_dir} in {result['timings_s']['total']:.1f} s")
         return 0
     if args.also:
         raise BrainDINOError("--also names one subject's other scans; for a cohort, give a manifest with a column "
                              "per sequence (t1, t1ce, t2, flair)")  # fmt: skip
+    from .batch import find_scans
+
     jobs = find_scans(args.scans, exclude=args.out_dir, sequence=args.sequence)
     return _cohort(args, jobs)
 
@@ -506,12 +512,13 @@ def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdde
     args = build_parser(extra_commands).parse_args(argv)
     args.command_line = shlex.join(["braindino", *argv])  # recorded in model cards
     ProgressBar.lines = args.progress_lines
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return args.func(args) or 0
-    except BrainDINOError as error:
-        print(f"braindino: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("braindino: interrupted", file=sys.stderr)
-        return 130
+    with separate_python_stderr():  # readers silence libraries on descriptor 2 while bars and messages go on
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+        try:
+            return args.func(args) or 0
+        except BrainDINOError as error:
+            print(f"braindino: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("braindino: interrupted", file=sys.stderr)
+            return 130

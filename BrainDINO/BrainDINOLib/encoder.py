@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import BrainDINOError
+from .errors import BrainDINOError, from_fields
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> EncoderConfig:
-        try:
-            return cls(**values)
-        except TypeError as error:
-            raise BrainDINOError(f"invalid encoder description {values}: {error}") from error
+        return from_fields(cls, values, "encoder")
 
 
 ENCODERS: dict[str, EncoderConfig] = {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BrainDINOError
+from .errors import BrainDINOError, from_fields
 
 HEAD_KINDS = ("seg", "cls", "reg", "surv", "seq")
 VOLUME_KINDS = ("cls", "reg", "surv", "seq")
@@ -90,15 +90,8 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> HeadSpec:
-        try:
-            fields = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(values) - fields
-            if unknown:
-                raise BrainDINOError(f"unknown fields {sorted(unknown)}")
-            tuples = ("modalities", "classes", "label_values", "layers")
-            return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
-        except TypeError as error:
-            raise BrainDINOError(f"invalid head entry ({error})") from error
+        name = values.get("name") if isinstance(values, dict) else None
+        return from_fields(cls, values, f"head '{name}'" if isinstance(name, str) else "a head entry")
 
 
 class AttentionPool(nn.Module):

@@ -41,8 +41,10 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path}: holds Python objects besides tensors; refusing to unpickle it "
             "(export a plain state dict or safetensors)"
         ) from error
-    except Exception as error:  # truncated zip, not a checkpoint at all
-        raise BrainDINOError(f"{path}: not a readable checkpoint ({describe(error)})") from error
+    except Exception as error:  # truncated zip, damaged header, not a checkpoint at all
+        raise BrainDINOError(
+            f"{path}: not a readable checkpoint, the file is truncated or corrupt ({describe(error)})"
+        ) from error
 
 
 def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:

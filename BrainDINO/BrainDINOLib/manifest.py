@@ -9,6 +9,7 @@ are stored in years and times in days.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BrainDINOError
-from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES
+from .errors import BrainDINOError, describe, read_text
+from .volume import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES
 MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "brain_mask", "image")
 #: Image columns that hold masks, not scans: never pretrained on, never read as a sequence.
 MASKS = ("seg", "brain_mask")
@@ -276,10 +276,9 @@ def read_table(path: Path, *, require_images: bool = True) -> Manifest:
     """A CSV/TSV manifest: an id column, image path columns (relative to the table), label columns."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle, delimiter=delimiter))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise BrainDINOError(f"{path}: cannot read the table ({error})") from error
+        rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter))
+    except csv.Error as error:
+        raise BrainDINOError(f"{path}: cannot read the table ({describe(error)})") from error
     if len(rows) < 2:
         raise BrainDINOError(f"{path}: the table has no data rows")
     header, body = [h.strip() for h in rows[0]], rows[1:]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BrainDINOError
+from .errors import BrainDINOError, from_fields
 from .layout import PlaneGeometry, SliceLayout
 from .volume import Volume
 
@@ -76,11 +76,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> PreprocessSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BrainDINOError(f"unknown preprocessing fields {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return from_fields(cls, values, "preprocessing")
 
 
 def to_canvas(plane: PlaneGeometry, slices: torch.Tensor) -> torch.Tensor:

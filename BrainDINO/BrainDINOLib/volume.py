@@ -5,11 +5,13 @@ order plus its voxel -> RAS (mm) affine. That array is then permuted/flipped (ne
 to the closest RAS+ orientation, so axial slices are the last axis. Outputs go through the
 inverse permutation, so output voxel ``[i, j, k]`` belongs to input voxel ``[i, j, k]``.
 
-NIfTI/MGZ are read with nibabel; NRRD/NHDR/MHA/MHD and DICOM series folders with SimpleITK.
+NIfTI/MGZ are read with nibabel; NRRD/NHDR/MHA/MHD and DICOM series folders with SimpleITK, each inside
+`diagnose.LibraryOutput`, so that what a library says about a bad file becomes our one line or a warning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,16 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from .errors import BrainDINOError, describe
+from .diagnose import (
+    LibraryOutput,
+    check_text_header,
+    dicom_file_problem,
+    failed_silently,
+    library_problem,
+    repairs,
+    text_header_problem,
+)
+from .errors import BrainDINOError
 
 #: Largest number of voxels accepted (2**30 = 4 GiB as float32); checked from the header,
 #: before any voxel memory is allocated.
@@ -25,6 +36,10 @@ MAX_VOXELS = 2**30
 
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 SIMPLEITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES
+#: Files that never hold DICOM (a folder of only these and images is not probed for series).
+NOT_DICOM_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".pdf", ".html", ".safetensors")
+DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 _RAS = axcodes2ornt(("R", "A", "S"))
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -101,16 +116,33 @@ def load_volume(
     path = Path(path)
     if not path.exists():
         raise BrainDINOError(f"{path}: no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise BrainDINOError(f"{path}: an empty file (0 bytes)")
     if path.is_dir():
-        array, affine = _read_dicom_series(path, dicom_series)
+        array, affine, said = _read_dicom_series(path, dicom_series)
     elif path.name.lower().endswith(NIBABEL_SUFFIXES):
-        array, affine = _read_nibabel(path, volume_index)
+        array, affine, said = _read_nibabel(path, volume_index)
     elif path.name.lower().endswith(SIMPLEITK_SUFFIXES):
-        array, affine = _read_simpleitk(path, volume_index)
+        array, affine, said = _read_simpleitk(path, volume_index)
     else:
-        known = ", ".join(NIBABEL_SUFFIXES + SIMPLEITK_SUFFIXES)
+        known = ", ".join(IMAGE_SUFFIXES)
         raise BrainDINOError(f"{path}: not a recognised image file (expected {known} or a DICOM folder)")
-    return volume_from_array(array, affine, str(path), allow_constant=allow_constant)
+    return volume_from_array(array, affine, str(path), allow_constant=allow_constant, notes=repairs(said))
+
+
+def is_single_scan(inputs: Sequence[Path]) -> bool:
+    """One image file, or one folder of DICOM files (no subfolders, no image files): ``infer`` as for one scan."""
+    if len(inputs) != 1:
+        return False
+    path = inputs[0]
+    if path.is_file():
+        return path.name.lower().endswith(IMAGE_SUFFIXES)
+    if not path.is_dir():
+        return False
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return not any(p.is_dir() or p.name.lower().endswith(IMAGE_SUFFIXES) for p in entries) and any(
+        not p.name.lower().endswith(NOT_DICOM_SUFFIXES) for p in entries
+    )
 
 
 def load_labels(path: str | Path, like: Volume) -> np.ndarray:
@@ -154,30 +186,39 @@ def _check_shape(path: Path, shape: tuple[int, ...], volume_index: int | None) -
     return shape
 
 
-def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_nibabel(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(voxels, affine, what nibabel said while reading)."""
+    header = LibraryOutput()
     try:
-        image = nib.load(path)
+        with header:
+            image = nib.load(path)
+            affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types for bad headers
-        raise BrainDINOError(f"{path}: cannot read the image header ({describe(error)})") from error
+        raise BrainDINOError(
+            f"{path}: cannot read the image header ({library_problem(path, error, header.lines)})"
+        ) from error
     if image.get_data_dtype().names is not None:
         raise BrainDINOError(f"{path}: a colour (RGB) image; BrainDINO needs a greyscale MRI volume")
     shape = _check_shape(path, image.shape, volume_index)
+    voxels = LibraryOutput()
     try:
-        if len(image.shape) > 3:
-            # Squeeze trailing singleton dims, then pick the requested volume without loading the rest.
-            index = (
-                (slice(None),) * 3
-                + ((volume_index,) if len(shape) == 4 else ())
-                + (0,) * (len(image.shape) - len(shape))
-            )
-            array = np.asarray(image.dataobj[index], dtype=np.float32)
-        else:
-            array = np.asarray(image.dataobj, dtype=np.float32)
+        with voxels:
+            array = _nibabel_voxels(image, shape, volume_index)
     except Exception as error:  # truncated gzip, short file, corrupt data
         raise BrainDINOError(
-            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({describe(error)})"
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt "
+            f"({library_problem(path, error, voxels.lines)})"
         ) from error
-    return array, np.asarray(image.affine, dtype=np.float64)
+    return array, affine, header.lines + voxels.lines
+
+
+def _nibabel_voxels(image, shape: tuple[int, ...], volume_index: int | None) -> np.ndarray:
+    if len(image.shape) > 3:
+        # Squeeze trailing singleton dims, then pick the requested volume without loading the rest.
+        chosen = (volume_index,) if len(shape) == 4 else ()
+        index = (slice(None),) * 3 + chosen + (0,) * (len(image.shape) - len(shape))
+        return np.asarray(image.dataobj[index], dtype=np.float32)
+    return np.asarray(image.dataobj, dtype=np.float32)
 
 
 def _sitk_affine(image) -> np.ndarray:
@@ -189,15 +230,20 @@ def _sitk_affine(image) -> np.ndarray:
     return _LPS_TO_RAS @ lps
 
 
-def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(voxels, affine, what ITK said while reading)."""
     import SimpleITK as sitk
 
+    check_text_header(path, lambda shape: _check_shape(path, shape, volume_index))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    header = LibraryOutput()
     try:
-        reader.ReadImageInformation()
+        with header:
+            reader.ReadImageInformation()
     except RuntimeError as error:
-        raise BrainDINOError(f"{path}: cannot read the image header ({describe(error)})") from error
+        problem = text_header_problem(path, failed=True) or library_problem(path, error, header.lines)
+        raise BrainDINOError(f"{path}: cannot read the image header ({problem})") from error
     if reader.GetNumberOfComponents() != 1:
         raise BrainDINOError(
             f"{path}: {reader.GetNumberOfComponents()} components per voxel (colour or vector image); "
@@ -208,21 +254,41 @@ def _read_simpleitk(path: Path, volume_index: int | None) -> tuple[np.ndarray, n
     if len(size) > 3:  # read only the chosen 3D volume (extent 0 drops a dimension)
         reader.SetExtractSize(size[:3] + [0] * (len(size) - 3))
         reader.SetExtractIndex([0, 0, 0] + [volume_index if len(shape) == 4 else 0] + [0] * (len(size) - 4))
+    voxels = LibraryOutput()
     try:
-        image = reader.Execute()
+        with voxels:
+            image = reader.Execute()
     except RuntimeError as error:
         raise BrainDINOError(
-            f"{path}: cannot read the voxel data, the file is truncated or corrupt ({describe(error)})"
+            f"{path}: cannot read the voxel data, the file is truncated or corrupt "
+            f"({library_problem(path, error, voxels.lines)})"
         ) from error
+    if failed_silently(voxels.lines):
+        raise BrainDINOError(f"{path}: cannot read the voxel data ({library_problem(path, '', voxels.lines)})")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
+    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image), header.lines + voxels.lines
 
 
 def dicom_series_in(folder: str | Path) -> list[str]:
     """SeriesInstanceUIDs of the DICOM series whose files lie directly in ``folder``."""
     import SimpleITK as sitk
 
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    said = LibraryOutput()
+    try:
+        with said:  # GDCM warns on stderr when there is none
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as error:  # a file with impossible values stops GDCM's whole scan
+        raise BrainDINOError(
+            f"{folder}: cannot list its DICOM series ({library_problem(folder, error, said.lines)})"
+        ) from error
+
+
+def unreadable_dicom(folder: Path, files: list[str]) -> str:
+    """The one line for a folder of files where no DICOM series can be read: the first file and its problem."""
+    others = f" (and {len(files) - 1} other files)" if len(files) > 1 else ""
+    first = folder / files[0]
+    problem = dicom_file_problem(first) or "a DICOM file without a readable image series (no series UID or pixel data)"
+    return f"{first}: {problem}{others}"
 
 
 def dicom_series_files(folder: str | Path, series_uid: str | None = None) -> tuple[str, list[str]]:
@@ -233,8 +299,12 @@ def dicom_series_files(folder: str | Path, series_uid: str | None = None) -> tup
     """
     import SimpleITK as sitk
 
+    folder = Path(folder)
     series = dicom_series_in(folder)
     if not series:
+        files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if files:
+            raise BrainDINOError(unreadable_dicom(folder, files))
         raise BrainDINOError(f"{folder}: a folder without DICOM series (pass an image file or a DICOM series folder)")
     if series_uid is None:
         if len(series) > 1:
@@ -244,48 +314,82 @@ def dicom_series_files(folder: str | Path, series_uid: str | None = None) -> tup
         series_uid = series[0]
     elif series_uid not in series:
         raise BrainDINOError(f"{folder}: no DICOM series {series_uid} (found {', '.join(series)})")
-    return series_uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    with LibraryOutput():
+        return series_uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(voxels, affine, what GDCM and ITK said while reading)."""
     import SimpleITK as sitk
 
     series_uid, files = dicom_series_files(folder, series_uid)
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
+    header = LibraryOutput()
     try:
-        first.ReadImageInformation()
+        with header:
+            first.ReadImageInformation()
     except RuntimeError as error:
-        raise BrainDINOError(f"{files[0]}: cannot read the DICOM header ({describe(error)})") from error
+        problem = dicom_file_problem(Path(files[0])) or library_problem(files[0], error, header.lines)
+        raise BrainDINOError(f"{files[0]}: cannot read the DICOM header ({problem})") from error
     size = first.GetSize()
     frames = size[2] if len(size) == 3 else 1  # enhanced (multi-frame) DICOM holds the volume in one file
     _check_shape(folder, (size[0], size[1], len(files) * frames), None)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    voxels = LibraryOutput()
     try:
-        image = reader.Execute()
+        with voxels:
+            image = reader.Execute()
     except RuntimeError as error:
-        raise BrainDINOError(f"{folder}: cannot read the DICOM series {series_uid} ({describe(error)})") from error
+        problem = _odd_series_file(files) or library_problem(folder, error, voxels.lines)
+        raise BrainDINOError(f"{folder}: cannot read the DICOM series ({problem})") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise BrainDINOError(f"{folder}: a colour DICOM series; BrainDINO needs a greyscale MRI volume")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image)
+    return np.ascontiguousarray(array.transpose(2, 1, 0)), _sitk_affine(image), header.lines + voxels.lines
 
 
-def volume_from_array(array: np.ndarray, affine: np.ndarray, path: str, *, allow_constant: bool = False) -> Volume:
+def _odd_series_file(files: list[str]) -> str | None:
+    """'file: problem' for the first file of a series that cannot be read or whose image differs from the first's
+    (read only when the series failed: the reason a whole-series read gives is rarely about one file)."""
+    import SimpleITK as sitk
+
+    first = None
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        said = LibraryOutput()
+        try:
+            with said:
+                reader.ReadImageInformation()
+        except RuntimeError as error:
+            return f"{Path(file).name}: {dicom_file_problem(Path(file)) or library_problem(file, error, said.lines)}"
+        image = "x".join(str(s) for s in reader.GetSize()[:2]), sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        if first is None:
+            first = image
+        elif image != first:
+            return f"{Path(file).name}: a {image[0]} {image[1]} image in a series of {first[0]} {first[1]} images"
+    return None
+
+
+def volume_from_array(
+    array: np.ndarray, affine: np.ndarray, path: str, *, allow_constant: bool = False, notes: Sequence[str] = ()
+) -> Volume:
     """A canonical `Volume` from voxels in their own (I, J, K) order and their voxel -> RAS affine.
 
     Args:
         array: (I, J, K) intensities.
         affine: (4, 4) voxel -> RAS mm.
         path: names the source in messages and outputs (a file, or a Slicer node's name).
+        notes: warnings from reading it (header repairs), kept in the volume's ``warnings``.
 
     Raises:
         BrainDINOError: degenerate affine, only NaN/Inf voxels, or constant intensities.
     """
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is degenerate (zero or non-finite spacing)")
-    warnings = []
+    warnings = list(notes)
     finite = np.isfinite(array)
     if not finite.all():
         n_bad = int(array.size - np.count_nonzero(finite))

@@ -25,14 +25,14 @@ import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from BrainDINOLib import __version__
-from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.errors import BrainDINOError, from_fields, read_json
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
@@ -224,6 +224,41 @@ def _finalize(out_dir: Path, volumes: list[Path], spec: PreprocessSpec) -> dict:
     return index
 
 
+@dataclass(frozen=True)
+class IndexedVolume:
+    """One entry of ``volumes.json``."""
+
+    volume: int
+    path: str
+    shard: str | None
+    slices: int
+    kept: int
+    status: str
+    labels: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _read_array(path: Path, what: str, **options) -> np.ndarray:
+    """A ``.npy`` file of the index (never unpickled), or one line saying it is damaged."""
+    try:
+        return np.load(path, allow_pickle=False, **options)
+    except Exception as error:  # numpy raises many types for a damaged header or short data
+        raise BrainDINOError(f"{path}: not a readable {what}, the file is truncated or corrupt") from error
+
+
+def _kept_records(path: Path, volumes: list[IndexedVolume]) -> np.ndarray:
+    """The kept rows of ``slices.npy``, checked against the volumes they name."""
+    records = _read_array(path, "slice table")
+    if records.dtype != RECORD_DTYPE or records.ndim != 1:
+        raise BrainDINOError(f"{path}: not a slice table of this index format (rebuild the index)")
+    kept = records[records["kept"]]
+    rows = {v.volume: v.kept for v in volumes}
+    bad = next((r for r in kept if not 0 <= r["row"] < rows.get(int(r["volume"]), 0)), None)
+    if bad is not None:
+        raise BrainDINOError(f"{path}: names slice {bad['row']} of volume {bad['volume']}, which its index lacks")
+    return kept
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Kept slices of an index as (in_chans, canvas, canvas) float32 tensors.
 
@@ -240,14 +275,40 @@ class SliceDataset(torch.utils.data.Dataset):
         info_path = self.index_dir / "index.json"
         if not info_path.is_file():
             raise BrainDINOError(f"{self.index_dir}: not a finished slice index (no index.json); run 'braindino index'")
-        self.info = json.loads(info_path.read_text())
-        self.spec = PreprocessSpec.from_dict(self.info["preprocessing"])
-        records = np.load(self.index_dir / "slices.npy")
-        self.records = records[records["kept"]]
-        self.volumes = json.loads((self.index_dir / "volumes.json").read_text())
-        self.shards = {v["volume"]: v["shard"] for v in self.volumes}
+        self.info = read_json(info_path)
+        if not isinstance(self.info, dict) or not isinstance(self.info.get("format"), int):
+            raise BrainDINOError(f"{info_path}: not the index.json of a slice index (no format number)")
+        try:
+            self.spec = PreprocessSpec.from_dict(self.info.get("preprocessing"))
+        except BrainDINOError as error:
+            raise BrainDINOError(f"{info_path}: {error}") from error
+        volumes_path = self.index_dir / "volumes.json"
+        entries = read_json(volumes_path)
+        if not isinstance(entries, list):
+            raise BrainDINOError(f"{volumes_path}: must be a list of volumes")
+        self.volumes = [from_fields(IndexedVolume, e, f"{volumes_path}: volume {i}") for i, e in enumerate(entries)]
+        self.records = _kept_records(self.index_dir / "slices.npy", self.volumes)
+        self.shards = self._checked_shards()
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _checked_shards(self) -> dict[int, Path]:
+        """Shard files of the volumes with kept slices, each there and large enough for its rows (a size check:
+        the index may hold a hundred thousand shards)."""
+        shards = {}
+        bytes_per_slice = self.spec.image_size**2 * np.dtype(SHARD_DTYPE).itemsize
+        for volume in self.volumes:
+            if volume.kept == 0:
+                continue
+            path = self.index_dir / (volume.shard or "")
+            if volume.shard is None or not path.is_file() or path.parent.parent != self.index_dir:
+                raise BrainDINOError(
+                    f"{self.index_dir}: the shard of volume {volume.volume} ({volume.shard}) is missing"
+                )
+            if path.stat().st_size < volume.kept * bytes_per_slice:
+                raise BrainDINOError(f"{path}: shorter than its {volume.kept} slices (truncated)")
+            shards[volume.volume] = path
+        return shards
 
     def __len__(self) -> int:
         return len(self.records)
@@ -256,7 +317,10 @@ class SliceDataset(torch.utils.data.Dataset):
         if volume in self._open:
             self._open.move_to_end(volume)
         else:
-            self._open[volume] = np.load(self.index_dir / self.shards[volume], mmap_mode="r")
+            shard = _read_array(self.shards[volume], "shard", mmap_mode="r")
+            if shard.dtype != SHARD_DTYPE or shard.shape[1:] != (self.spec.image_size,) * 2:
+                raise BrainDINOError(f"{self.shards[volume]}: not a shard of this index (rebuild the index)")
+            self._open[volume] = shard
             if len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         return self._open[volume]
@@ -276,15 +340,15 @@ class SliceDataset(torch.utils.data.Dataset):
             raise BrainDINOError(f"{self.index_dir}: indexed before labels were recorded; rebuild it in a new folder")
         table = {}
         for volume in self.volumes:
-            if volume["status"] != "ok":
+            if volume.status != "ok":
                 continue
-            missing = [n for n in names if n not in volume.get("labels", {})]
+            missing = [n for n in names if n not in volume.labels]
             if missing:
                 raise BrainDINOError(
-                    f"{self.index_dir}: {volume['path']} has no {', '.join(missing)}; build the index from a "
+                    f"{self.index_dir}: {volume.path} has no {', '.join(missing)}; build the index from a "
                     f"manifest (CSV) with numeric columns {', '.join(names)}"
                 )
-            table[volume["volume"]] = [volume["labels"][n] for n in names]
+            table[volume.volume] = [volume.labels[n] for n in names]
         ids = sorted(table)
         values = np.array([table[i] for i in ids], dtype=np.float64).reshape(len(ids), len(names))
         values = (values - values.mean(axis=0)) / np.where(values.std(axis=0) > 0, values.std(axis=0), 1.0)

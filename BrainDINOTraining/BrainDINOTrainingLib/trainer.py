@@ -29,7 +29,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader
 from BrainDINOLib.bundle import ModelCard, save_bundle
 from BrainDINOLib.encoder import BrainEncoder, encoder_config
 from BrainDINOLib.engine import autocast_dtype, resolve_device
-from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.errors import BrainDINOError, from_fields, read_text
+from BrainDINOLib.importers import read_checkpoint
 
 from .augment import MultiCropConfig
 from .monitor import ProbeSet, collapse_verdict
@@ -127,52 +128,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Checked against the field types: ``1e-5`` (a string to YAML) becomes a float, a wrong type is an error."""
-        return _build(cls, values, "")
+        """Checked against the field types, sections included: a wrong type or unknown setting is an error."""
+        moved = next((key for key in values if key in MOVED_TO_DINO), None) if isinstance(values, dict) else None
+        if moved:
+            raise BrainDINOError(f"invalid training configuration: unknown setting {moved} (it moved to dino.{moved})")
+        return from_fields(cls, values, "invalid training configuration")
 
 
-_SCALARS = {"float": float, "int": int, "str": str, "bool": bool}
 MOVED_TO_DINO = ("freeze_last_layer_epochs", "mask_probability", "mask_ratio")  # top-level in older configs
-
-
-def _convert(name: str, value, annotation: str):
-    """``value`` as the annotated type (``float``, ``tuple[float, float]``, ...), or a BrainDINOError."""
-    if annotation.startswith("tuple["):
-        if not isinstance(value, list | tuple):
-            raise BrainDINOError(f"invalid training configuration: {name} must be a list, got {value!r}")
-        items = [a.strip() for a in annotation[6:-1].split(",")]
-        if items[-1] != "...":
-            if len(items) != len(value):
-                raise BrainDINOError(f"invalid training configuration: {name} needs {len(items)} values, got {value!r}")
-            return tuple(_convert(name, v, a) for v, a in zip(value, items, strict=True))
-        return tuple(_convert(name, v, items[0]) for v in value)
-    kind = _SCALARS[annotation]
-    if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BrainDINOError(f"invalid training configuration: {name} must be {annotation}, got {value!r}")
-    return value
-
-
-def _build(kind, values: dict, prefix: str):
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        moved = " (it moved to dino." + unknown[0] + ")" if not prefix and unknown[0] in MOVED_TO_DINO else ""
-        raise BrainDINOError(f"invalid training configuration: unknown setting {prefix}{unknown[0]}{moved}")
-    converted = {}
-    for name, value in values.items():
-        field_ = fields[name]
-        if field_.default_factory is not MISSING:  # a nested section
-            if not isinstance(value, dict):
-                raise BrainDINOError(f"invalid training configuration: {prefix}{name} must be a section")
-            converted[name] = _build(field_.default_factory, value, f"{prefix}{name}.")
-        else:
-            converted[name] = _convert(prefix + name, value, field_.type)
-    return kind(**converted)
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -186,16 +149,13 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
         assignments: ``key=value`` strings with dotted keys for nested fields (``dino.prototypes=512``);
             values are parsed as YAML.
     """
-    import yaml
-
     path = CONFIG_DIR / f"{name}.yaml" if (CONFIG_DIR / f"{name}.yaml").is_file() else Path(name)
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise BrainDINOError(f"no training config '{name}' (shipped: {shipped}; or a YAML file)")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise BrainDINOError(f"{path}: not valid YAML ({error})") from error
+    values = _yaml(read_text(path), str(path)) or {}
+    if not isinstance(values, dict):
+        raise BrainDINOError(f"{path}: a training config must be a mapping of settings (key: value lines)")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -207,7 +167,7 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
                 raise BrainDINOError(f"--set {key}: '{parent}' is a setting, not a section")
-        target[leaf] = yaml.safe_load(text)
+        target[leaf] = _yaml(text, f"--set {assignment}")
     if values.get("init"):
         from .initial_weights import initial_architecture
 
@@ -218,6 +178,36 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
                 "'encoder' from the config (the weights decide it) or start from weights of that architecture"
             )
     return TrainConfig.from_dict(values)
+
+
+def _run_checkpoint(path: Path) -> dict:
+    """A training run's checkpoint (read without unpickling objects), or one line saying it is not one."""
+    state = read_checkpoint(path)
+    needed = {"objective", "optimizer", "step", "config", "generators", "torch_rng"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise BrainDINOError(f"{path}: not the checkpoint of a BrainDINO training run")
+    return state
+
+
+def _yaml(text: str, source: str):
+    """YAML read with version 1.2's numbers (``1e-5`` is a float; PyYAML's 1.1 rules keep it text).
+
+    Raises:
+        BrainDINOError: not valid YAML, naming ``source`` and where.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(number), list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BrainDINOError(f"{source}: not valid YAML ({getattr(error, 'problem', None) or error}{where})") from error
 
 
 def cosine(start: float, end: float, steps: int, warmup: int = 0) -> np.ndarray:
@@ -475,7 +465,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             raise BrainDINOError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=True)  # FSDP then keeps only its shard on the GPU
+        state = _run_checkpoint(path)  # on the CPU: FSDP then keeps only its shard on the GPU
         if len(state["generators"]) != self.world:
             raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
         if json.loads(state["config"]) != json.loads(json.dumps(self.config.to_dict())):
@@ -642,7 +632,7 @@ class Trainer:
         Args:
             command: the command line that started the run (recorded in the model card).
         """
-        state = torch.load(self.out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = _run_checkpoint(self.out_dir / CHECKPOINT)
         last = {}
         log_path = self.out_dir / "log.csv"
         if log_path.is_file():

@@ -185,7 +185,7 @@ def good_card(tmp_path, default_bundle):
         (lambda card: {**card, "preprocessing": {**card["preprocessing"], "clip_percentiles": [1, 2, 3]}}, "invalid"),
         (lambda card: {**card, "preprocessing": {**card["preprocessing"], "image_size": 200}}, "not a multiple"),
         (lambda card: {**card, "encoder": {**card["encoder"], "timm_name": "nope"}}, "timm has no model 'nope'"),
-        (lambda card: {**card, "files": ["encoder.safetensors"]}, "'files' must map"),
+        (lambda card: {**card, "files": ["encoder.safetensors"]}, "field 'files' must be an object, not a list"),
         (lambda card: {k: v for k, v in card.items() if k != "encoder"}, "invalid model card"),
     ],
 )

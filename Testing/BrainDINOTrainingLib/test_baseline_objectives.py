@@ -191,10 +191,10 @@ def test_collapse_verdict_names_the_kind():
     ("settings", "message"),
     [
         (["encoder.x=1"], "'encoder' is a setting, not a section"),
-        (["data.x=1"], "data must be str"),
+        (["data.x=1"], "field 'data' must be text, not an object"),
         (["mask_ratio=[0.1, 0.2]"], r"unknown setting mask_ratio \(it moved to dino.mask_ratio\)"),
         (["anatcl.descriptors=[]"], "anatcl.descriptors is empty"),
-        (["epochs=two"], "epochs must be int"),
+        (["epochs=two"], "field 'epochs' must be a whole number, not 'two'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(settings, message):
