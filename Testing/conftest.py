@@ -10,6 +10,18 @@ from BrainDINOLib.bundle import find_bundle
 from BrainDINOLib.sample_data import mni_path
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-scale", type=int, default=1, help="run this many times the cases of the bad-input fuzz corpus"
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_scale(request) -> int:
+    """How many times the default number of fuzz cases to run (``--fuzz-scale``)."""
+    return request.config.getoption("--fuzz-scale")
+
+
 @pytest.fixture(scope="session")
 def mni() -> nib.Nifti1Image:
     """The full-resolution MNI T1 template (197x233x189, 1 mm, RAS, uint8)."""

@@ -71,10 +71,10 @@ def tally(outcomes: list[tuple[str, str]]) -> Counter:
     return Counter((kind, re.sub(r"\d+", "N", message.split(": ", 1)[-1])[:60]) for kind, message in outcomes)
 
 
-def test_damaged_scans_load_or_fail_with_one_clean_line(tmp_path, capfd):
+def test_damaged_scans_load_or_fail_with_one_clean_line(tmp_path, capfd, fuzz_scale):
     """NIfTI (plain, gzip), NRRD (raw, gzip), MetaImage (raw, compressed) and DICOM series with header fields set
     to extremes, lines dropped or repeated, bytes flipped and data cut short."""
-    cases = image_cases(tmp_path, SEED, 240)
+    cases = image_cases(tmp_path, SEED, 240 * fuzz_scale)
     capfd.readouterr()
     outcomes = [outcome(lambda case=case: load_volume(case), tmp_path, capfd) for case in cases]
     shapes = tally(outcomes)
@@ -83,27 +83,27 @@ def test_damaged_scans_load_or_fail_with_one_clean_line(tmp_path, capfd):
     assert len(shapes) >= 40, shapes  # many different problems, each with its own message
 
 
-def test_damaged_manifests(tmp_path, capfd):
+def test_damaged_manifests(tmp_path, capfd, fuzz_scale):
     scans = []
     for i in range(3):
         scans.append(tmp_path / f"scan{i}.nii.gz")
         nib.save(base_volume(i), scans[-1])
     from BrainDINOLib.batch import find_scans
 
-    cases = manifest_cases(tmp_path / "cases", SEED, 80, scans)
+    cases = manifest_cases(tmp_path / "cases", SEED, 80 * fuzz_scale, scans)
     capfd.readouterr()
     outcomes = [outcome(lambda case=case: find_scans([case]), tmp_path, capfd) for case in cases]
     assert len(tally(outcomes)) >= 8
 
 
-def test_damaged_model_cards(tmp_path, capfd, default_bundle):
+def test_damaged_model_cards(tmp_path, capfd, default_bundle, fuzz_scale):
     """model.json damaged as text or as data: refused on loading, naming the field, or the bundle still runs."""
     from BrainDINOLib.bundle import load_bundle
     from BrainDINOLib.infer import InferenceOptions, run_inference
 
     scan = tmp_path / "scan.nii.gz"
     nib.save(base_volume(0), scan)
-    cases = json_file_cases(Path(default_bundle) / "model.json", tmp_path / "cases", SEED, 40)
+    cases = json_file_cases(Path(default_bundle) / "model.json", tmp_path / "cases", SEED, 40 * fuzz_scale)
 
     def use(bundle_dir: Path):
         bundle = load_bundle(bundle_dir)
@@ -116,7 +116,7 @@ def test_damaged_model_cards(tmp_path, capfd, default_bundle):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_damaged_checkpoints(tmp_path, capfd, default_bundle, suffix):
+def test_damaged_checkpoints(tmp_path, capfd, default_bundle, suffix, fuzz_scale):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -126,7 +126,7 @@ def test_damaged_checkpoints(tmp_path, capfd, default_bundle, suffix):
     source = tmp_path / f"encoder{suffix}"
     save_file(state, source) if suffix == ".safetensors" else torch.save({"teacher": state}, source)
     header = safetensors_header_size if suffix == ".safetensors" else (lambda raw: 2048)
-    cases = binary_file_cases(source, tmp_path / "cases", SEED, 30, header)
+    cases = binary_file_cases(source, tmp_path / "cases", SEED, 30 * fuzz_scale, header)
     capfd.readouterr()
     outcomes = [
         outcome(lambda case=case: import_checkpoint(case, tmp_path / "out" / case.stem), tmp_path, capfd)
@@ -135,7 +135,7 @@ def test_damaged_checkpoints(tmp_path, capfd, default_bundle, suffix):
     assert sum(kind == "error" for kind, _ in outcomes) >= 10
 
 
-def test_damaged_slice_index(tmp_path, capfd):
+def test_damaged_slice_index(tmp_path, capfd, fuzz_scale):
     from BrainDINOTrainingLib.slice_index import SliceDataset, build_index
 
     for i in range(2):
@@ -144,10 +144,10 @@ def test_damaged_slice_index(tmp_path, capfd):
     build_index([tmp_path], index)
     cases = []
     for name in ("index.json", "volumes.json"):
-        cases += json_file_cases(index / name, tmp_path / name, SEED, 12)
+        cases += json_file_cases(index / name, tmp_path / name, SEED, 12 * fuzz_scale)
     for name in ("slices.npy", "shards/000000.npy"):
         for i, damaged in enumerate(
-            binary_file_cases(index / name, tmp_path / f"{name}-cases", SEED, 12, lambda _: 128)
+            binary_file_cases(index / name, tmp_path / f"{name}-cases", SEED, 12 * fuzz_scale, lambda _: 128)
         ):
             copy = tmp_path / f"{Path(name).stem}-{i}"
             shutil.copytree(index, copy)
@@ -275,3 +275,55 @@ def test_a_cohort_records_each_broken_file_as_its_one_line(tmp_path):
         assert row["status"] == "failed" and problem in row["error"] and "\n" not in row["error"]
         assert f"failed: {row['error']}\n" in done.stderr
     assert len(done.stderr.splitlines()) == len(expected) + 1  # one line per broken file, the cut one's too
+
+
+def _ragged_manifest(folder: Path, bundle: Path) -> list[str]:
+    nib.save(base_volume(0), folder / "scan.nii.gz")
+    (folder / "cohort.csv").write_text("subject_id,flair,age\nsub-01,scan.nii.gz,45\nsub-02,scan.nii.gz\n")
+    return ["infer", str(folder / "cohort.csv"), "-o", str(folder / "out")]
+
+
+def _damaged_card(folder: Path, bundle: Path) -> list[str]:
+    nib.save(base_volume(0), folder / "scan.nii.gz")
+    shutil.copytree(bundle, folder / "bundle")
+    card = json.loads((folder / "bundle" / "model.json").read_text())
+    next(head for head in card["heads"] if head["name"] == "tumor")["layers"] = [True]
+    (folder / "bundle" / "model.json").write_text(json.dumps(card))
+    return ["infer", str(folder / "scan.nii.gz"), "-o", str(folder / "out"), "--bundle", str(folder / "bundle")]
+
+
+def _truncated_checkpoint(folder: Path, bundle: Path) -> list[str]:
+    (folder / "encoder.safetensors").write_bytes((bundle / "encoder.safetensors").read_bytes()[:5000])
+    return ["models", "import", str(folder / "encoder.safetensors"), "--models-dir", str(folder / "models")]
+
+
+def _damaged_index(folder: Path, bundle: Path) -> list[str]:
+    from BrainDINOTrainingLib.slice_index import build_index
+
+    (folder / "scans").mkdir()
+    nib.save(base_volume(0), folder / "scans" / "scan.nii.gz")
+    build_index([folder / "scans"], folder / "index")
+    (folder / "index" / "volumes.json").write_text('[{"volume": 0, "path": "scan.nii.gz"}]')
+    return ["pretrain", "--config", "tiny-cpu", "--data", str(folder / "index"), "--out-dir", str(folder / "run")]
+
+
+OTHER_INPUTS = {
+    "manifest": (_ragged_manifest, "cohort.csv: row 3 has 2 fields, the header 3"),
+    "model card": (_damaged_card, "model.json: head 'tumor': field 'layers[0]' must be a whole number, not true"),
+    "checkpoint": (_truncated_checkpoint, "encoder.safetensors: not a readable checkpoint, the file is truncated"),
+    "slice index": (_damaged_index, "volumes.json: volume 0: the field 'shard' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_INPUTS)
+def test_other_damaged_inputs_give_one_line_and_exit_2(tmp_path, capfd, default_bundle, case):
+    """Manifests, model cards, checkpoints and slice indexes through the command's own code (in this process)."""
+    from BrainDINOTrainingLib.cli import main
+
+    make, problem = OTHER_INPUTS[case]
+    argv = make(tmp_path, Path(default_bundle))
+    capfd.readouterr()
+    assert main(argv) == 2
+    printed = capfd.readouterr()
+    assert printed.err.count("\n") == 1 and printed.err.startswith(f"braindino: error: {tmp_path}"), printed.err
+    assert problem in printed.err and printed.out == ""

@@ -48,10 +48,11 @@ class LibraryOutput:
         self._sink = tempfile.TemporaryFile()
         self._saved_fd = None
         try:
-            sys.stderr.flush()
+            if sys.stderr is not None:  # None in a windowless process
+                sys.stderr.flush()
             self._saved_fd = os.dup(2)
             os.dup2(self._sink.fileno(), 2)
-        except (OSError, ValueError):  # no usable descriptor 2 (a GUI process): nothing reaches a terminal anyway
+        except (AttributeError, OSError, ValueError):  # no usable descriptor 2 (a GUI process): nothing to silence
             pass
         logger = logging.getLogger(_NIBABEL_LOGGER)
         self._logger_state = logger.handlers, logger.propagate

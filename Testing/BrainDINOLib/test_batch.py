@@ -58,7 +58,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
     assert first.returncode == 1, first.stderr
     failures = [line for line in first.stderr.splitlines() if line.startswith("braindino:")]
     assert len(failures) == 2 and "broken: failed:" in failures[0] and "bad: failed:" in failures[1]
-    assert "broken.nii.gz" in failures[0] and "no readable DICOM series" in failures[1]
+    assert "broken.nii.gz" in failures[0] and "IM0001.dcm: not a readable DICOM file" in failures[1]
     rows = {row["scan"]: row for row in _summary(out)}
     assert {name: row["status"] for name, row in rows.items()} == {
         "broken": "failed", "bad": "failed", "phantom_t1": "ok", "phantom_t2": "ok", "dicom_flair_series": "ok",

@@ -50,7 +50,7 @@ def test_brain_extent_and_filters(mni_volume):
 def test_spec_round_trip_and_validation():
     spec = PreprocessSpec(clip_percentiles=(0.5, 99.5), min_entropy=2.0)
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(BrainDINOError, match="unknown preprocessing fields"):
+    with pytest.raises(BrainDINOError, match="unknown field 'clip'"):
         PreprocessSpec.from_dict({"clip": 1})
     with pytest.raises(BrainDINOError, match="clip_percentiles"):
         PreprocessSpec(clip_percentiles=(99, 1))

@@ -118,7 +118,7 @@ def test_descriptors_come_from_the_manifest_standardised(tmp_path, index64, coho
     values = dataset.descriptors(["age", "gm_ml"])
     with open(cohort / "manifest.csv") as handle:
         ages = {row["subject_id"]: float(row["age"]) for row in csv.DictReader(handle)}
-    volume_age = {v["volume"]: ages[Path(v["path"]).parent.name] for v in dataset.volumes}
+    volume_age = {v.volume: ages[Path(v.path).parent.name] for v in dataset.volumes}
     per_volume = np.array(list(volume_age.values()))
     raw = np.array([volume_age[int(v)] for v in dataset.records["volume"]])
     assert values.shape == (len(dataset), 2)
@@ -215,7 +215,7 @@ def test_changed_manifest_labels_make_a_new_index_not_a_stale_one(tmp_path, coho
     manifest.write_text(lines[0] + lines[1].replace("phantom-0000/", f"{cohort}/phantom-0000/"))
     out = tmp_path / "idx"
     build_index([manifest], out, PreprocessSpec(image_size=64))
-    ages = [v["labels"]["age"] for v in SliceDataset(out).volumes]
+    ages = [v.labels["age"] for v in SliceDataset(out).volumes]
     assert len(set(ages)) == 1 and ages[0] > 0
     manifest.write_text(manifest.read_text().replace(f",{ages[0]:g},", ",99,"))
     with pytest.raises(BrainDINOError, match="other volumes, labels or settings"):
