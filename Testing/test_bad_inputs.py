@@ -230,11 +230,18 @@ def test_repaired_header_loads_with_a_warning_in_the_result(tmp_path, capfd):
     raw[0:4] = struct.pack("<i", 340)  # sizeof_hdr
     raw[80:84] = struct.pack("<f", -2.0)  # pixdim[1]
     path.write_bytes(bytes(raw))
+    repaired = "header fields were repaired: header size field corrected, pixel spacing made positive"
     capfd.readouterr()
     volume = load_volume(path)
     assert capfd.readouterr().err == ""
-    assert volume.warnings == ("header fields were repaired: header size field corrected, pixel spacing made positive",)
+    assert volume.warnings == (repaired,)
     np.testing.assert_array_equal(volume.data, np.asarray(base_volume(0).dataobj))
+
+    from BrainDINOTrainingLib.cli import main
+
+    assert main(["infer", str(path), "-o", str(tmp_path / "out"), "--no-report", "-q"]) == 0
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["warnings"][0] == repaired
+    assert f"warning: {repaired}\n" in capfd.readouterr().err
 
 
 def test_a_series_with_a_missing_slice_is_read_with_a_warning(tmp_path, capfd):

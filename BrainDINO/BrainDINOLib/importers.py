@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from timm.models import eva, vision_transformer
 
 from .bundle import Bundle, ModelCard, save_bundle, sha256
+from .diagnose import LibraryOutput
 from .encoder import ENCODERS, BrainEncoder, EncoderConfig, encoder_config
-from .errors import BrainDINOError, describe
+from .errors import BrainDINOError
 from .preprocess import PreprocessSpec
 
 #: Key prefixes of projection heads that exist only for self-supervised training.
@@ -33,18 +34,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise BrainDINOError(f"{path}: no such file")
     try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with LibraryOutput():  # torch warns, with its own source paths, about odd objects in a damaged file
+            if path.suffix == ".safetensors":
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise BrainDINOError(
             f"{path}: holds Python objects besides tensors; refusing to unpickle it "
             "(export a plain state dict or safetensors)"
         ) from error
     except Exception as error:  # truncated zip, damaged header, not a checkpoint at all
-        raise BrainDINOError(
-            f"{path}: not a readable checkpoint, the file is truncated or corrupt ({describe(error)})"
-        ) from error
+        raise BrainDINOError(f"{path}: not a readable checkpoint, the file is truncated or corrupt") from error
 
 
 def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:

@@ -400,7 +400,10 @@ def volume_from_array(
     low, high = float(array.min()), float(array.max())
     if low == high and not allow_constant:
         raise BrainDINOError(f"{path}: a constant image (every voxel is {low:g}); nothing to analyse")
-    to_canonical = ornt_transform(io_orientation(affine), _RAS)
+    orientation = io_orientation(affine)
+    if np.isnan(orientation).any():  # two voxel axes run along one world axis
+        raise BrainDINOError(f"{path}: the header's voxel-to-world matrix is too skewed to tell the scan's axes apart")
+    to_canonical = ornt_transform(orientation, _RAS)
     data = np.ascontiguousarray(apply_orientation(array, to_canonical), dtype=np.float32)
     canonical_affine = affine @ nib.orientations.inv_ornt_aff(to_canonical, array.shape)
     return Volume(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from BrainDINOLib import __version__
+from BrainDINOLib.diagnose import LibraryOutput
 from BrainDINOLib.errors import BrainDINOError, from_fields, read_json
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
@@ -241,7 +242,8 @@ class IndexedVolume:
 def _read_array(path: Path, what: str, **options) -> np.ndarray:
     """A ``.npy`` file of the index (never unpickled), or one line saying it is damaged."""
     try:
-        return np.load(path, allow_pickle=False, **options)
+        with LibraryOutput():  # a damaged header can make numpy's parser warn
+            return np.load(path, allow_pickle=False, **options)
     except Exception as error:  # numpy raises many types for a damaged header or short data
         raise BrainDINOError(f"{path}: not a readable {what}, the file is truncated or corrupt") from error
 
