@@ -66,6 +66,13 @@ def without_user_text(message: str, root: Path) -> str:
     return re.sub(r"'[^']*'", "''", re.sub(re.escape(str(root)) + r"[^\s:,;)]*", "ROOT", message))
 
 
+def run_cli(*argv: str) -> tuple[int, str]:
+    """(exit code, stderr) of the installed command line in a child process."""
+    command = [sys.executable, "-m", "BrainDINOLib", *argv]
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    return done.returncode, done.stderr
+
+
 def tally(outcomes: list[tuple[str, str]]) -> Counter:
     """Outcomes by kind and message shape (numbers and names folded), to show the corpus reaches many problems."""
     return Counter((kind, re.sub(r"\d+", "N", message.split(": ", 1)[-1])[:60]) for kind, message in outcomes)
@@ -81,6 +88,11 @@ def test_damaged_scans_load_or_fail_with_one_clean_line(tmp_path, capfd, fuzz_sc
     assert sum(n for (kind, _), n in shapes.items() if kind == "ok") >= 20  # some damage is harmless
     assert sum(n for (kind, _), n in shapes.items() if kind == "error") >= 120
     assert len(shapes) >= 40, shapes  # many different problems, each with its own message
+
+    # A sample through the command line: its stderr is that one line, nothing more.
+    failures = [(case, message) for case, (kind, message) in zip(cases, outcomes, strict=True) if kind == "error"]
+    for case, message in failures[:: len(failures) // 5][:5]:
+        assert run_cli("infer", str(case), "-o", str(tmp_path / "out")) == (2, f"braindino: error: {message}\n")
 
 
 def test_damaged_manifests(tmp_path, capfd, fuzz_scale):
@@ -208,17 +220,11 @@ BROKEN = {
 def test_broken_files_users_met_give_one_line_and_exit_2(tmp_path, case):
     make, problem = BROKEN[case]
     path = make(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "BrainDINOLib", "infer", str(path), "-o", str(tmp_path / "out")],
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"braindino: error: {path}"), done.stderr
-    assert problem in done.stderr
-    assert not OTHER_PATH.search(without_user_text(done.stderr, tmp_path))
+    code, stderr = run_cli("infer", str(path), "-o", str(tmp_path / "out"))
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith(f"braindino: error: {path}"), stderr
+    assert problem in stderr
+    assert not OTHER_PATH.search(without_user_text(stderr, tmp_path))
 
 
 def test_repaired_header_loads_with_a_warning_in_the_result(tmp_path, capfd):
@@ -267,21 +273,15 @@ def test_a_cohort_records_each_broken_file_as_its_one_line(tmp_path):
         expected[path] = problem
     (folder / "cut.nii.gz").write_bytes(gzip.compress((folder / "good.nii.gz").read_bytes())[:200])
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "BrainDINOLib", "infer", str(folder), "-o", str(out), "-q", "--no-report"],
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=300,
-    )
-    assert done.returncode == 1, done.stderr
+    code, stderr = run_cli("infer", str(folder), "-o", str(out), "-q", "--no-report")
+    assert code == 1, stderr
     rows = {row["input"]: row for row in json.loads((out / "summary.json").read_text())["scans"]}
     assert rows[str(folder / "good.nii.gz")]["status"] == "ok"
     for path, problem in expected.items():
         row = rows[str(path.resolve())]
         assert row["status"] == "failed" and problem in row["error"] and "\n" not in row["error"]
-        assert f"failed: {row['error']}\n" in done.stderr
-    assert len(done.stderr.splitlines()) == len(expected) + 1  # one line per broken file, the cut one's too
+        assert f"failed: {row['error']}\n" in stderr
+    assert len(stderr.splitlines()) == len(expected) + 1  # one line per broken file, the cut one's too
 
 
 def _ragged_manifest(folder: Path, bundle: Path) -> list[str]:
