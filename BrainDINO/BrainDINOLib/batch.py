@@ -22,7 +22,7 @@ from .bundle import Bundle, find_bundle, load_bundle
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE
 from .infer import InferenceOptions, analysis_spec, input_signature, output_stem, read_scan, run_inference
-from .manifest import IMAGE_SUFFIXES, load_manifest, manifest_kind
+from .manifest import IMAGE_SUFFIXES, is_mask, load_manifest, manifest_kind
 from .predictions import summary_table
 from .volume import DICOM_SUFFIXES, NOT_DICOM_SUFFIXES, dicom_series_in, unreadable_dicom
 
@@ -126,7 +126,8 @@ def _folder_jobs(folder: Path, exclude: Path | None) -> list[ScanJob]:
         files = sorted(f for f in files if not f.startswith("."))
         where = here.relative_to(folder).parts
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-        jobs += [ScanJob(_clean("_".join((*where, output_stem(here / f)))), here / f) for f in images]
+        scans = [f for f in images if not is_mask(here / f)]
+        jobs += [ScanJob(_clean("_".join((*where, output_stem(here / f)))), here / f) for f in scans]
         others = [f for f in files if f not in images and not f.lower().endswith(NOT_DICOM_SUFFIXES)]
         if not others:
             continue

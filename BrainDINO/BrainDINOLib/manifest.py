@@ -34,6 +34,8 @@ BRATS_SUFFIXES = {  # BraTS 2021 and 2023 file naming
     "flair": ("_flair", "-t2f"),
     "seg": ("_seg", "-seg"),
 }
+#: Name endings of mask files in a folder of volumes.
+MASK_SUFFIXES = (*BRATS_SUFFIXES["seg"], "_brainmask", "_brain_mask")
 BIDS_SUFFIXES = {"T1w": "t1", "T2w": "t2", "FLAIR": "flair"}
 MISSING = ("", "n/a", "na", "nan", "none")
 _UNITS = {
@@ -164,8 +166,14 @@ def manifest_kind(source: Path) -> str:
     return "folder"
 
 
+def is_mask(path: Path) -> bool:
+    """A segmentation or brain mask by its name (``*_seg``, ``*-seg``, ``*_brainmask``): never a scan."""
+    return _stem(path).lower().endswith(MASK_SUFFIXES)
+
+
 def read_folder(folder: Path) -> Manifest:
-    images = sorted(p for p in folder.rglob("*") if _is_image(p))
+    """Every image file under ``folder`` as a scan of its own, masks left out (nothing says which scan is theirs)."""
+    images = sorted(p for p in folder.rglob("*") if _is_image(p) and not is_mask(p))
     entries = [Entry("_".join((*p.relative_to(folder).parent.parts, _stem(p))), {"image": p}) for p in images]
     _check_unique(entries, folder)
     return Manifest(tuple(entries), str(folder), "folder")

@@ -170,6 +170,8 @@ def _check_shape(path: Path, shape: tuple[int, ...], volume_index: int | None) -
         raise BrainDINOError(f"{path}: a 2D image of size {shape}; BrainDINO needs a 3D volume")
     if len(shape) > 4:
         raise BrainDINOError(f"{path}: a {len(shape)}D image of size {shape} is not supported (need a 3D volume)")
+    if len(shape) == 3 and volume_index not in (None, 0):
+        raise BrainDINOError(f"{path}: --volume {volume_index} out of range (a 3D image: one volume, number 0)")
     if len(shape) == 4:
         if volume_index is None:
             raise BrainDINOError(

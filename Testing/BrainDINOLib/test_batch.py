@@ -208,6 +208,8 @@ def test_scan_names_are_stable_unique_folder_names_inside_the_output(tmp_path, m
     for relative in ("a.nii.gz", "a-2.nii.gz", "sub/a.nii.gz", "p1/T1.nii.gz", "p2/T1.nii.gz", "odd name!.nii.gz"):
         (scans / relative).parent.mkdir(parents=True, exist_ok=True)
         save(image, scans / relative)
+    for mask in ("a_seg.nii.gz", "p1/T1_brainmask.nii.gz"):  # masks beside their scans are not scans
+        save(image, scans / mask)
     names = {job.path.relative_to(scans).as_posix(): job.name for job in find_scans([scans])}
     assert names == {"a.nii.gz": "a", "a-2.nii.gz": "a-2", "odd name!.nii.gz": "odd_name", "p1/T1.nii.gz": "p1_T1",
                      "p2/T1.nii.gz": "p2_T1", "sub/a.nii.gz": "sub_a"}  # fmt: skip

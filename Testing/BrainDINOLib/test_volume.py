@@ -119,6 +119,10 @@ def test_4d_needs_a_volume_choice(tmp_path, mni_2mm):
     np.testing.assert_array_equal(load_volume(path, volume_index=1).data, (data // 2).astype(np.float32))
     with pytest.raises(BrainDINOError, match="out of range"):
         load_volume(path, volume_index=2)
+    t1 = save(mni_2mm, tmp_path / "t1.nii.gz")  # a 3D image's one volume is number 0; any other is refused
+    np.testing.assert_array_equal(load_volume(t1, volume_index=0).data, load_volume(t1).data)
+    with pytest.raises(BrainDINOError, match=r"--volume 3 out of range \(a 3D image"):
+        load_volume(t1, volume_index=3)
 
 
 def test_simpleitk_4d_and_5d_read_only_the_chosen_volume(tmp_path, mni_2mm):

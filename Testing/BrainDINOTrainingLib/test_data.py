@@ -8,6 +8,7 @@ import pytest
 
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.manifest import load_manifest
+from BrainDINOTrainingLib.slice_index import collect_volumes
 
 
 def test_table_manifest_of_the_cohort(cohort):
@@ -20,12 +21,15 @@ def test_table_manifest_of_the_cohort(cohort):
     assert len(manifest.image_paths()) == 48 and len(manifest.image_paths(include_masks=True)) == 72
 
 
-def test_folder_of_volumes(tmp_path, cohort):
+def test_folder_of_volumes_leaves_masks_out(tmp_path, cohort):
     for name in ("a", "b"):
         shutil.copy(cohort / "phantom-0000" / "phantom-0000_t1.nii.gz", tmp_path / f"{name}.nii.gz")
+    for mask in ("seg", "brainmask"):
+        shutil.copy(cohort / "phantom-0000" / f"phantom-0000_{mask}.nii.gz", tmp_path / f"a_{mask}.nii.gz")
     (tmp_path / "notes.txt").write_text("not an image")
     manifest = load_manifest(tmp_path)
     assert manifest.kind == "folder" and [e.subject_id for e in manifest.entries] == ["a", "b"]
+    assert collect_volumes([tmp_path]) == {(tmp_path / f"{name}.nii.gz").resolve(): {} for name in ("a", "b")}
 
 
 def test_brats_case_folders(tmp_path, cohort):
