@@ -9,7 +9,7 @@ from BrainDINOLib.bundle import load_bundle
 from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.featuremaps import (
-    PcaColors,
+    TokenMaps,
     attention_mass_mask,
     attention_mass_threshold,
     mean_attention,
@@ -51,38 +51,74 @@ def encoded_mni(tmp_path_factory, mni_2mm, default_bundle):
     return volume, prepared, encode_volume(prepared, bundle.load_encoder(), device="cpu")
 
 
-def test_pca_colours_are_consistent_across_slices(encoded_mni):
+def _maps(prepared, encoded, tokens=None) -> TokenMaps:
+    """The run's `TokenMaps` as `infer` builds them (the last block only)."""
+    return TokenMaps(
+        layout=prepared.layout,
+        cls=encoded.cls,
+        blocks={0: encoded.patch_tokens if tokens is None else tokens},
+        kept=(0,),
+        attention=encoded.attention,
+        foreground=prepared.foreground,
+        foreground_patches=prepared.patch_foreground(encoded.grid),
+        masked=False,
+        model="test",
+    )
+
+
+def test_pca_colours_are_one_volume_level_fit(encoded_mni):
+    """One PCA fitted on the foreground patches of every slice colours every slice: a slice's colours equal that
+    fit's, and they change when the other slices change the fit."""
     volume, prepared, encoded = encoded_mni
-    colors = PcaColors.fit(encoded.patch_tokens, prepared.patch_foreground(encoded.grid))
-    rgb = to_volume(prepared.layout, colors.rgb(encoded.patch_tokens), rgb_inside=prepared.foreground)
+    rgb = _maps(prepared, encoded).pca()
     assert rgb.dtype == np.uint8 and rgb.shape == (*volume.data.shape, 3)
-    twin_a, twin_b = rgb[:, :, 40], rgb[:, :, 41]
-    assert twin_a.any()
-    np.testing.assert_array_equal(twin_a, twin_b)
+    foreground = prepared.patch_foreground(encoded.grid)
+    chosen = encoded.patch_tokens[foreground].astype(np.float32)
+    mean = chosen.mean(axis=0)
+    axes = np.linalg.svd(chosen - mean, full_matrices=False)[2][:3]
+    axes *= np.sign(axes[np.arange(3), np.abs(axes).argmax(axis=1)])[:, None]
+    low, high = np.percentile((chosen - mean) @ axes.T, [1, 99], axis=0)
+    by_hand = np.clip(((encoded.patch_tokens.astype(np.float32) - mean) @ axes.T - low) / (high - low), 0, 1)
+    expected = to_volume(prepared.layout, by_hand, rgb_inside=prepared.foreground)
+    assert np.abs(rgb.astype(int) - expected).max() <= 1  # rounding
     assert not rgb[~prepared.foreground].any()  # background is black
-    # Colours vary within the brain (three informative components).
     brain = rgb[prepared.foreground]
-    assert all(np.std(brain[:, c]) > 10 for c in range(3))
+    assert all(np.std(brain[:, c]) > 10 for c in range(3))  # three informative components
+    # Other slices' tokens changed (the upper half reversed along the patch rows): slice 40 is the same, its
+    # colours are not, because the fit is the volume's.
+    tokens = encoded.patch_tokens.copy()
+    upper = len(tokens) // 2 + 10
+    tokens[upper:] = tokens[upper:, ::-1] * 1.5
+    assert encoded.slices[upper] > 41
+    refit = _maps(prepared, encoded, tokens).pca()
+    assert np.abs(refit[:, :, 40].astype(int) - rgb[:, :, 40]).max() > 20
 
 
-def test_similarity_peaks_at_the_query(encoded_mni):
+def test_similarity_peaks_at_a_planted_patch(encoded_mni):
+    """A token planted at one patch and at a second, far patch: the query at the first voxel finds its patch by
+    the geometry worked out here by hand, and the similarity map's peak away from the query is the twin."""
     volume, prepared, encoded = encoded_mni
     ijk = (40, 60, 40)  # file (LPS) voxel inside the brain
-    query = query_patch(volume, prepared.layout, encoded.grid, ijk)
-    similarity = similarity_map(encoded.patch_tokens, query)
-    assert similarity[query] == pytest.approx(1.0, abs=1e-3)
-    assert similarity.max() <= 1 + 1e-3 and similarity.min() >= -1 - 1e-3
-    # The voxel nearest the query patch's centre gets (almost) the patch's own value, 1.
-    plane, patch = prepared.plane, prepared.plane.canvas / encoded.grid[0]
+    x, y, z = volume.canonical_index(ijk)
+    plane, (rows, cols) = prepared.plane, encoded.grid
     size_x, size_y = plane.slice_shape
-    row, col = (query[1] + 0.5) * patch, (query[2] + 0.5) * patch
-    y = round(size_y - 1 - ((row - plane.row0) * size_y / plane.rows - 0.5))
-    x = round(size_x - 1 - ((col - plane.col0) * size_x / plane.cols - 0.5))
-    canonical = to_volume(prepared.layout, similarity)
-    assert canonical[x, y, encoded.slices[query[0]]] > 0.8
-    # Slice 41 is a copy of slice 40, so the query patch's twin is just as similar.
-    assert encoded.slices[query[0]] == 40
-    assert similarity[query[0] + 1, query[1], query[2]] == pytest.approx(1.0, abs=1e-3)
+    row = plane.row0 + (size_y - 1 - y + 0.5) * plane.rows / size_y  # canvas pixel of the voxel's centre
+    col = plane.col0 + (size_x - 1 - x + 0.5) * plane.cols / size_x
+    position = int(np.flatnonzero(prepared.slices == z)[0])
+    expected = (position, int(row * rows / plane.canvas), int(col * cols / plane.canvas))
+    query = query_patch(volume, prepared.layout, encoded.grid, ijk)
+    assert query == expected
+    tokens = encoded.patch_tokens.astype(np.float32)
+    planted = np.random.default_rng(0).normal(size=tokens.shape[-1]).astype(np.float32) * 50
+    twin = (position + 5, 2, cols - 3)
+    tokens[query] = tokens[twin] = planted
+    similarity = similarity_map(tokens, query)
+    assert similarity.max() <= 1 + 1e-3 and similarity.min() >= -1 - 1e-3
+    similarity[query] = -1
+    assert np.unravel_index(similarity.argmax(), similarity.shape) == twin
+    # Slice 41 is a copy of slice 40: the unplanted tokens there match, patch for patch.
+    original = similarity_map(encoded.patch_tokens, query)
+    assert encoded.slices[position] == 40 and original[query[0] + 1, query[1], query[2]] == pytest.approx(1, abs=1e-3)
 
 
 def test_to_volume_places_each_patch_on_its_voxels(encoded_mni):

@@ -84,6 +84,7 @@ def test_dicom_series_folder(tmp_path, mni_2mm):
     data = np.asarray(mni_2mm.dataobj).astype(np.int16)[20:60, 20:70, 20:50]
     image = sitk.GetImageFromArray(data.transpose(2, 1, 0))
     image.SetSpacing([2.0, 2.0, 2.0])
+    image.SetOrigin([-30.5, 12.25, 40.0])  # LPS mm
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series_uid = "1.2.826.0.1.3680043.2.1125.1"
@@ -104,10 +105,11 @@ def test_dicom_series_folder(tmp_path, mni_2mm):
         writer.Execute(slice_image)
     volume = load_volume(tmp_path)
     assert volume.source_shape == data.shape
-    expected = load_volume(
-        save(nib.Nifti1Image(data, np.diag([-2.0, -2.0, 2.0, 1.0])), tmp_path.parent / "same.nii.gz")
-    )
+    written = np.array([[-2.0, 0, 0, 30.5], [0, -2.0, 0, -12.25], [0, 0, 2.0, 40.0], [0, 0, 0, 1]])  # RAS
+    np.testing.assert_allclose(volume.source_affine, written, atol=1e-6)  # origin, spacing and directions
+    expected = load_volume(save(nib.Nifti1Image(data, written), tmp_path.parent / "same.nii.gz"))
     np.testing.assert_array_equal(volume.data, expected.data)
+    np.testing.assert_allclose(volume.affine, expected.affine, atol=1e-6)
 
 
 def test_4d_needs_a_volume_choice(tmp_path, mni_2mm):

@@ -79,7 +79,9 @@ def test_regression_head_beats_the_mean_predictor_in_ml(cohort40, cache):
     options = FitOptions(task="reg", target="ed_ml", modalities=("flair",))
     result = fit_and_evaluate(load_manifest(cohort40), cache, options, "oedema")
     assert result.spec.units == "mL" and result.spec.target_std > 1
-    assert _primary(result.rows, "head", "mae")[0] < _primary(result.rows, "mean", "mae")[0]
+    # Measured: MAE 66.6 mL against the mean predictor's 101.0, R2 0.31; a head that ignores its input gets R2 <= 0.
+    assert _primary(result.rows, "head", "mae")[0] < 0.85 * _primary(result.rows, "mean", "mae")[0]
+    assert _primary(result.rows, "head", "r2")[0] > 0.1
 
 
 def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
