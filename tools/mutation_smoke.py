@@ -97,7 +97,14 @@ MUTANTS = (
         f"{LIB}/encoder.py",
         "        self._cls_attention = attention[:, :, 0, self.num_prefix_tokens :]",
         "        self._cls_attention = attention[:, :, self.num_prefix_tokens :, 0]",
-        (f"{TESTS}/test_encoder.py",),
+        (f"{TESTS}/test_encoder.py::test_dinov3_attention_is_the_softmax_of_rope_rotated_queries_and_keys",),
+    ),
+    Mutant(
+        "export: DINO exports its student",
+        f"{TRAIN}/objectives/dino.py",
+        '    def export_backbone(self) -> nn.Module:\n        return self.teacher["backbone"]',
+        '    def export_backbone(self) -> nn.Module:\n        return self.student["backbone"]',
+        (f"{TRAIN_TESTS}/test_trainer.py::test_student_learns_the_teacher_targets_and_the_export_drives_inference",),
     ),
     Mutant(
         "heads: regression head ignores its input",
@@ -105,6 +112,13 @@ MUTANTS = (
         "        return self.mlp(pooled)",
         "        return self.mlp(pooled * 0)",
         (f"{TRAIN_TESTS}/test_heads.py::test_regression_head_beats_the_mean_predictor_in_ml",),
+    ),
+    Mutant(
+        "brain mask: the smallest component kept",
+        f"{LIB}/brain.py",
+        "    largest = np.bincount(labels.ravel())[1:].argmax() + 1",
+        "    largest = np.bincount(labels.ravel())[1:].argmin() + 1",
+        (f"{TESTS}/test_infer.py::test_demo_runs_every_head_on_the_held_out_phantom_next_to_the_template",),
     ),
     Mutant(
         "bundles: a changed file passes verification",

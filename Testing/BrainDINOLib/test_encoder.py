@@ -72,6 +72,37 @@ def test_attention_equals_softmax_of_last_block_queries_and_keys():
     torch.testing.assert_close(output.attention, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_dinov3_attention_is_the_softmax_of_rope_rotated_queries_and_keys():
+    """DINOv3 rotates the patch tokens' queries and keys (RoPE, halves) before the softmax; recomputed by hand from
+    the last block's input and rotary embedding, the CLS -> patch attention matches, and without RoPE it does not."""
+    encoder = _trained_like("vit-tiny16-dinov3")
+    block, heads = encoder.model.blocks[-1], encoder.config.num_heads
+    assert block.attn.rotate_half and block.attn.q_bias is None  # the layout computed below
+    seen = {}
+    block.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=args[0], **kwargs), with_kwargs=True)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    prefix = encoder.num_prefix_tokens
+    with torch.no_grad():
+        output = encoder(x)
+        tokens = block.norm1(seen["x"])
+        q, k, _ = block.attn.qkv(tokens).reshape(2, tokens.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        sin, cos = seen["rope"].chunk(2, dim=-1)
+
+        def rotated(t: torch.Tensor) -> torch.Tensor:
+            half = t.shape[-1] // 2
+            return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
+        def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            attention = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)
+            return attention[:, :, 0, prefix:].reshape(2, heads, 14, 14)
+
+        q_rope = torch.cat([q[:, :, :prefix], rotated(q[:, :, prefix:])], dim=2)
+        k_rope = torch.cat([k[:, :, :prefix], rotated(k[:, :, prefix:])], dim=2)
+    torch.testing.assert_close(output.attention, cls_attention(q_rope, k_rope), atol=1e-5, rtol=1e-4)
+    without_rope = cls_attention(q, k)
+    assert ((output.attention - without_rope).abs() / output.attention).max() > 0.02
+
+
 def test_registry_builds_and_rejects_unknown():
     for name in ("vit-tiny16-dinov3", "vit-s16-dinov3", "vit-s14-dinov2"):
         encoder = BrainEncoder(encoder_config(name))

@@ -86,11 +86,23 @@ def test_meta_dinov3_layout(tmp_path):
 
 
 def test_timm_dinov2_at_518_is_resampled_to_the_canvas(tmp_path):
+    """Position embeddings that vary linearly down the rows (channel 0) and across the columns (channel 1) of the
+    37 x 37 grid keep doing so on the 16 x 16 grid, sampled at the new patches' centres; the CLS entry is kept."""
     model = _timm_model("vit_small_patch14_dinov2")  # timm default: 518 px, 37x37 position grid
+    ramp = torch.arange(37, dtype=torch.float32) / 36
+    with torch.no_grad():
+        grid = model.pos_embed[0, 1:].view(37, 37, 384)
+        grid[..., 0], grid[..., 1] = ramp[:, None], ramp[None, :]
     torch.save(model.state_dict(), tmp_path / "dinov2.pth")
     bundle = import_checkpoint(tmp_path / "dinov2.pth", tmp_path / "bundle")
     encoder = load_bundle(bundle.path).load_encoder()
     assert encoder.model.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    torch.testing.assert_close(encoder.model.pos_embed[0, 0], model.pos_embed[0, 0])
+    resampled = encoder.model.pos_embed[0, 1:].view(16, 16, 384)
+    centres = ((torch.arange(16) + 0.5) * 37 / 16 - 0.5) / 36  # the old grid's coordinate of each new patch
+    inner = slice(2, 14)  # away from the border, where resampling pads
+    torch.testing.assert_close(resampled[inner, inner, 0], centres[inner, None].expand(12, 12), atol=0.01, rtol=0)
+    torch.testing.assert_close(resampled[inner, inner, 1], centres[None, inner].expand(12, 12), atol=0.01, rtol=0)
     for key, value in model.state_dict().items():
         if key != "pos_embed":
             torch.testing.assert_close(encoder.model.state_dict()[key], value)

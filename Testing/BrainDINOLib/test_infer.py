@@ -230,11 +230,12 @@ def test_demo_runs_every_head_on_the_held_out_phantom_next_to_the_template(tmp_p
     assert np.allclose(segmented.affine, nib.load(scans["flair"]).affine)
     brain = np.asarray(nib.load(tmp_path / "demo" / "phantom" / "heldout-phantom_flair_brainmask.nii.gz").dataobj) > 0
     truth_brain = np.asarray(nib.load(scans["brainmask"]).dataobj) > 0
-    assert 2 * (brain & truth_brain).sum() / (brain.sum() + truth_brain.sum()) > 0.8  # never seen by encoder or heads
+    dice = 2 * (brain & truth_brain).sum() / (brain.sum() + truth_brain.sum())
+    assert dice > 0.83  # measured 0.847 (deterministic) on a phantom the encoder and heads never saw
     assert phantom["out_of_distribution"] is False
     mni = json.loads((tmp_path / "demo" / "mni" / "result.json").read_text())
     assert {"age", "diagnosis", "tumor"} <= set(mni["predictions"])  # read as T1; the tumour head reads any scan
-    assert mni["out_of_distribution"] is False and mni["brain_mask"]["volume_ml"] > 1500
+    assert mni["out_of_distribution"] is False and 1900 < mni["brain_mask"]["volume_ml"] < 2150  # measured 2018.7
     assert (tmp_path / "demo" / "demo.png").is_file()
 
 

@@ -77,7 +77,8 @@ def test_bids_with_sessions_and_participants(tmp_path, cohort):
     assert "diagnosis" not in manifest.entries[1].labels and manifest.units == {"age": "years"}
     assert set(manifest.entries[1].images) == {"t1", "flair"}
     split = manifest.split({"train": 0.5, "test": 0.5}, seed=1)
-    assert split.splits["sub-02"] in ("train", "test")  # both sessions follow their subject
+    assert split.splits.keys() == {"sub-01", "sub-02"}  # one split per subject: both sessions follow sub-02
+    assert sorted(split.splits.values()) == ["test", "train"]
 
 
 def test_units_are_converted_and_mixed_units_refused(tmp_path, cohort):

@@ -17,6 +17,7 @@ from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.preprocess import PreprocessSpec
 from BrainDINOTrainingLib.augment import MultiCropConfig
 from BrainDINOTrainingLib.cli import main
+from BrainDINOTrainingLib.objectives.common import encode_tokens
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
 from BrainDINOTrainingLib.objectives.gram import gram_loss
 from BrainDINOTrainingLib.slice_index import build_index
@@ -93,9 +94,13 @@ def test_student_learns_the_teacher_targets_and_the_export_drives_inference(tmp_
     trainer.objective.student.load_state_dict(final_student)
     bundle = load_bundle(trainer.export(tmp_path / "bundle"))
     assert not bundle.card.random_init and bundle.card.training["steps"] == 24
-    encoder = bundle.load_encoder()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert encoder(torch.zeros(1, 3, 64, 64)).cls.shape == (1, 96)
+        exported = bundle.load_encoder()(images).cls
+        teacher, _ = encode_tokens(trainer.objective.teacher["backbone"].eval(), images)
+        student, _ = encode_tokens(trainer.objective.student["backbone"].eval(), images)
+    assert exported.shape == (2, 96) and torch.allclose(exported, teacher, atol=1e-5)
+    assert not torch.allclose(exported, student, atol=1e-3)  # DINO exports its EMA teacher, not the student
 
 
 def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, index):
