@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from BrainDINOLib.bundle import add_head, create_random_bundle, load_bundle
+from BrainDINOLib.bundle import add_head, create_random_bundle, find_bundle, load_bundle
 from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import predict_volume
@@ -26,6 +26,7 @@ from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
 from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
+from testdata import file_hashes
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
 
 
 def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache, capsys):
-    out = tmp_path / "with-heads"
+    out, source = tmp_path / "with-heads", file_hashes(bundle64)
     args = ["fit-head", "--task", "surv", "--modality", "t1ce", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--report", str(tmp_path / "report"), "--cache", str(cache.folder)]
     assert main(args) == 0
@@ -105,10 +106,11 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     bundle = load_bundle(out)
     (spec,) = bundle.head_specs
     assert spec.kind == "surv" and spec.target == "survival_days" and spec.modalities == ("t1ce",)
-    assert "braindino fit-head --task surv" in spec.training["command"] and 0 <= spec.metrics["c_index"] <= 1
+    assert "braindino fit-head --task surv" in spec.training["command"]
     again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
     assert np.allclose(predict(spec, bundle.load_head(spec), again.test), again.test_predictions, atol=1e-5)
-    assert not load_bundle(bundle64).head_specs  # the source bundle is unchanged
+    assert spec.metrics["c_index"] == pytest.approx(_primary(again.rows, "head", "c_index")[0])  # what was measured
+    assert file_hashes(bundle64) == source  # the source bundle is unchanged, file for file
     capsys.readouterr()
     assert main(["models", "list", "--models-dir", str(tmp_path)]) == 0
     assert "head survival_days (surv, target survival_days)" in capsys.readouterr().out
@@ -129,7 +131,9 @@ def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(
     result = sequence_fit
     with pytest.raises(BrainDINOError, match="fitted on another encoder"):
         other.load_head(result.spec)
+    shipped = file_hashes(find_bundle())
     assert main(["fit-head", "--task", "seq", "--manifest", str(cohort40)]) == 2  # default bundle, no -o
+    assert file_hashes(find_bundle()) == shipped
     brats2021 = ["fit-head", "--task", "seg", "--manifest", str(cohort40), "--bundle", str(bundle64), "-o"]
     assert main(brats2021 + [str(tmp_path / "x"), "--label-values", "1", "2", "4"]) == 2  # the masks hold 3
     assert not (tmp_path / "x").exists()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
+from BrainDINOLib.bundle import load_bundle
 from BrainDINOTrainingLib.augment import MultiCropConfig
 from BrainDINOTrainingLib.monitor import knn_accuracy
 from BrainDINOTrainingLib.objectives.dino import DINOConfig
@@ -37,8 +39,15 @@ def test_training_logs_knn_accuracy_at_checkpoints(tmp_path, index64, cohort):
         dino=DINOConfig(prototypes=128, head_hidden_dim=64, head_bottleneck_dim=32),
         crops=MultiCropConfig(global_size=64, local_size=32, local_crops=2),
     )
-    Trainer(config).fit()
+    trainer = Trainer(config)
+    trainer.fit()
     with open(tmp_path / "run" / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["knn_accuracy"] == "" for r in rows] == [True, False, True, False]
-    assert all(0.0 <= float(r["knn_accuracy"]) <= 1.0 for r in rows if r["knn_accuracy"])
+    # The last logged value is the probe's accuracy of the final encoder, exported and embedded here.
+    encoder = load_bundle(trainer.export(tmp_path / "bundle")).load_encoder()
+    with torch.no_grad():
+        expected = trainer.probe.accuracy(
+            lambda images: encoder(images).cls, trainer.dataset.spec.in_chans, torch.device("cpu")
+        )
+    assert float(rows[-1]["knn_accuracy"]) == pytest.approx(expected, abs=1e-4)

@@ -7,6 +7,19 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 
+def file_hashes(folder) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path: equal before and after means nothing changed."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def reorient(image: nib.Nifti1Image, axcodes: str, dtype=None) -> nib.Nifti1Image:
     """The same anatomy stored in another voxel order (world geometry unchanged)."""
     data = np.asarray(image.dataobj)
