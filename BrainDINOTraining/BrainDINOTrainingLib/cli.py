@@ -224,7 +224,7 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         help="fit a task head on the frozen encoder and measure it under label scarcity",
         description="Fit a head on a manifest's scans with the bundle's frozen encoder: seg (a tumour "
         "segmentation decoder on multi-layer patch tokens of the given sequences, BraTS labels 1/2/3 from the "
-        "manifest's seg masks; Dice and HD95; '--modality any' makes every scan a sample and gives a head that "
+        "manifest's seg masks; Dice and HD95; '--sequence any' makes every scan a sample and gives a head that "
         "reads any contrast), brain (a brain-mask decoder from the manifest's brain_mask column, on every scan of "
         "whole heads: infer then analyses, normalises and shows the brain only), or a volume head (cls: classes of "
         "a label column; reg: a "
@@ -244,9 +244,11 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("-o", "--out-bundle", type=Path, help="write a copy of the bundle with the head here")
     fit.add_argument("--name", help="head name (default: the target, or 'sequence')")
     fit.add_argument(
-        "--modality",
+        "--sequence",
+        "--modality",  # its former name, still accepted
         nargs="+",
-        help="scans read per subject (default: t1; seg: flair; several are fused; seg: 'any' = every scan alone)",
+        help="MRI sequences read per subject (default: t1; seg: flair; several are fused; seg: 'any' = every scan "
+        "alone); --modality is the former name of this option",
     )
     fit.add_argument("--aggregation", choices=["mean", "attention"], default="mean", help="slice pooling")
     fit.add_argument(
@@ -261,7 +263,7 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--slices-per-scan",
         type=int,
-        help="seg, brain: training slices kept per scan, evenly spaced (default: all; brain and '--modality any': "
+        help="seg, brain: training slices kept per scan, evenly spaced (default: all; brain and '--sequence any': "
         "24, to bound memory)",
     )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
@@ -287,7 +289,7 @@ def _fit_head(args) -> None:
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if decoder:
         values = (1,) if args.task == "brain" else tuple(args.label_values)
-        modalities = () if args.task == "brain" or args.modality == ["any"] else tuple(args.modality or ("flair",))
+        modalities = () if args.task == "brain" or args.sequence == ["any"] else tuple(args.sequence or ("flair",))
         options = SegOptions(
             modalities=modalities,
             target=BRAIN_TARGET if args.task == "brain" else "seg",
@@ -308,7 +310,7 @@ def _fit_head(args) -> None:
             task=args.task,
             target=args.target,
             event=args.event,
-            modalities=tuple(args.modality or FitOptions.modalities),
+            modalities=tuple(args.sequence or FitOptions.modalities),
             aggregation=args.aggregation,
             label_fractions=tuple(args.label_fraction),
             seeds=tuple(args.seeds),

@@ -97,7 +97,7 @@ def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
 
 def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache, capsys):
     out, source = tmp_path / "with-heads", file_hashes(bundle64)
-    args = ["fit-head", "--task", "surv", "--modality", "t1ce", "--manifest", str(cohort40), "--bundle"]
+    args = ["fit-head", "--task", "surv", "--modality", "t1ce", "--manifest", str(cohort40), "--bundle"]  # former name
     args += [str(bundle64), "-o", str(out), "--report", str(tmp_path / "report"), "--cache", str(cache.folder)]
     assert main(args) == 0
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
@@ -273,7 +273,7 @@ def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geome
     tmp_path, cohort40, bundle64, cache
 ):
     out = tmp_path / "seg-bundle"
-    args = ["fit-head", "--task", "seg", "--modality", "flair", "--manifest", str(cohort40), "--bundle"]
+    args = ["fit-head", "--task", "seg", "--sequence", "flair", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--steps", "250", "--report", str(tmp_path / "report")]
     assert main(args + ["--cache", str(cache.folder)]) == 0  # the FLAIR features with their blocks, encoded once
     (spec,) = load_bundle(out).head_specs
