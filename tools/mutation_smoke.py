@@ -118,7 +118,7 @@ MUTANTS = (
         f"{LIB}/importers.py",
         '    for key in ("teacher", "model_ema", "model", "state_dict"):',
         '    for key in ("model", "teacher", "model_ema", "state_dict"):',
-        (f"{TESTS}/test_importers.py",),
+        (f"{TESTS}/test_importers.py::test_the_ema_weights_are_taken_over_the_trained_model",),
     ),
     Mutant(
         "losses: DINO pairs a view with itself",
@@ -132,7 +132,7 @@ MUTANTS = (
         f"{TRAIN}/objectives/common.py",
         "    torch._foreach_lerp_(targets, sources, 1.0 - momentum)",
         "    torch._foreach_lerp_(targets, sources, momentum)",
-        (f"{TRAIN_TESTS}/test_objectives.py", f"{TRAIN_TESTS}/test_dino_objective.py"),
+        (f"{TRAIN_TESTS}/test_objectives.py::test_ema_keeps_the_momentum_share_of_the_target",),
     ),
     Mutant(
         "resume: the augmentation generator starts afresh",

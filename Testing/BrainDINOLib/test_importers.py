@@ -128,6 +128,19 @@ def test_teacher_training_checkpoint_drops_heads(tmp_path):
     _check_same_outputs(model, bundle.path)
 
 
+def test_the_ema_weights_are_taken_over_the_trained_model(tmp_path):
+    """A checkpoint holding the trained model and its EMA (timm's training scripts): the EMA is the one to keep."""
+    ema, trained = _dinov3_small(), _dinov3_small()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    torch.save({"model": trained.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "run.pth")
+    bundle = import_checkpoint(tmp_path / "run.pth", tmp_path / "bundle")
+    assert bundle.card.training["container"] == "model_ema"
+    _check_same_outputs(ema, bundle.path)
+
+
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": _dinov3_small().state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "unsafe.pth")
     with pytest.raises(BrainDINOError, match="refusing to unpickle"):

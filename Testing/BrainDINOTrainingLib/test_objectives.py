@@ -11,6 +11,7 @@ from lightly.loss import IBOTPatchLoss as LightlyIBOTPatchLoss
 from lightly.loss import KoLeoLoss as LightlyKoLeoLoss
 
 from BrainDINOTrainingLib.objectives.centering import EMACenter, sinkhorn_knopp
+from BrainDINOTrainingLib.objectives.common import ema_update
 from BrainDINOTrainingLib.objectives.dino_loss import DINOLoss
 from BrainDINOTrainingLib.objectives.heads import DINOHead
 from BrainDINOTrainingLib.objectives.ibot_loss import IBOTPatchLoss
@@ -74,6 +75,15 @@ def test_koleo_stays_fp32_under_bf16_autocast():
         loss = KoLeoLoss()(x)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, KoLeoLoss()(x.double()).float())
+
+
+def test_ema_keeps_the_momentum_share_of_the_target():
+    torch.manual_seed(0)
+    target, source = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    ema_update(target, source, momentum=0.9)
+    for updated, old, student in zip(target.parameters(), before, source.parameters(), strict=True):
+        torch.testing.assert_close(updated.detach(), 0.9 * old + 0.1 * student.detach())
 
 
 def test_dino_head_shapes_and_fixed_norm():
