@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from BrainDINOTrainingLib.slice_index import SliceDataset
+from BrainDINOTrainingLib.trainer import Trainer, load_config
 
 COMMON = [
     "epochs=1",
@@ -142,3 +146,13 @@ def test_ranks_without_masked_patches_stay_in_step(tmp_path, index):
     ]
     _torchrun_two_processes(index, tmp_path / "run", settings)
     assert len(_log(tmp_path / "run")) == 8
+    # Such a step occurred: each rank's augmentation generator (seeded per rank, as the trainer seeds it)
+    # replayed here draws the same crops and masks, and some (rank, step) masks no patch at all.
+    overrides = {"data": str(index), "out_dir": str(tmp_path / "replay"), "device": "cpu"}
+    config = load_config("tiny-cpu", overrides, settings)
+    objective, image = Trainer(config).objective, SliceDataset(index)[0][None]
+    unmasked = []
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+        unmasked += [not objective.make_inputs(image, generator)["masks"].any() for _ in range(8)]
+    assert 0 < sum(unmasked) < 16
