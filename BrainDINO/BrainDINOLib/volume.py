@@ -304,7 +304,8 @@ def dicom_series_files(folder: str | Path, series_uid: str | None = None) -> tup
     folder = Path(folder)
     series = dicom_series_in(folder)
     if not series:
-        files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        candidates = (p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = sorted(n for n in candidates if not n.lower().endswith(NOT_DICOM_SUFFIXES + IMAGE_SUFFIXES))
         if files:
             raise BrainDINOError(unreadable_dicom(folder, files))
         raise BrainDINOError(f"{folder}: a folder without DICOM series (pass an image file or a DICOM series folder)")
