@@ -806,11 +806,13 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         volume = mrml.volume_from_node(node)
         back = mrml.add_volume_like(node, volume.to_source(volume.data), "back")
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(back), voxels))
-        self.assertTrue(np.allclose(_ijkToRas(back), ijkToRas))
+        self.assertTrue(np.allclose(mrml.ijk_to_ras(back), ijkToRas))
 
     def test_phantom_outputs(self):
         skipWithoutDependencies(self)
         import numpy as np
+
+        from BrainDINOLib import mrml
 
         logic = BrainDINOLogic()
         parameters = logic.getParameterNode()
@@ -822,7 +824,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         self.assertTrue(run.table.IsA("vtkMRMLTableNode"))
         flair = nodes["flair"]
         for output in (run.attention, run.pca):
-            self.assertTrue(np.allclose(_ijkToRas(output), _ijkToRas(flair)))
+            self.assertTrue(np.allclose(mrml.ijk_to_ras(output), mrml.ijk_to_ras(flair)))
             self.assertEqual(output.GetImageData().GetDimensions(), flair.GetImageData().GetDimensions())
         segmentation = run.segmentations["tumor"]
         segments = segmentation.GetSegmentation()
@@ -925,9 +927,3 @@ def skipWithoutDependencies(testCase, training=False):
     problems = sum(missing(training), [])
     if problems:
         testCase.skipTest(f"needs {', '.join(problems)} (the modules install them on first use)")
-
-
-def _ijkToRas(node):
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
