@@ -156,6 +156,13 @@ MUTANTS = (
         (f"{TESTS}/test_infer.py::test_demo_runs_every_head_on_the_held_out_phantom_next_to_the_template",),
     ),
     Mutant(
+        "report: the patient's left and right swapped",
+        f"{LIB}/report.py",
+        "    return np.swapaxes(plane[::-1, ::-1], 0, 1)",
+        "    return np.swapaxes(plane[:, ::-1], 0, 1)",
+        (f"{TESTS}/test_infer.py::test_report_shows_the_scan_in_radiological_view",),
+    ),
+    Mutant(
         "bundles: a changed file passes verification",
         f"{LIB}/bundle.py",
         "        elif sha256(path) != expected:",

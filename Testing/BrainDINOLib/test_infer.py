@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 from safetensors.numpy import load_file
 
 from BrainDINOLib.brain import prepare_scan
@@ -21,6 +22,7 @@ from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.featuremaps import TokenMaps
 from BrainDINOLib.infer import analysis_spec
 from BrainDINOLib.preprocess import prepare
+from BrainDINOLib.report import CELL_HEIGHT, GAP, HEADER_HEIGHT, LABEL_WIDTH
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.typicality import scan_descriptions
 from BrainDINOLib.volume import load_volume
@@ -60,6 +62,35 @@ def test_lps_int16_outputs_match_input_geometry(lps_run):
     embeddings = load_file(out / "embeddings.safetensors")
     assert embeddings["patch_tokens"].shape == (result["slices"]["analysed"], 14, 14, 96)
     assert (out / "report.png").stat().st_size > 50_000
+
+
+def test_report_shows_the_scan_in_radiological_view(tmp_path, mni_2mm):
+    """A black block planted in the white matter on the patient's right, anterior, and queried: in report.png the
+    MRI cell shows it on the image's left and top half (radiological view), and the similarity cross is on it."""
+    data = np.asarray(mni_2mm.dataobj)[:, :, 38:50].astype(np.float32)  # RAS: +i right, +j anterior
+    block = (slice(62, 70), slice(72, 80), 6)  # right of the midline (i = 49), anterior of the centre (j = 58)
+    data[block] = 0
+    scan = save(nib.Nifti1Image(data, mni_2mm.affine), tmp_path / "marked.nii.gz")
+    assert _infer(scan, tmp_path / "out", "--query", "66,76,6") == 0
+    report = np.asarray(Image.open(tmp_path / "out" / "report.png").convert("RGB")).astype(int)
+    size_x, size_y = data.shape[:2]
+    cell_width = round(CELL_HEIGHT * size_x / size_y)  # isotropic voxels
+    similarity_top = HEADER_HEIGHT + 3 * (CELL_HEIGHT + GAP)
+    band = report[similarity_top : similarity_top + CELL_HEIGHT]
+    green = np.argwhere((band[..., 0] == 0) & (band[..., 1] == 255) & (band[..., 2] == 0))
+    cross_y, cross_x = green.mean(axis=0) + (similarity_top, 0)
+    left = LABEL_WIDTH + (int(cross_x) - LABEL_WIDTH) // (cell_width + GAP) * (cell_width + GAP)
+    # Radiological view: the patient's right (high i) on the image's left, anterior (high j) at the top.
+    expected_x = left + (size_x - 1 - 66 + 0.5) * cell_width / size_x
+    expected_y = similarity_top + (size_y - 1 - 76 + 0.5) * CELL_HEIGHT / size_y
+    assert abs(cross_x - expected_x) < 1.5 and abs(cross_y - expected_y) < 1.5
+    mri = report[HEADER_HEIGHT : HEADER_HEIGHT + CELL_HEIGHT, left : left + cell_width, 0]
+    row, col = round(expected_y - similarity_top), round(expected_x - left)
+    at_block = mri[row - 3 : row + 4, col - 3 : col + 4].mean()
+    assert at_block < 10  # the block is black
+    for mirrored in (mri[row - 3 : row + 4, cell_width - col - 4 : cell_width - col + 3],
+                     mri[CELL_HEIGHT - row - 4 : CELL_HEIGHT - row + 3, col - 3 : col + 4]):  # fmt: skip
+        assert mirrored.mean() > at_block + 100  # the white matter mirrored across either axis is not
 
 
 def test_outputs_read_alike_in_itk_and_slicer(lps_run):
