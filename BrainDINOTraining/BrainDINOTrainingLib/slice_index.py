@@ -254,10 +254,15 @@ def _kept_records(path: Path, volumes: list[IndexedVolume]) -> np.ndarray:
     if records.dtype != RECORD_DTYPE or records.ndim != 1:
         raise BrainDINOError(f"{path}: not a slice table of this index format (rebuild the index)")
     kept = records[records["kept"]]
-    rows = {v.volume: v.kept for v in volumes}
-    bad = next((r for r in kept if not 0 <= r["row"] < rows.get(int(r["volume"]), 0)), None)
-    if bad is not None:
-        raise BrainDINOError(f"{path}: names slice {bad['row']} of volume {bad['volume']}, which its index lacks")
+    # Each slice's row checked against its volume's count, per volume rather than per slice (an index may list
+    # millions of slices).
+    counts = {v.volume: v.kept for v in volumes}
+    ids = np.unique(kept["volume"])
+    limit = np.array([counts.get(int(i), 0) for i in ids], dtype=np.int64)[np.searchsorted(ids, kept["volume"])]
+    bad = np.flatnonzero((kept["row"] < 0) | (kept["row"] >= limit))
+    if bad.size:
+        row, volume = kept["row"][bad[0]], kept["volume"][bad[0]]
+        raise BrainDINOError(f"{path}: names slice {row} of volume {volume}, which its index lacks")
     return kept
 
 
