@@ -709,7 +709,7 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
             card = read_card(find_bundle(parameters.model or None))
         except BrainDINOError as error:
             return f"Model: {error}"
-        heads = ", ".join(f"{h['name']} ({'+'.join(h['modalities']) or 'any'})" for h in card.heads) or "none"
+        heads = ", ".join(f"{h.name} ({'+'.join(h.modalities) or 'any'})" for h in card.heads) or "none"
         return f"{card.name}: {card.encoder.name}. Heads: {heads}. Intended use: {card.intended_use}"
 
     def downloadable(self):

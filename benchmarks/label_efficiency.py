@@ -220,8 +220,7 @@ def main() -> None:
         "benchmark": "label_efficiency",
         "cohort": str(args.cohort),
         "subjects": {
-            s: sum(1 for v in manifest.split({"train": 0.6, "val": 0.2, "test": 0.2}).splits.values() if v == s)
-            for s in ("train", "val", "test")
+            s: sum(1 for v in manifest.split().splits.values() if v == s) for s in ("train", "val", "test")
         },  # fmt: skip
         "encoders": {
             name: {

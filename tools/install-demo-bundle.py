@@ -38,7 +38,7 @@ SIZE_LIMIT = 25 * 1024 * 1024
 def install_bundle(source: Path, work: Path) -> Path:
     bundle = load_bundle(source)
     pretrain = json.loads((work / "pretrain" / "config.json").read_text())
-    heads = ", ".join(f"{s.name} ({s.kind})" for s in bundle.head_specs)
+    heads = ", ".join(f"{s.name} ({s.kind})" for s in bundle.card.heads)
     card = dataclasses.replace(
         bundle.card,
         name=NAME,

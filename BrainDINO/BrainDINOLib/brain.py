@@ -77,7 +77,7 @@ def prepare_scan(
     def unmasked() -> PreparedVolume:
         return whole if final == spec else prepare(volume, final)
 
-    head_spec = brain_head(bundle.head_specs)
+    head_spec = brain_head(bundle.card.heads)
     if head_spec is None:
         return unmasked(), None, [], None
     encoded = encode_volume(

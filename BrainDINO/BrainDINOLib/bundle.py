@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .brain import brain_head
 from .encoder import BrainEncoder, EncoderConfig, encoder_config
 from .errors import BrainDINOError, describe, from_fields, read_json
+from .files import atomic_write
 from .heads import HeadSpec, build_head
 from .preprocess import PreprocessSpec
 from .typicality import CHANNELS, NEIGHBOUR_CHANNELS, OOD_FILE, Typicality
@@ -69,7 +70,8 @@ class ModelCard:
     random_init: bool
     intended_use: str
     license: str = "Apache-2.0"
-    heads: tuple[dict, ...] = ()
+    pooling: str = "cls"
+    heads: tuple[HeadSpec, ...] = ()
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -81,36 +83,34 @@ class ModelCard:
                 f"image_size {self.preprocessing.image_size} is not a multiple of the patch size "
                 f"{self.encoder.patch_size} of {self.encoder.name}"
             )
-        if self.training.get("pooling", "cls") not in POOLINGS:
-            raise BrainDINOError(f"field 'training.pooling' must be one of {', '.join(POOLINGS)}")
+        if self.pooling not in POOLINGS:
+            raise BrainDINOError(f"field 'pooling' must be one of {', '.join(POOLINGS)}")
         if self.ood:
             from_fields(OodSettings, {key: self.ood.get(key) for key in ("k", "thresholds")}, "field 'ood'")
-
-    @property
-    def pooling(self) -> str:
-        """How a slice embedding is read from this encoder (`EncodedVolume.slice_embeddings`)."""
-        return self.training.get("pooling", "cls")
+        for spec in self.heads:
+            if any(not 0 <= layer < self.encoder.depth for layer in spec.layers):
+                raise BrainDINOError(
+                    f"head '{spec.name}': layers {list(spec.layers)} are not blocks of a {self.encoder.depth}-block "
+                    "encoder"
+                )
 
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["heads"] = list(self.heads)
-        return {"format": BUNDLE_FORMAT, **values}
+        return {"format": BUNDLE_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, values: dict, source: str) -> ModelCard:
         if not isinstance(values, dict) or values.get("format") != BUNDLE_FORMAT:
             raise BrainDINOError(f"{source}: not a BrainDINO model card of format {BUNDLE_FORMAT}")
         values = {k: v for k, v in values.items() if k != "format"}
+        heads = values.pop("heads", [])
+        training = values.get("training")
+        if isinstance(training, dict) and "pooling" in training:  # where cards before the `pooling` field kept it
+            values = {"pooling": training["pooling"], **values}
         try:  # model.json is not covered by the hashes, so every field is checked
-            card = from_fields(cls, values, "invalid model card")
-            for entry in card.heads:
-                spec = HeadSpec.from_dict(entry)  # every head entry must describe a head
-                if any(not 0 <= layer < card.encoder.depth for layer in spec.layers):
-                    raise BrainDINOError(
-                        f"head '{spec.name}': layers {list(spec.layers)} are not blocks of a "
-                        f"{card.encoder.depth}-block encoder"
-                    )
-            return card
+            if not isinstance(heads, list):
+                raise BrainDINOError("field 'heads' must be a list")
+            specs = tuple(HeadSpec.from_dict(entry) for entry in heads)  # each named in its own errors
+            return dataclasses.replace(from_fields(cls, {**values, "heads": []}, "invalid model card"), heads=specs)
         except BrainDINOError as error:
             raise BrainDINOError(f"{source}: {error}") from error
 
@@ -138,13 +138,9 @@ class Bundle:
         encoder.load_weights(load_file(self.path / ENCODER_FILE), str(self.path / ENCODER_FILE))
         return encoder.eval()
 
-    @property
-    def head_specs(self) -> list[HeadSpec]:
-        return [HeadSpec.from_dict(entry) for entry in self.card.heads]
-
     def brain_head_sha256(self) -> str | None:
         """sha256 of the brain-mask head's weights (what scans are prepared with), None without one."""
-        spec = brain_head(self.head_specs)
+        spec = brain_head(self.card.heads)
         return self.card.files[f"{HEADS_DIR}/{spec.name}.safetensors"] if spec else None
 
     def load_typicality(self) -> Typicality | None:
@@ -263,7 +259,7 @@ def save_bundle(directory: str | Path, encoder: BrainEncoder, card: ModelCard, *
         state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.model.state_dict().items()}
         save_file(state, staging / ENCODER_FILE, metadata={"encoder": card.encoder.name})
         card = dataclasses.replace(card, files={ENCODER_FILE: sha256(staging / ENCODER_FILE)})
-        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        (staging / CARD_FILE).write_text(_card_text(card))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -283,37 +279,34 @@ def add_head(directory: str | Path, spec: HeadSpec, module: torch.nn.Module) -> 
         raise BrainDINOError(f"{directory}: head '{spec.name}' was fitted on another encoder; refusing to add it")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
         raise BrainDINOError(f"head name '{spec.name}' must be letters, digits, '_', '-' or '.'")
-    relative = f"{HEADS_DIR}/{spec.name}.safetensors"
-    path = bundle.path / relative
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    heads = [entry for entry in bundle.card.heads if entry.get("name") != spec.name] + [spec.to_dict()]
-    card = dataclasses.replace(bundle.card, heads=tuple(heads), files={**bundle.card.files, relative: sha256(path)})
-    return _rewrite_card(bundle, card)
+    (bundle.path / HEADS_DIR).mkdir(exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    heads = (*(s for s in bundle.card.heads if s.name != spec.name), spec)
+    return _store(bundle, f"{HEADS_DIR}/{spec.name}.safetensors", weights, heads=heads)
 
 
 def set_typicality(directory: str | Path, typicality: Typicality, info: dict) -> Bundle:
     """Store an out-of-distribution reference (float16) and its settings (``info`` joins them in the card)."""
     bundle = load_bundle(directory)
-    path = bundle.path / OOD_FILE
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {c: torch.from_numpy(r).half() for c, r in typicality.references.items()}
     tensors["outlier_weights"] = torch.from_numpy(typicality.outlier_weights)
     tensors["outlier_bias"] = torch.tensor([typicality.outlier_bias], dtype=torch.float32)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
     ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds}
-    card = dataclasses.replace(bundle.card, ood=ood, files={**bundle.card.files, OOD_FILE: sha256(path)})
-    return _rewrite_card(bundle, card)
+    return _store(bundle, OOD_FILE, tensors, ood=ood)
 
 
-def _rewrite_card(bundle: Bundle, card: ModelCard) -> Bundle:
-    card_path = bundle.path / CARD_FILE
-    card_path.with_name(CARD_FILE + ".tmp").write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-    os.replace(card_path.with_name(CARD_FILE + ".tmp"), card_path)
+def _store(bundle: Bundle, relative: str, tensors: dict[str, torch.Tensor], **changes) -> Bundle:
+    """Write ``relative`` and the card that lists its hash (with ``changes``) as a pair (`atomic_write`): a failure
+    leaves the bundle as it was, never new weights under an old card."""
+    with atomic_write(bundle.path / relative, bundle.path / CARD_FILE) as (weights, card_file):
+        save_file(tensors, weights)
+        card = dataclasses.replace(bundle.card, files={**bundle.card.files, relative: sha256(weights)}, **changes)
+        card_file.write_text(_card_text(card))
     return Bundle(bundle.path, card)
+
+
+def _card_text(card: ModelCard) -> str:
+    return json.dumps(card.to_dict(), indent=2) + "\n"
 
 
 def create_random_bundle(

@@ -393,7 +393,7 @@ def _demo(args) -> None:
 
     scans, truth = demo_phantom()
     card = read_card(find_bundle(args.bundle, _models_dir(args)))
-    read = {m for head in card.heads if head["kind"] != "seg" for m in head.get("modalities", ())}
+    read = {m for head in card.heads if head.kind != "seg" for m in head.modalities}
     others = {k: v for k, v in scans.items() if k in read and k != "flair"}  # what the bundle's heads read
     phantom = _run(args, scans["flair"], args.out_dir / "phantom", sequence="flair", other_scans=others, query=None)
     mni = _run(args, mni_path("t1"), args.out_dir / "mni", sequence="t1", query=args.query or DEMO_QUERY)
@@ -442,7 +442,7 @@ def _models_list(args) -> None:
         label = "RANDOM INIT" if card.random_init else "trained"
         print(f"  {name:<28} {source:<8} {card.encoder.name:<20} {label:<12} {card.description}")
         for head in card.heads:
-            print(f"  {'':<28} head {head['name']} ({head['kind']}, target {head['target']})")
+            print(f"  {'':<28} head {head.name} ({head.kind}, target {head.target})")
     print("\npublic encoders (here: in the models folder; download: 'braindino models download NAME'; access request: "
           "obtain the file as its page says, then 'braindino models import FILE --name NAME'):")  # fmt: skip
     for entry in public_encoders():

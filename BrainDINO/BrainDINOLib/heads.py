@@ -23,12 +23,39 @@ import torch
 from torch import nn
 
 from .errors import BrainDINOError, from_fields
+from .manifest import DEFAULT_SPLIT
 
 HEAD_KINDS = ("seg", "cls", "reg", "surv", "seq")
 VOLUME_KINDS = ("cls", "reg", "surv", "seq")
 
 
-#: Class names of a BraTS tumour segmentation head, for labels 1, 2, 3 (BraTS 2021: 1, 2, 4).
+@dataclass(frozen=True)
+class HeadTraining:
+    """How a head was fitted (the ``training`` of its card entry); `evaluate` rebuilds its test split from it.
+
+    Attributes:
+        data: the manifest it was fitted on.
+        split, split_seed, stratify: the subject split (`Manifest.split`).
+        event: survival heads: the event column.
+        label_fraction, seed: the run whose head was kept.
+        epochs: volume heads' training epochs; steps: a segmentation decoder's optimizer steps.
+        weight_decay: the one chosen on the validation subjects (volume heads).
+        test_subjects: how many subjects ``metrics`` were measured on.
+        command: the command line that fitted it.
+    """
+
+    data: str = ""
+    split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
+    split_seed: int = 0
+    stratify: str | None = None
+    event: str | None = None
+    label_fraction: float = 1.0
+    seed: int = 0
+    epochs: int | None = None
+    steps: int | None = None
+    weight_decay: float | None = None
+    test_subjects: int = 0
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,7 +76,7 @@ class HeadSpec:
         width: hidden width (volume heads: the encoder dim; seg: channels after fusion).
         encoder_sha256: sha256 of the encoder weights the head was fitted on.
         metrics: held-out metrics measured when it was fitted.
-        training: how it was fitted (data, label fraction, seed, epochs, command).
+        training: how it was fitted (`HeadTraining`).
     """
 
     name: str
@@ -66,7 +93,7 @@ class HeadSpec:
     width: int = 0
     encoder_sha256: str = ""
     metrics: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
+    training: HeadTraining = field(default_factory=HeadTraining)
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -94,6 +121,12 @@ class HeadSpec:
         return from_fields(cls, values, f"head '{name}'" if isinstance(name, str) else "a head entry")
 
 
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) slice tokens, zero-padded, and their (B, S) bool mask of real slices -> (B, D) mean of the real."""
+    weights = mask.to(tokens.dtype)[..., None]
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
 class AttentionPool(nn.Module):
     """Softmax-weighted mean of slice tokens with one learned scoring vector (attention-based MIL)."""
 
@@ -119,15 +152,14 @@ class VolumeHead(nn.Module):
         super().__init__()
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
-        self.pool = AttentionPool(dim) if aggregation == "attention" else None
+        self.pool = AttentionPool(dim) if aggregation == "attention" else masked_mean
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, outputs))
 
     @torch.no_grad()
     def fit_standardisation(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         """Set the shift and scale from (B, S, D) training volumes so that their mean-pooled embeddings
         have zero mean and unit std per dimension (what separates volumes, not slices)."""
-        weights = mask.to(tokens.dtype)[..., None]
-        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+        pooled = masked_mean(tokens, mask)
         self.token_mean.copy_(pooled.mean(dim=0))
         std = pooled.std(dim=0) if len(pooled) > 1 else torch.ones_like(pooled[0])
         self.token_std.copy_(std.clamp_min(1e-3 * float(std.median()) + 1e-12))  # no dimension blown up from noise
@@ -135,12 +167,7 @@ class VolumeHead(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, S, D) slice tokens (zero-padded), (B, S) bool mask -> (B, outputs)."""
         tokens = (tokens - self.token_mean) / self.token_std
-        if self.pool is not None:
-            pooled = self.pool(tokens, mask)
-        else:
-            weights = mask.to(tokens.dtype)[..., None]
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
-        return self.mlp(pooled)
+        return self.mlp(self.pool(tokens, mask))
 
 
 class SegmentationDecoder(nn.Module):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,11 @@ import torch
 from . import __version__
 from .brain import brain_head, prepare_scan
 from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bundle
-from .engine import ProgressCallback, encode_volume, resolve_device
+from .engine import EncodedVolume, ProgressCallback, encode_volume, resolve_device
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
-from .heads import predict_volume, segment_slices, segmentation_input, segmentation_summary
-from .predictions import ood_warning, prediction_text
+from .heads import HeadSpec, predict_volume, segment_slices, segmentation_input, segmentation_summary
+from .predictions import ood_warning
 from .preprocess import PreparedVolume, PreprocessSpec, prepare
 from .report import write_report
 from .typicality import scan_descriptions
@@ -194,6 +195,7 @@ def analyse(
     """Encode a volume, apply the bundle's heads and compute the feature maps; writes nothing.
 
     Args:
+        options: checked against the bundle (`check_options`; `run_inference` does so before reading the scan).
         others: the subject's other sequences (sequence -> volume, or its file, read only if a head needs it).
 
     Raises:
@@ -211,18 +213,18 @@ def analyse(
 
     device = resolve_device(options.device)
     others = others or {}
-    check_sequences(bundle.head_specs, options.sequence, others)
     final = analysis_spec(bundle.card, options.image_size)  # pass 2: the maps and heads
     encoder = bundle.load_encoder()
+    encode = partial(encode_volume, encoder=encoder, device=device, batch_size=options.batch_size, cancel=cancel)
     typicality = bundle.load_typicality()
-    brain_spec = brain_head(bundle.head_specs)
+    brain_spec = brain_head(bundle.card.heads)
     lap("load_model")
     spec = bundle.card.preprocessing  # pass 1 (the brain) and the out-of-distribution check: the bundle's canvas
     whole = prepare(volume, spec)
     grid = bundle.card.encoder.patch_grid(spec.image_size)
     if options.query:  # fail before encoding
         query_patch(volume, whole.layout, grid, options.query)
-    read = {m for s in bundle.head_specs if s.kind != "seg" for m in s.modalities}
+    read = {m for s in bundle.card.heads if s.kind != "seg" for m in s.modalities}
     loaded = {name: o if isinstance(o, Volume) else load_volume(o) for name, o in others.items() if name in read}
     wholes = {name: prepare(other, spec) for name, other in loaded.items()}
     lap("prepare")
@@ -241,7 +243,7 @@ def analyse(
         )  # fmt: skip
 
     prepared, brain, warnings, first_pass = prepared_for_heads(volume, whole)
-    if final != spec and any(s != brain_spec for s in bundle.head_specs):
+    if final != spec and any(s != brain_spec for s in bundle.card.heads):
         warnings.append(f"the heads were fitted on {spec.image_size}-px canvases; at {final.image_size} px their "
                         "predictions may shift")  # fmt: skip
     found = {}
@@ -250,45 +252,32 @@ def analyse(
         warnings += notes
     # the final encodings run in this order, after every pass 1: the scan, then the others (`_apply_heads`)
     encoding = part(len(whole.slices), len(prepared.slices))
-    prepared_others = {
-        name: (other.path, found[name], part(len(wholes[name].slices), len(found[name].slices)))
+    other_scans = {
+        name: OtherScan(other.path, found[name], part(len(wholes[name].slices), len(found[name].slices)))
         for name, other in loaded.items()
     }
     checking = part(len(whole.slices)) if checking_whole else None
     lap("brain")
-    layers = sorted(
-        {
-            i
-            for s in bundle.head_specs
-            if s.kind == "seg" and len(s.modalities) <= 1 and s != brain_spec
-            for i in s.layers
-        }
-    )
+    layers = {i for s in bundle.card.heads if s.kind == "seg" and len(s.modalities) <= 1 and s != brain_spec
+              for i in s.layers}  # fmt: skip
     last = bundle.card.encoder.depth - 1
     kept = (*(range(last) if options.keep_blocks == "all" else ()), last)
-    encoded = encode_volume(
-        prepared, encoder, device=device, batch_size=options.batch_size, layers=sorted({*layers, *kept[:-1]}),
-        progress=encoding, cancel=cancel,
-    )  # fmt: skip
+    encoded = encode(prepared, layers=sorted({*layers, *kept[:-1]}), progress=encoding)
     lap("encode")
-    unused = [name for name in others if name not in read]
-    predictions, segmentations, head_warnings, sequence = _apply_heads(
-        bundle, encoder, volume, prepared, encoded, options, prepared_others, unused, device, cancel, brain
-    )
+    scan = HeadInputs(volume, prepared, encoded, brain, other_scans, [name for name in others if name not in read])
+    outcome = _apply_heads(bundle, scan, options.sequence, encode)
     ood = None
     if typicality:  # the whole scan on the bundle's canvas, as pass 1 saw it
         if first_pass is not None:
             seen = first_pass
         elif checking_whole:
-            seen = encode_volume(
-                whole, encoder, device=device, batch_size=options.batch_size, progress=checking, cancel=cancel
-            )
+            seen = encode(whole, progress=checking)
         else:  # without a brain-mask head, on the bundle's canvas: the only pass
             seen = encoded
         ood = typicality.verdict(scan_descriptions(whole, seen, bundle.card.pooling))
         if ood["out_of_distribution"]:
             warnings.append(ood_warning(bundle.card.name, ood))
-            for prediction in predictions.values():
+            for prediction in outcome.predictions.values():
                 prediction["unreliable"] = True
     lap("heads")
     maps = TokenMaps(
@@ -311,17 +300,19 @@ def analyse(
         attention=maps.attention_map(),
         attention_threshold=dict(zip(prepared.slices.tolist(), maps.attention_levels(), strict=True)),
         pca=maps.pca(),
-        predictions=predictions,
-        segmentations=segmentations,
-        warnings=list(volume.warnings)
-        + warnings
-        + head_warnings
-        + _model_and_slice_warnings(bundle.card, volume, prepared),
+        predictions=outcome.predictions,
+        segmentations=outcome.segmentations,
+        warnings=[
+            *volume.warnings,
+            *warnings,
+            *outcome.warnings,
+            *_model_and_slice_warnings(bundle.card, volume, prepared),
+        ],  # fmt: skip
         timings=timings,
         brain=brain,
         brain_head=brain_spec.name if brain is not None else None,
         ood=ood,
-        sequence=sequence,
+        sequence=outcome.sequence,
     )
     lap("maps")
     return analysis
@@ -379,20 +370,10 @@ def run_inference(
     clock = time.perf_counter()
     out_dir = Path(out_dir)
     bundle = bundle or load_bundle(find_bundle(options.bundle, options.models_dir))
-    check_sequences(bundle.head_specs, options.sequence, options.other_scans)
-    analysis_spec(bundle.card, options.image_size)  # a bad size fails before the scan is read
-    for name, path in options.other_scans.items():
-        if not Path(path).exists():
-            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
+    check_options(bundle, options)
     volume = volume or read_scan(scan, options)
     load_time = time.perf_counter() - clock
-    created = not out_dir.exists()
-    try:  # before encoding, so an unusable folder costs nothing
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".braindino-write-test").touch()
-        (out_dir / ".braindino-write-test").unlink()
-    except OSError as error:
-        raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
+    created = _writable_folder(out_dir)
     try:
         analysis = analyse(volume, bundle, options, others=options.other_scans, progress=progress, cancel=cancel)
     except BaseException:
@@ -401,62 +382,74 @@ def run_inference(
         raise
     clock = time.perf_counter()
     similarity = analysis.maps.similarity(analysis.query_patch(options.query)) if options.query else None
-    query_xyz = volume.canonical_index(options.query) if options.query else None
+    outputs = _write_maps(out_dir, output_stem(scan), analysis, similarity, options)
+    if options.dicom_seg:
+        outputs.update(_write_dicom_seg(scan, out_dir / f"{output_stem(scan)}_seg.dcm", analysis, bundle, options))
+    timings = {"load_scan": round(load_time, 3), **analysis.timings, "write": round(time.perf_counter() - clock, 3)}
+    result = _result_record(scan, options, bundle, analysis, outputs, timings)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
-    stem = output_stem(scan)
-    outputs = {
-        "attention": f"{stem}_attention.nii.gz",
-        "pca": f"{stem}_pca.nii.gz",
-        "embeddings": TOKENS_FILE,
-    }
+
+def check_options(bundle: Bundle, options: InferenceOptions) -> None:
+    """Refuse, before a scan is read, options the bundle cannot serve: an unknown or repeated sequence, a canvas
+    size its encoder cannot take, another scan that is not there.
+
+    Raises:
+        BrainDINOError: naming the option and the problem.
+    """
+    check_sequences(bundle.card.heads, options.sequence, options.other_scans)
+    analysis_spec(bundle.card, options.image_size)
+    for name, path in options.other_scans.items():
+        if not Path(path).exists():
+            raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
+
+
+def _writable_folder(out_dir: Path) -> bool:
+    """Make ``out_dir`` and check that files can be written there (before encoding, so an unusable folder costs
+    nothing); True if it was created."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".braindino-write-test").touch()
+        (out_dir / ".braindino-write-test").unlink()
+    except OSError as error:
+        raise BrainDINOError(f"{out_dir}: cannot write outputs there ({describe(error)})") from error
+    return created
+
+
+def _write_maps(
+    out_dir: Path, stem: str, analysis: Analysis, similarity: np.ndarray | None, options: InferenceOptions
+) -> dict[str, str]:
+    """Write the maps, masks, segmentations, tokens and report; returns output name -> file name."""
+    outputs = {"attention": f"{stem}_attention.nii.gz", "pca": f"{stem}_pca.nii.gz", "embeddings": TOKENS_FILE}
+    arrays = {"attention": analysis.attention, "pca": analysis.pca}
     if similarity is not None:
-        outputs["similarity"] = f"{stem}_similarity.nii.gz"
+        outputs["similarity"], arrays["similarity"] = f"{stem}_similarity.nii.gz", similarity
     if analysis.brain is not None:
-        outputs["brain_mask"] = f"{stem}_brainmask.nii.gz"
-    segmentations = analysis.segmentations
-    for name in segmentations:
-        outputs[f"segmentation:{name}"] = (
-            f"{stem}_seg.nii.gz" if len(segmentations) == 1 else f"{stem}_seg_{name}.nii.gz"
-        )
-    prepared = analysis.prepared
+        outputs["brain_mask"], arrays["brain_mask"] = f"{stem}_brainmask.nii.gz", analysis.brain.astype(np.uint8)
+    for name, labels in analysis.segmentations.items():
+        single = len(analysis.segmentations) == 1
+        outputs[f"segmentation:{name}"] = f"{stem}_seg.nii.gz" if single else f"{stem}_seg_{name}.nii.gz"
+        arrays[f"segmentation:{name}"] = labels
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
         jobs = [
-            pool.submit(save_like, volume, analysis.attention, out_dir / outputs["attention"]),
-            pool.submit(save_like, volume, analysis.pca, out_dir / outputs["pca"]),
-            pool.submit(analysis.maps.save, out_dir / outputs["embeddings"]),
+            pool.submit(save_like, analysis.volume, values, out_dir / outputs[key]) for key, values in arrays.items()
         ]
-        if similarity is not None:
-            jobs.append(pool.submit(save_like, volume, similarity, out_dir / outputs["similarity"]))
-        if analysis.brain is not None:
-            brain = analysis.brain.astype(np.uint8)
-            jobs.append(pool.submit(save_like, volume, brain, out_dir / outputs["brain_mask"]))
-        for name, labels in segmentations.items():
-            jobs.append(pool.submit(save_like, volume, labels, out_dir / outputs[f"segmentation:{name}"]))
+        jobs.append(pool.submit(analysis.maps.save, out_dir / TOKENS_FILE))
         if options.report:
-            outputs["report"] = "report.png"
-            write_report(
-                out_dir / outputs["report"],
-                volume,
-                prepared,
-                bundle.card,
-                analysis.attention,
-                analysis.attention_threshold,
-                analysis.pca,
-                similarity,
-                query_xyz,
-                [prediction_text(name, p) for name, p in analysis.predictions.items()],
-                next(iter(segmentations.values()), None),
-                alert=ood_warning(bundle.card.name, analysis.ood)
-                if analysis.ood and analysis.ood["out_of_distribution"]
-                else None,
-            )
+            query_xyz = analysis.volume.canonical_index(options.query) if options.query else None
+            outputs["report"] = write_report(out_dir / "report.png", analysis, similarity, query_xyz).name
         for job in jobs:
             job.result()
-    if options.dicom_seg:
-        outputs.update(_write_dicom_seg(scan, out_dir / f"{stem}_seg.dcm", analysis, bundle, options))
-    timings = {"load_scan": round(load_time, 3), **analysis.timings, "write": round(time.perf_counter() - clock, 3)}
+    return outputs
 
-    result = {
+
+def _result_record(scan, options: InferenceOptions, bundle: Bundle, analysis: Analysis, outputs: dict,
+                   timings: dict) -> dict:  # fmt: skip
+    """What ``result.json`` holds."""
+    volume, prepared = analysis.volume, analysis.prepared
+    return {
         "braindino_version": __version__,
         "input": {
             "path": str(scan),
@@ -497,8 +490,6 @@ def run_inference(
         "timings_s": {**timings, "total": round(sum(timings.values()), 3)},
         "warnings": analysis.warnings,
     }
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def read_scan(scan: str | Path, options: InferenceOptions) -> Volume:
@@ -526,7 +517,7 @@ def _write_dicom_seg(scan, path: Path, analysis: Analysis, bundle: Bundle, optio
     if not Path(scan).is_dir():
         analysis.warnings.append(f"no DICOM SEG written: {Path(scan).name} is not a DICOM series")
         return {}
-    specs = {spec.name: spec for spec in bundle.head_specs}
+    specs = {spec.name: spec for spec in bundle.card.heads}
     segments = [
         (class_name, labels == value)
         for name, labels in analysis.segmentations.items()
@@ -572,53 +563,75 @@ def check_sequences(specs, sequence: str | None, others) -> None:
         )
 
 
-def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceOptions, others, unused, device, cancel,
-                 brain):  # fmt: skip
-    """Predictions of the bundle's heads, label volumes of its segmentation heads, notes on how each was fed, and
-    the scan's sequence as they read it.
+@dataclass(frozen=True)
+class OtherScan:
+    """Another sequence of the subject as the heads read it: its file (or Slicer node name), the prepared volume,
+    and the progress callback of its encoding."""
 
-    The scan's sequence is ``options.sequence``, else the sequence head's answer. A head runs when
-    every sequence it reads is at hand (the scan, or ``others``: sequence -> (path, prepared volume,
-    progress callback), encoded here, slice embeddings only; ``unused`` names other scans no head reads);
-    segmentation heads run on the scan alone, those that read no named sequence on any scan. ``reads`` in
-    each prediction names the volumes a head read (their ``path``: a file, or a Slicer node's name). With
-    the scan's sequence unknown, single-sequence heads read the scan as their own sequence, and a warning
-    says so. Segmentations are cut to ``brain`` when there is one; the brain-mask head itself is not applied here.
+    path: Path | str
+    prepared: PreparedVolume
+    progress: ProgressCallback | None = None
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the heads read: the scan (prepared, encoded, its brain mask if any) and the subject's other scans
+    (``unused``: those no volume head reads)."""
+
+    volume: Volume
+    prepared: PreparedVolume
+    encoded: EncodedVolume
+    brain: np.ndarray | None
+    others: dict[str, OtherScan]
+    unused: list[str]
+
+
+@dataclass(frozen=True)
+class HeadOutcome:
+    """The heads' predictions, the segmentation heads' label volumes, notes on how each head was fed, and the scan's
+    sequence as they read it."""
+
+    predictions: dict
+    segmentations: dict[str, np.ndarray]
+    warnings: list[str]
+    sequence: str | None
+
+
+def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode) -> HeadOutcome:
+    """Apply the bundle's heads (all but the brain-mask head) to a scan; ``encode(prepared, progress=...)`` encodes
+    the other scans (slice embeddings only).
+
+    The scan's sequence is ``sequence``, else the sequence head's answer. A head runs when every sequence it reads is
+    at hand (the scan or ``scan.others``); segmentation heads run on the scan alone, those that read no named sequence
+    on any scan. ``reads`` in each prediction names the volumes a head read (their ``path``: a file, or a Slicer
+    node's name). With the scan's sequence unknown, single-sequence heads read the scan as their own sequence, and a
+    warning says so. Segmentations are cut to the brain mask when there is one.
 
     Raises:
         BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
     """
-    pooling, specs = bundle.card.pooling, bundle.head_specs
-    own = encoded.slice_embeddings(pooling)
-    predictions, segmentations, warnings = {}, {}, []
-    sequence = options.sequence
-    for spec in specs:
-        if spec.kind == "seq":
-            predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), own)
-            if sequence is None:
-                sequence = predictions[spec.name]["prediction"]
-                probability = predictions[spec.name]["probabilities"][sequence]
-                warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
-    if sequence in others or sequence in unused:
+    pooling, specs = bundle.card.pooling, bundle.card.heads
+    own = scan.encoded.slice_embeddings(pooling)
+    predictions, sequence, warnings = _sequence_predictions(bundle, own, sequence)
+    if sequence in scan.others or sequence in scan.unused:
         raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
                              f"other scans: name the scan's sequence {_SEQUENCE_HINT}")  # fmt: skip
-    at_hand, embeddings = ({sequence: volume.path}, {sequence: own}) if sequence else ({}, {})
-    for name in unused:
+    at_hand, embeddings = ({sequence: scan.volume.path}, {sequence: own}) if sequence else ({}, {})
+    for name in scan.unused:
         warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
-    for name, (path, prepared_other, encoding) in others.items():
-        encoded_other = encode_volume(
-            prepared_other, encoder, device=device, batch_size=options.batch_size, progress=encoding, cancel=cancel
-        )
-        embeddings[name], at_hand[name] = encoded_other.slice_embeddings(pooling), path
+    for name, other in scan.others.items():
+        embeddings[name] = encode(other.prepared, progress=other.progress).slice_embeddings(pooling)
+        at_hand[name] = other.path
+    segmentations = {}
     brain_spec = brain_head(specs)
     for spec in specs:
         if spec.kind == "seq" or spec == brain_spec:
             continue
         reads = spec.modalities
         if spec.kind == "seg" and not reads:  # contrast-agnostic: reads the scan, whatever its sequence
-            sources = {sequence or "scan": volume.path}
-        elif sequence is None and len(reads) == 1 and not others and not unused:
-            sources, embeddings[reads[0]] = {reads[0]: volume.path}, own
+            sources = {sequence or "scan": scan.volume.path}
+        elif sequence is None and len(reads) == 1 and not scan.others and not scan.unused:
+            sources, embeddings[reads[0]] = {reads[0]: scan.volume.path}, own
             warnings.append(
                 f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: name it {_SEQUENCE_HINT})"
             )
@@ -638,15 +651,33 @@ def _apply_heads(bundle, encoder, volume, prepared, encoded, options: InferenceO
             sources = {m: at_hand[m] for m in reads}
         head = bundle.load_head(spec)
         if spec.kind == "seg":
-            labels = np.zeros(volume.data.shape, dtype=np.int16)
-            features = segmentation_input([encoded.layers], spec.layers)
-            labels[:, :, prepared.slices] = segment_slices(spec, head, features, prepared.plane).transpose(1, 2, 0)
-            if brain is not None:
-                labels[~brain] = 0
-            segmentations[spec.name] = labels
-            predictions[spec.name] = segmentation_summary(spec, labels, volume.spacing)
+            segmentations[spec.name] = _segment(spec, head, scan)
+            predictions[spec.name] = segmentation_summary(spec, segmentations[spec.name], scan.volume.spacing)
         else:
-            tokens = np.concatenate([embeddings[m] for m in reads])
-            predictions[spec.name] = predict_volume(spec, head, tokens)
+            predictions[spec.name] = predict_volume(spec, head, np.concatenate([embeddings[m] for m in reads]))
         predictions[spec.name]["reads"] = sources
-    return predictions, segmentations, warnings, sequence
+    return HeadOutcome(predictions, segmentations, warnings, sequence)
+
+
+def _sequence_predictions(bundle: Bundle, own: np.ndarray, sequence: str | None) -> tuple[dict, str | None, list[str]]:
+    """The sequence heads' predictions for slice embeddings ``own``, the scan's sequence (``sequence`` if given,
+    else the first sequence head's answer) and the note saying which head named it."""
+    predictions, warnings = {}, []
+    for spec in bundle.card.heads:
+        if spec.kind == "seq":
+            predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), own)
+            if sequence is None:
+                sequence = predictions[spec.name]["prediction"]
+                probability = predictions[spec.name]["probabilities"][sequence]
+                warnings.append(f"the scan was identified as {sequence} ({probability:.2f}) by head '{spec.name}'")
+    return predictions, sequence, warnings
+
+
+def _segment(spec: HeadSpec, decoder, scan: HeadInputs) -> np.ndarray:
+    """The (X, Y, Z) label volume of a segmentation head on the scan, 0 outside the brain mask if there is one."""
+    labels = np.zeros(scan.volume.data.shape, dtype=np.int16)
+    features = segmentation_input([scan.encoded.layers], spec.layers)
+    labels[:, :, scan.prepared.slices] = segment_slices(spec, decoder, features, scan.prepared.plane).transpose(1, 2, 0)
+    if scan.brain is not None:
+        labels[~scan.brain] = 0
+    return labels

@@ -20,6 +20,9 @@ import numpy as np
 from .errors import BrainDINOError, describe, read_text
 from .volume import IMAGE_SUFFIXES
 
+#: How subjects are split when nothing else is asked: heads are fitted on train, tuned on val, measured on test.
+DEFAULT_SPLIT = {"train": 0.6, "val": 0.2, "test": 0.2}
+
 MODALITIES = ("t1", "t1ce", "t2", "flair", "seg", "brain_mask", "image")
 #: Image columns that hold masks, not scans: never pretrained on, never read as a sequence.
 MASKS = ("seg", "brain_mask")
@@ -102,7 +105,7 @@ class Manifest:
         Raises:
             BrainDINOError: bad fractions or an unknown stratification label.
         """
-        fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+        fractions = fractions or DEFAULT_SPLIT
         if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
             raise BrainDINOError(f"split fractions must be non-negative and sum to 1, got {fractions}")
         strata: dict[str, list[str]] = defaultdict(list)

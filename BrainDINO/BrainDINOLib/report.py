@@ -8,14 +8,17 @@ to a few tens of milliseconds (a matplotlib figure of the same montage takes ~0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from .bundle import ModelCard
+from .predictions import ood_warning, prediction_text
 from .preprocess import PreparedVolume
-from .volume import Volume
+
+if TYPE_CHECKING:
+    from .infer import Analysis
 
 CELL_HEIGHT = 200
 LABEL_WIDTH = 130
@@ -67,78 +70,45 @@ def choose_slices(prepared: PreparedVolume, count: int, must_include: int | None
 
 def write_report(
     path: str | Path,
-    volume: Volume,
-    prepared: PreparedVolume,
-    card: ModelCard,
-    attention: np.ndarray,
-    attention_threshold: dict[int, float],
-    pca: np.ndarray,
+    analysis: Analysis,
     similarity: np.ndarray | None = None,
     query_xyz: tuple[int, int, int] | None = None,
-    predictions: list[str] = (),
-    segmentation: np.ndarray | None = None,
     columns: int = 6,
-    alert: str | None = None,
 ) -> Path:
-    """Render the montage.
-
-    Args:
-        attention: (X, Y, Z) canonical mean attention (1 = uniform).
-        attention_threshold: canonical slice -> attention level bounding the patches that hold 60 % of
-            the slice's attention (outlined).
-        pca: (X, Y, Z, 3) canonical uint8 PCA colours.
-        similarity: (X, Y, Z) canonical cosine similarity to the query patch, if any.
-        query_xyz: canonical voxel of the similarity query.
-        predictions: one line per task head, listed under the montage.
-        segmentation: (X, Y, Z) canonical label values of a segmentation head, drawn in colour over the MRI.
-        alert: a warning in red under the title (e.g. the scan is out of distribution).
-    """
+    """Render the montage of a run: MRI, attention (outlined where it holds 60 % of a slice's mass), PCA colours,
+    similarity to the query patch (``similarity``, canonical (X, Y, Z), with ``query_xyz`` its canonical voxel) and
+    the first segmentation, on ``columns`` axial slices; the heads' predictions are listed under it, and an
+    out-of-distribution verdict shown in red under the title."""
+    segmentation = next(iter(analysis.segmentations.values()), None)
     focus = query_xyz[2] if query_xyz else None
     if focus is None and segmentation is not None and segmentation.any():  # show the largest segmented slice
         focus = int(np.argmax((segmentation > 0).sum(axis=(0, 1))))
-    picks = choose_slices(prepared, columns, focus)
-    size_x, size_y = volume.data.shape[:2]
-    spacing = volume.spacing
+    picks = choose_slices(analysis.prepared, columns, focus)
+    size_x, size_y = analysis.volume.data.shape[:2]
+    spacing = analysis.volume.spacing
     cell_width = round(CELL_HEIGHT * size_x * spacing[0] / (size_y * spacing[1]))
     rows = ["MRI", "attention\n(cyan: 60 % of\nits mass)", "PCA of features"] + (
         ["similarity"] if similarity is not None else []
     )
     if segmentation is not None:
         rows.append("segmentation\n(red core, green\noedema, yellow\nenhancing)")
-    brain_values = volume.data[prepared.foreground]
-    grey_range = np.percentile(brain_values, [0.5, 99.5])  # background (below the brain) clips to black
-    attention_range = np.percentile(attention[prepared.foreground], [1, 99.5])
-    inferno, coolwarm = _lut("inferno"), _lut("coolwarm")
-
+    predictions = [prediction_text(name, p) for name, p in analysis.predictions.items()]
     montage_height = HEADER_HEIGHT + len(rows) * (CELL_HEIGHT + GAP)
     panel_height = 12 + LINE_HEIGHT * (len(predictions) + 1) if predictions else 0
     canvas = Image.new("RGB", (LABEL_WIDTH + len(picks) * (cell_width + GAP), montage_height + panel_height))
     draw = ImageDraw.Draw(canvas)
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    paint = _painter(analysis, similarity, segmentation)
     for c, z in enumerate(picks):
-        grey_index = _scaled(_view(volume.data[:, :, z]), *grey_range)
-        grey = np.repeat(grey_index[..., None], 3, axis=2)
-        brain = _view(prepared.foreground[:, :, z])
-        cells = [
-            grey,
-            _blend(grey, inferno[_scaled(_view(attention[:, :, z]), *attention_range)], brain, 0.65),
-            _view(pca[:, :, z]),
-        ]
-        if similarity is not None:
-            cells.append(_blend(grey, coolwarm[_scaled(_view(similarity[:, :, z]), -1, 1)], brain, 0.7))
-        if segmentation is not None:
-            labels = _view(segmentation[:, :, z])
-            colours = LABEL_COLOURS[np.clip(labels, 0, len(LABEL_COLOURS) - 1)]
-            cells.append(_blend(grey, colours, labels > 0, 0.6))
         left = LABEL_WIDTH + c * (cell_width + GAP)
         draw.text(
             (left + cell_width // 2, HEADER_HEIGHT - 4), f"axial slice {z}", fill="white", font=small, anchor="md"
         )
-        for r, cell in enumerate(cells):
+        for r, cell in enumerate(paint(z)):
             top = HEADER_HEIGHT + r * (CELL_HEIGHT + GAP)
             shown = np.asarray(Image.fromarray(cell).resize((cell_width, CELL_HEIGHT), Image.BILINEAR)).copy()
             if r == 1:  # outline the attention mask at display resolution, so the line stays crisp
-                kept = _view(attention[:, :, z] >= attention_threshold[z])
+                kept = _view(analysis.attention[:, :, z] >= analysis.attention_threshold[z])
                 mask = Image.fromarray(kept).resize((cell_width, CELL_HEIGHT), Image.NEAREST)
                 shown[_outline(np.asarray(mask))] = MASK_COLOUR
             canvas.paste(Image.fromarray(shown), (left, top))
@@ -150,10 +120,50 @@ def write_report(
     for r, name in enumerate(rows):
         y = HEADER_HEIGHT + r * (CELL_HEIGHT + GAP) + CELL_HEIGHT // 2
         draw.multiline_text((8, y), name, fill="white", font=font, anchor="lm")
-    first_top = HEADER_HEIGHT
-    draw.text((LABEL_WIDTH + 4, first_top + 2), "R", fill="yellow", font=small)
-    draw.text((LABEL_WIDTH + cell_width - 4, first_top + 2), "L", fill="yellow", font=small, anchor="ra")
-    draw.text((8, 6), f"BrainDINO  |  {Path(volume.path).name}  |  model: {card.name}", fill="white", font=font)
+    draw.text((LABEL_WIDTH + 4, HEADER_HEIGHT + 2), "R", fill="yellow", font=small)
+    draw.text((LABEL_WIDTH + cell_width - 4, HEADER_HEIGHT + 2), "L", fill="yellow", font=small, anchor="ra")
+    _draw_header(draw, analysis, font, small)
+    if predictions:
+        draw.text((8, montage_height + 6), "Predictions (task heads of the bundle)", fill="white", font=font)
+        for i, line in enumerate(predictions):
+            draw.text((24, montage_height + 6 + LINE_HEIGHT * (i + 1)), line, fill=(200, 230, 255), font=font)
+    canvas.save(path, optimize=False, compress_level=3)
+    return Path(path)
+
+
+def _painter(analysis: Analysis, similarity: np.ndarray | None, segmentation: np.ndarray | None):
+    """``paint(z)``: the cells of canonical slice ``z`` (MRI, attention, PCA[, similarity][, segmentation]) as
+    (Y, X, 3) uint8 images in radiological view, coloured on the run's common scales."""
+    volume, foreground = analysis.volume, analysis.prepared.foreground
+    grey_range = np.percentile(volume.data[foreground], [0.5, 99.5])  # background (below the brain) clips to black
+    attention_range = np.percentile(analysis.attention[foreground], [1, 99.5])
+    inferno, coolwarm = _lut("inferno"), _lut("coolwarm")
+
+    def paint(z: int) -> list[np.ndarray]:
+        grey = np.repeat(_scaled(_view(volume.data[:, :, z]), *grey_range)[..., None], 3, axis=2)
+        brain = _view(foreground[:, :, z])
+        cells = [
+            grey,
+            _blend(grey, inferno[_scaled(_view(analysis.attention[:, :, z]), *attention_range)], brain, 0.65),
+            _view(analysis.pca[:, :, z]),
+        ]
+        if similarity is not None:
+            cells.append(_blend(grey, coolwarm[_scaled(_view(similarity[:, :, z]), -1, 1)], brain, 0.7))
+        if segmentation is not None:
+            labels = _view(segmentation[:, :, z])
+            colours = LABEL_COLOURS[np.clip(labels, 0, len(LABEL_COLOURS) - 1)]
+            cells.append(_blend(grey, colours, labels > 0, 0.6))
+        return cells
+
+    return paint
+
+
+def _draw_header(draw: ImageDraw.ImageDraw, analysis: Analysis, font, small) -> None:
+    """Title line, then the notice: the out-of-distribution verdict, a random encoder, or the intended use."""
+    card = analysis.card
+    title = f"BrainDINO  |  {Path(analysis.volume.path).name}  |  model: {card.name}"
+    draw.text((8, 6), title, fill="white", font=font)
+    alert = ood_warning(card.name, analysis.ood) if analysis.ood and analysis.ood["out_of_distribution"] else None
     if alert:
         notice = alert
     elif card.random_init:
@@ -161,12 +171,6 @@ def write_report(
     else:
         notice = f"intended use: {card.intended_use}"
     draw.text((8, 26), notice, fill=WARNING_COLOUR if alert or card.random_init else NOTICE_COLOUR, font=small)
-    if predictions:
-        draw.text((8, montage_height + 6), "Predictions (task heads of the bundle)", fill="white", font=font)
-        for i, line in enumerate(predictions):
-            draw.text((24, montage_height + 6 + LINE_HEIGHT * (i + 1)), line, fill=(200, 230, 255), font=font)
-    canvas.save(path, optimize=False, compress_level=3)
-    return Path(path)
 
 
 def side_by_side(images: list[str | Path], path: str | Path, gap: int = 16) -> Path:

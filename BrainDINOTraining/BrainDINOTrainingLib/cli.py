@@ -323,7 +323,7 @@ def _fit_head(args) -> None:
         extra = {"training_progress": steps} if decoder else {}
         result = fit(manifest, cache, options, name, progress=progress, **extra)
     target = _changed_bundle(args, source)
-    training = {**result.spec.training, "command": args.command_line}
+    training = dataclasses.replace(result.spec.training, command=args.command_line)
     add_head(target, dataclasses.replace(result.spec, training=training), result.head)
     written = write_report(result, args.report or Path("reports") / name)
     print((Path(written[1])).read_text())

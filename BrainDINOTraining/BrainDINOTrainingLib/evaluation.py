@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import HeadSpec
+from BrainDINOLib.heads import HeadSpec, HeadTraining
 from BrainDINOLib.manifest import Manifest
 
 from .features import FeatureCache
@@ -175,18 +175,18 @@ def fit_and_evaluate(
     spec = dataclasses.replace(
         kept[2],
         metrics={k: v for k, v in first.items() if k not in ("label_fraction", "seed", "model", "weight_decay")},
-        training={
-            "data": manifest.source,
-            "split": options.split,
-            "stratify": stratify,
-            "event": options.event if options.task == "surv" else None,
-            "split_seed": options.split_seed,
-            "label_fraction": first["label_fraction"],
-            "seed": first["seed"],
-            "epochs": options.epochs,
-            "weight_decay": first["weight_decay"],
-            "test_subjects": len(set(splits["test"].subjects)),
-        },
+        training=HeadTraining(
+            data=manifest.source,
+            split=options.split,
+            split_seed=options.split_seed,
+            stratify=stratify,
+            event=options.event if options.task == "surv" else None,
+            label_fraction=first["label_fraction"],
+            seed=first["seed"],
+            epochs=options.epochs,
+            weight_decay=first["weight_decay"],
+            test_subjects=len(set(splits["test"].subjects)),
+        ),
     )
     return FitResult(spec, kept[0], rows, splits["test"], kept[1])
 
@@ -277,15 +277,15 @@ def evaluate_bundle(
         every_subject: score all subjects (an external dataset); otherwise the test subjects of the
             split each head was fitted with (same fractions and seed).
     """
-    specs = [s for s in bundle.head_specs if not names or s.name in names]
+    specs = [s for s in bundle.card.heads if not names or s.name in names]
     missing = sorted(set(names) - {s.name for s in specs})
     if missing or not specs:
         raise BrainDINOError(f"{bundle.path}: no heads named {missing}" if missing else f"{bundle.path}: has no heads")
     rows = []
     for spec in specs:
-        fractions = {"test": 1.0} if every_subject else spec.training.get("split", FitOptions("seq").split)
-        stratify = None if every_subject else spec.training.get("stratify")
-        split = manifest.split(fractions, stratify=stratify, seed=spec.training.get("split_seed", 0))
+        fractions = {"test": 1.0} if every_subject else spec.training.split
+        stratify = None if every_subject else spec.training.stratify
+        split = manifest.split(fractions, stratify=stratify, seed=spec.training.split_seed)
         head = bundle.load_head(spec)
         if spec.kind == "seg":
             options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)
@@ -293,7 +293,7 @@ def evaluate_bundle(
             volumes = collect_segmentation(split, options, cache, progress, splits=("test",))["test"]
             values, count = segmentation_metrics(spec, head, volumes), len(volumes)
         else:
-            event = spec.training.get("event") or "event"
+            event = spec.training.event or "event"
             options = FitOptions(spec.kind, spec.target, event, modalities=spec.modalities or ("t1",))
             cache = FeatureCache(bundle, cache_folder, device=device)
             test = collect(split, options, cache, progress, classes=spec.classes, splits=("test",))[0]["test"]

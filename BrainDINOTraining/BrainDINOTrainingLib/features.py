@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from BrainDINOLib import __version__
 from BrainDINOLib.brain import prepare_scan
 from BrainDINOLib.bundle import ENCODER_FILE, Bundle
 from BrainDINOLib.engine import encode_volume, resolve_device
+from BrainDINOLib.files import atomic_write
 from BrainDINOLib.preprocess import prepare
 from BrainDINOLib.typicality import scan_descriptions
 from BrainDINOLib.volume import Volume, load_volume
@@ -114,9 +114,8 @@ class FeatureCache:
             kept = {int(name.removeprefix("layer_")) for name in stored if name.startswith("layer_")}
             arrays = self._compute(scan, sorted(kept | set(self.layers)))
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            save_file(arrays, tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                save_file(arrays, tmp)
         return _volume_features(arrays, self.layers)
 
     def compute(self, volume: Volume) -> VolumeFeatures:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead, decode_outputs
-from BrainDINOLib.manifest import Manifest
+from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead, decode_outputs, masked_mean
+from BrainDINOLib.manifest import DEFAULT_SPLIT, Manifest
 
 from .features import FeatureCache
 
@@ -50,7 +50,7 @@ class FitOptions:
     epochs: int = 300
     lr: float = 1e-3
     weight_decays: tuple[float, ...] = (0.1, 1.0, 10.0)
-    split: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    split: dict = field(default_factory=lambda: dict(DEFAULT_SPLIT))
     split_seed: int = 0
 
     def __post_init__(self):
@@ -80,8 +80,7 @@ class Samples:
         return len(self.subjects)
 
     def pooled(self) -> np.ndarray:
-        weights = self.mask.float()[..., None]
-        return ((self.tokens * weights).sum(1) / weights.sum(1).clamp_min(1)).numpy()
+        return masked_mean(self.tokens, self.mask).numpy()
 
     def subset(self, keep: np.ndarray) -> Samples:
         keep_t = torch.as_tensor(keep)

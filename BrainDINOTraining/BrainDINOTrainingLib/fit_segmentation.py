@@ -21,13 +21,14 @@ from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import (
     HeadSpec,
+    HeadTraining,
     SegmentationDecoder,
     build_head,
     segment_slices,
     segmentation_input,
 )
 from BrainDINOLib.layout import PlaneGeometry
-from BrainDINOLib.manifest import Manifest
+from BrainDINOLib.manifest import DEFAULT_SPLIT, Manifest
 from BrainDINOLib.preprocess import labels_to_canvas
 from BrainDINOLib.segments import BRATS_CLASSES
 from BrainDINOLib.volume import load_labels, load_volume
@@ -69,7 +70,7 @@ class SegOptions:
     weight_decay: float = 1e-4
     label_fractions: tuple[float, ...] = (1.0,)
     seeds: tuple[int, ...] = (0,)
-    split: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    split: dict = field(default_factory=lambda: dict(DEFAULT_SPLIT))
     split_seed: int = 0
 
 
@@ -281,15 +282,14 @@ def fit_and_evaluate_segmentation(
     spec = dataclasses.replace(
         spec,
         metrics={k: v for k, v in first.items() if k not in ("label_fraction", "seed", "model")},
-        training={
-            "data": manifest.source,
-            "split": options.split,
-            "stratify": None,
-            "split_seed": options.split_seed,
-            "label_fraction": first["label_fraction"],
-            "seed": first["seed"],
-            "steps": options.steps,
-            "test_subjects": len(splits["test"]),
-        },
+        training=HeadTraining(
+            data=manifest.source,
+            split=options.split,
+            split_seed=options.split_seed,
+            label_fraction=first["label_fraction"],
+            seed=first["seed"],
+            steps=options.steps,
+            test_subjects=len(splits["test"]),
+        ),
     )
     return FitResult(spec, kept, rows)

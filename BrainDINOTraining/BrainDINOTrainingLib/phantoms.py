@@ -52,6 +52,7 @@ from scipy.spatial.transform import Rotation
 
 from BrainDINOLib import __version__
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.files import atomic_write
 from BrainDINOLib.sample_data import mni_path
 
 from . import head_model
@@ -629,8 +630,8 @@ def _write_one(job: tuple[float, str, int, int, CohortOptions]) -> dict:
         _WORKER_TEMPLATE[resolution] = Template.load(resolution)
     row = write_subject(_WORKER_TEMPLATE[resolution], Path(out_dir), seed, index, options)
     path = _row_path(Path(out_dir), index)
-    path.with_suffix(".tmp").write_text(json.dumps(row))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(row))
     return row
 
 

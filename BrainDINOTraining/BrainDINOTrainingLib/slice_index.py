@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from BrainDINOLib import __version__
 from BrainDINOLib.diagnose import LibraryOutput
 from BrainDINOLib.errors import BrainDINOError, from_fields, read_json
+from BrainDINOLib.files import atomic_write
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
@@ -64,10 +64,9 @@ class IndexJob:
     labels: dict
 
 
-def _atomic_save(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _save_array(array: np.ndarray, path: Path) -> None:
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
 
 
 def index_volume(job: IndexJob) -> dict:
@@ -96,12 +95,11 @@ def index_volume(job: IndexJob) -> dict:
         records["row"][kept] = np.arange(len(kept))
         with torch.no_grad():
             canvases = prepared.model_input(kept)[:, 0].numpy().astype(SHARD_DTYPE)
-        _atomic_save(canvases, folder / shard)
+        _save_array(canvases, folder / shard)
         summary.update(shard=shard, slices=int(depth), kept=int(len(kept)))
-    _atomic_save(records, folder / "records" / f"{job.volume:06d}.npy")
-    tmp = record_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, record_path)  # written last: its presence means the volume is done
+    _save_array(records, folder / "records" / f"{job.volume:06d}.npy")
+    with atomic_write(record_path) as tmp:  # written last: its presence means the volume is done
+        tmp.write_text(json.dumps(summary))
     return summary
 
 
@@ -199,7 +197,7 @@ def build_index(
 def _finalize(out_dir: Path, volumes: list[Path], spec: PreprocessSpec) -> dict:
     summaries = [json.loads((out_dir / "records" / f"{i:06d}.json").read_text()) for i in range(len(volumes))]
     records = np.concatenate([np.load(out_dir / "records" / f"{i:06d}.npy") for i in range(len(volumes))])
-    _atomic_save(records, out_dir / "slices.npy")
+    _save_array(records, out_dir / "slices.npy")
     (out_dir / "volumes.json").write_text(json.dumps(summaries, indent=1) + "\n")
     kept = int(records["kept"].sum())
     bytes_per_slice = spec.image_size**2 * np.dtype(SHARD_DTYPE).itemsize

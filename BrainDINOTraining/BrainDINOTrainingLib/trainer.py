@@ -48,6 +48,7 @@ from BrainDINOLib.bundle import ModelCard, save_bundle
 from BrainDINOLib.encoder import BrainEncoder, encoder_config
 from BrainDINOLib.engine import autocast_dtype, resolve_device
 from BrainDINOLib.errors import BrainDINOError, from_fields, read_text
+from BrainDINOLib.files import atomic_write
 from BrainDINOLib.importers import read_checkpoint
 
 from .augment import MultiCropConfig
@@ -453,9 +454,8 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                torch.save(state, tmp)
             self.last_checkpoint = state["step"]
         if is_distributed():
             dist.barrier()
@@ -647,9 +647,9 @@ class Trainer:
             preprocessing=self.dataset.spec,
             random_init=False,
             intended_use="research on brain MRI features; not a medical device, not for clinical decisions",
+            pooling=self.objective.pooling,
             training={
                 "objective": config.objective,
-                "pooling": self.objective.pooling,
                 "data": config.data,
                 "slices": len(self.dataset),
                 "steps": int(state["step"]),

@@ -80,7 +80,7 @@ def test_objective_learns_on_phantom_slices_and_exports_a_bundle_for_inference(
     assert fixed_batch_loss() < 0.95 * before
     assert [r["collapse"] for r in rows if r["step"] % 20 == 0] == ["", ""]
     bundle = load_bundle(trainer.export(tmp_path / "bundle", command="braindino pretrain ..."))
-    assert bundle.card.training["objective"] == objective and bundle.card.training["pooling"] == pooling
+    assert bundle.card.training["objective"] == objective and bundle.card.pooling == pooling
     assert bundle.card.training["command"] == "braindino pretrain ..." and bundle.card.training["steps"] == 40
     with torch.no_grad():
         exported = bundle.load_encoder()(images[:2])

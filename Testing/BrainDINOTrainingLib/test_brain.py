@@ -70,10 +70,10 @@ def _written(result, out, name) -> np.ndarray:
 
 def test_shipped_bundle_has_a_brain_head_an_any_contrast_tumour_head_and_a_reference():
     bundle = load_bundle(SHIPPED)
-    spec = brain_head(bundle.head_specs)
+    spec = brain_head(bundle.card.heads)
     assert spec.target == BRAIN_TARGET and spec.modalities == () and spec.classes == ("brain",)
     assert spec.metrics["dice_label_1"] > 0.8
-    tumour = next(s for s in bundle.head_specs if s.kind == "seg" and s.target != BRAIN_TARGET)
+    tumour = next(s for s in bundle.card.heads if s.kind == "seg" and s.target != BRAIN_TARGET)
     assert tumour.modalities == ()  # reads any sequence
     typicality = bundle.load_typicality()
     assert set(typicality.thresholds) == set(CHANNELS) and bundle.card.ood["scans"] >= 100
@@ -224,7 +224,7 @@ def test_fit_head_brain_and_calibrate_commands(tmp_path, held_out):
     command = ["fit-head", "--task", "brain", "--manifest", str(manifest), "--bundle", str(SHIPPED), "-o"]
     command += [str(tmp_path / "b"), "--steps", "20", "--slices-per-scan", "4", "--cache", str(tmp_path / "cache")]
     assert main([*command, "--device", "cpu", "--report", str(tmp_path / "report")]) == 0
-    spec = brain_head(load_bundle(tmp_path / "b").head_specs)
+    spec = brain_head(load_bundle(tmp_path / "b").card.heads)
     assert spec.name == "brain" and spec.training["steps"] == 20
     # The held-out metrics of the one class (20 steps learn next to nothing: the shipped head's masks are tested
     # in test_brain_masks_of_held_out_whole_heads_in_every_contrast).

@@ -104,7 +104,7 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
         "kaplan_meier.png", "metrics.csv", "metrics.md", "metrics.png"
     ]  # fmt: skip
     bundle = load_bundle(out)
-    (spec,) = bundle.head_specs
+    (spec,) = bundle.card.heads
     assert spec.kind == "surv" and spec.target == "survival_days" and spec.modalities == ("t1ce",)
     assert "braindino fit-head --task surv" in spec.training["command"]
     again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
@@ -171,7 +171,7 @@ def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle6
     pooled = tmp_path / "mean-pooling"
     shutil.copytree(bundle64, pooled)
     card = json.loads((pooled / "model.json").read_text())
-    card["training"]["pooling"] = "mean"
+    card["pooling"] = "mean"
     (pooled / "model.json").write_text(json.dumps(card))
     cache = FeatureCache(load_bundle(pooled), tmp_path / "features", device="cpu")
     with open(cohort40 / "manifest.csv") as handle:  # half the cohort: the heads only need to exist
@@ -200,7 +200,7 @@ def test_infer_applies_each_head_to_its_own_sequence(tmp_path, cohort40, bundle6
                  "--sequence", "flair", "--also", f"t1={t1}", f"t2={t2}"]) == 0  # fmt: skip
     both = json.loads((tmp_path / "b" / "result.json").read_text())["predictions"]
     bundle = load_bundle(pooled)
-    (spec,) = [s for s in bundle.head_specs if s.name == "age"]
+    (spec,) = [s for s in bundle.card.heads if s.name == "age"]
     tokens = np.concatenate([cache.get(t1).embeddings, cache.get(t2).embeddings])
     assert both["age"]["value"] == pytest.approx(
         predict_volume(spec, bundle.load_head(spec), tokens)["value"], abs=1e-3
@@ -276,7 +276,7 @@ def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geome
     args = ["fit-head", "--task", "seg", "--sequence", "flair", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--steps", "250", "--report", str(tmp_path / "report")]
     assert main(args + ["--cache", str(cache.folder)]) == 0  # the FLAIR features with their blocks, encoded once
-    (spec,) = load_bundle(out).head_specs
+    (spec,) = load_bundle(out).card.heads
     assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)
     assert spec.metrics["dice_whole_tumor"] > 0.15  # predicting nothing scores 0 on every tumour subject
     manifest = load_manifest(cohort40).split(SegOptions().split, seed=SegOptions().split_seed)
@@ -304,7 +304,7 @@ def test_evaluate_reproduces_the_fitted_metrics_and_scores_other_data(tmp_path, 
     assert (
         main(fit + [str(bundle64), "-o", str(out), "--cache", str(cache.folder), "--report", str(tmp_path / "r")]) == 0
     )
-    (spec,) = load_bundle(out).head_specs
+    (spec,) = load_bundle(out).card.heads
     report = tmp_path / "evaluation"
     evaluate = ["evaluate", "--bundle", str(out), "--manifest", str(cohort40), "--cache", str(cache.folder)]
     assert main(evaluate + ["--report", str(report)]) == 0
