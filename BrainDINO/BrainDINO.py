@@ -251,7 +251,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self):
         """Drain the run's events: progress, then the finished run (its nodes are made here, on the GUI thread)."""
-        from BrainDINOLib.cli import Progress
+        from BrainDINOLib.progress import Progress
         from BrainDINOLib.session import CohortDone, Failed, Finished, Stopped
 
         for event in self.logic.poll():
@@ -391,7 +391,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadPoll(self):
         """Show the download's progress; when it ends, list the new bundle or say what went wrong."""
         from BrainDINOLib.background import JobEnded, LogLine
-        from BrainDINOLib.cli import Progress
+        from BrainDINOLib.progress import Progress
 
         for event in self.logic.pollDownload():
             if isinstance(event, Progress):

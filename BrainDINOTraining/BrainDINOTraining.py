@@ -205,7 +205,7 @@ class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onPoll(self):
         from BrainDINOLib.background import JobEnded, LogLine
-        from BrainDINOLib.cli import Progress
+        from BrainDINOLib.progress import Progress
 
         for event in self.logic.poll():
             if isinstance(event, LogLine):
@@ -368,7 +368,7 @@ class BrainDINOTrainingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         from BrainDINOLib.background import JobEnded
-        from BrainDINOLib.cli import Progress
+        from BrainDINOLib.progress import Progress
 
         logic = BrainDINOTrainingLogic()
         parameters = logic.getParameterNode()

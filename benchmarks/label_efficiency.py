@@ -65,9 +65,8 @@ def _encoder_bundles(pairs: list[str], folder: Path) -> dict[str, Path]:
 
 
 def _run_task(task: str, manifest, bundle, cache_dir: Path, fractions, seeds, seg_steps: int) -> list[dict]:
-    from BrainDINOTrainingLib.evaluation import fit_and_evaluate
     from BrainDINOTrainingLib.features import FeatureCache
-    from BrainDINOTrainingLib.fit_heads import FitOptions
+    from BrainDINOTrainingLib.fit_heads import FitOptions, fit_and_evaluate
     from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers, fit_and_evaluate_segmentation
 
     kind, target, sequences = TASKS[task]
@@ -82,7 +81,7 @@ def _run_task(task: str, manifest, bundle, cache_dir: Path, fractions, seeds, se
 
 def summarise(rows: list[dict], task: str, encoder: str) -> list[dict]:
     """Mean, spread and values of the primary metric per fraction and model (head, linear probe, reference)."""
-    from BrainDINOTrainingLib.evaluation import PRIMARY
+    from BrainDINOTrainingLib.metrics import PRIMARY
 
     kind = TASKS[task][0]
     metric = PRIMARY[kind]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import Progress
+from .progress import Progress
 
 
 @dataclass(frozen=True)

@@ -9,135 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from .diagnose import separate_python_stderr
 from .errors import BrainDINOError
+from .progress import CohortBar, ProgressBar, download_progress_lines
 
 CommandAdder = Callable[[argparse._SubParsersAction], None]
 
 # The MNI template voxel used as the demo's similarity query: right putamen.
 DEMO_QUERY = (123, 130, 75)
-
-
-PROGRESS_LINE = re.compile(r"^\[progress\] (?P<stage>.+) (?P<done>\d+)/(?P<total>\d+)$")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress report for a GUI: ``done`` of ``total`` units of the named stage (0 of 0: under way)."""
-
-    stage: str
-    done: int
-    total: int
-
-    @classmethod
-    def parse(cls, line: str) -> Progress | None:
-        """The report a ``--progress-lines`` line carries (None for any other line)."""
-        match = PROGRESS_LINE.match(line)
-        return cls(match["stage"], int(match["done"]), int(match["total"])) if match else None
-
-
-class ProgressBar:
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr.
-
-    The bar appears on the first report, so errors found before any work print alone. With
-    ``--progress-lines`` (set once by `main`, for programs that run the CLI, like the Slicer module),
-    it prints ``[progress] STAGE DONE/TOTAL`` lines instead (`PROGRESS_LINE`), at most one a second.
-    """
-
-    lines = False
-
-    def __init__(self, description: str, unit: str, disable: bool = False):
-        self.description, self.unit, self.disable = description, unit, disable
-        self._bar = None
-        self._printed = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.lines:
-            now = time.monotonic()
-            if not self.disable and (done >= total or now - self._printed >= 1.0):
-                print(f"[progress] {self.description} {done}/{total}", file=sys.stderr, flush=True)
-                self._printed = now
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(  # starts at ``done``: a resumed run's rate and ETA count only this run's work
-                total=total, initial=done, unit=self.unit, desc=self.description, disable=self.disable, file=sys.stderr
-            )
-        self._bar.update(done - self._bar.n)
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def download_progress_lines(name: str) -> type:
-    """A tqdm class for huggingface_hub's download bar that reports ``[progress] downloading NAME (MB) DONE/TOTAL``
-    lines instead (``--progress-lines``)."""
-    from tqdm import tqdm
-
-    report = ProgressBar(f"downloading {name} (MB)", "MB")
-
-    class ProgressLines(tqdm):
-        def display(self, msg=None, pos=None):
-            report(round(self.n / 1e6), round((self.total or 0) / 1e6))
-
-    return ProgressLines
-
-
-class CohortBar:
-    """One progress bar across a cohort (`batch.CohortProgress`): scans done, slices/s and ETA on stderr; with
-    ``--progress-lines``, ``[progress] scan K/N NAME DONE/TOTAL`` lines counting thousandths of a scan."""
-
-    def __init__(self, count: int, disable: bool = False):
-        self.count, self.disable = count, disable
-        self._bar = None
-        self._printed = 0.0
-        self._slices = 0
-        self._last = (-1, 0)
-        self._start = time.monotonic()
-
-    def __call__(self, index: int, name: str, done: int, total: int) -> None:
-        if total > 1 or done < total:  # not the end-of-scan mark (1 of 1) that skipped and failed scans get too
-            self._slices += done - self._last[1] if self._last[0] == index else done
-            self._last = (index, done)
-        fraction = index + done / max(total, 1)
-        if ProgressBar.lines:
-            now = time.monotonic()
-            if not self.disable and (done >= total or now - self._printed >= 1.0):
-                position = min(index + 1, self.count)
-                print(f"[progress] scan {position}/{self.count} {name} {round(1000 * fraction)}/{1000 * self.count}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                self._printed = now
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=self.count, disable=self.disable, file=sys.stderr, desc="scans",
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]",
-            )  # fmt: skip
-        rate = self._slices / max(time.monotonic() - self._start, 1e-6)
-        self._bar.set_postfix_str(f"{name}, {rate:.1f} slices/s", refresh=False)
-        self._bar.update(fraction - self._bar.n)
-
-    def __enter__(self) -> CohortBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _voxel(text: str) -> tuple[int, int, int]:
@@ -342,7 +226,8 @@ def _run(args, scan: Path, out_dir: Path, volume=None, **choices) -> dict:
 
     options = _run_options(args, **choices)
     others = f" and {len(options.other_scans)} other scan(s)" if options.other_scans else ""
-    with ProgressBar(f"encoding {Path(scan).name}{others}", "slice", disable=args.quiet) as progress:
+    with ProgressBar(f"encoding {Path(scan).name}{others}", "slice", lines=args.progress_lines,
+                     disable=args.quiet) as progress:  # fmt: skip
         result = run_inference(scan, out_dir, options, volume=volume, progress=progress)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -375,7 +260,7 @@ def _cohort(args, jobs) -> int:
         print(f"braindino: {job.name}: failed: {error}", file=sys.stderr, flush=True)
 
     options = _run_options(args)
-    with CohortBar(len(jobs), disable=args.quiet) as bar:
+    with CohortBar(len(jobs), lines=args.progress_lines, disable=args.quiet) as bar:
         rows = run_cohort(jobs, args.out_dir, options, force=args.force, progress=bar, on_failure=failed)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "failed")}
     flagged = sum(bool(row["out_of_distribution"]) for row in rows)
@@ -471,7 +356,7 @@ def _models_download(args) -> None:
         _models_dir(args),
         force=args.force,
         endpoint=args.endpoint,
-        tqdm_class=download_progress_lines(args.name) if ProgressBar.lines else None,
+        tqdm_class=download_progress_lines(args.name) if args.progress_lines else None,
     )
     print(f"downloaded '{args.name}' ({bundle.card.license}) as a {bundle.card.encoder.name} bundle at {bundle.path}; "
           f"use it with --bundle {args.name}")  # fmt: skip
@@ -511,7 +396,6 @@ def main(argv: Sequence[str] | None = None, extra_commands: Sequence[CommandAdde
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(extra_commands).parse_args(argv)
     args.command_line = shlex.join(["braindino", *argv])  # recorded in model cards
-    ProgressBar.lines = args.progress_lines
     with separate_python_stderr():  # readers silence libraries on descriptor 2 while bars and messages go on
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         try:

@@ -29,10 +29,10 @@ import numpy as np
 
 from . import mrml
 from .background import BackgroundJob, JobEnded, LogLine
-from .cli import Progress
 from .errors import BrainDINOError
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
 from .predictions import ood_warning, prediction_row, prediction_text, summary_table
+from .progress import Progress
 from .volume import Volume
 
 logger = logging.getLogger(__name__)

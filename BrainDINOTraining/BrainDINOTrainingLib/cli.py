@@ -11,6 +11,7 @@ from pathlib import Path
 
 from BrainDINOLib import cli
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.progress import ProgressBar
 
 from .objectives import TITLES
 
@@ -165,7 +166,7 @@ def _pretrain(args) -> None:
         raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")
     trainer = Trainer(config)
     try:
-        with cli.ProgressBar("pretraining", "step") as progress:
+        with ProgressBar("pretraining", "step", lines=args.progress_lines) as progress:
             trainer.fit(resume=args.resume, progress=progress)
     except KeyboardInterrupt:
         if trainer.rank == 0:
@@ -186,7 +187,7 @@ def _cohort_make(args) -> None:
     from .phantoms import CohortOptions, make_cohort
 
     options = CohortOptions(args.skull_stripped, args.random_contrasts, args.tumor_fraction, args.metastasis_share)
-    with cli.ProgressBar("phantoms", "subject") as progress:
+    with ProgressBar("phantoms", "subject", lines=args.progress_lines) as progress:
         manifest = make_cohort(
             args.count,
             args.out_dir,
@@ -207,7 +208,7 @@ def _index(args) -> None:
     spec = PreprocessSpec(
         image_size=args.image_size, min_entropy=args.min_entropy, position_range=tuple(args.position_range)
     )
-    with cli.ProgressBar("indexing", "volume") as progress:
+    with ProgressBar("indexing", "volume", lines=args.progress_lines) as progress:
         info = build_index(args.data, args.out_dir, spec, workers=args.workers, progress=progress)
     print(
         f"indexed {info['volumes']} volumes ({info['volumes_skipped']} skipped, listed in volumes.json): "
@@ -277,10 +278,10 @@ def _fit_head(args) -> None:
     from BrainDINOLib.bundle import add_head, load_bundle
     from BrainDINOLib.manifest import load_manifest
 
-    from .evaluation import fit_and_evaluate, write_report
     from .features import FeatureCache
-    from .fit_heads import FitOptions
+    from .fit_heads import FitOptions, fit_and_evaluate
     from .fit_segmentation import BRATS_CLASSES, SegOptions, default_layers, fit_and_evaluate_segmentation
+    from .head_report import write_report
 
     source = _checked_bundle(args)
     decoder = args.task in ("seg", "brain")
@@ -319,7 +320,10 @@ def _fit_head(args) -> None:
         name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
         cache = FeatureCache(bundle, args.cache, device=args.device)
         fit = fit_and_evaluate
-    with cli.ProgressBar("features", "scan") as progress, cli.ProgressBar("decoder", "step") as steps:
+    with (
+        ProgressBar("features", "scan", lines=args.progress_lines) as progress,
+        ProgressBar("decoder", "step", lines=args.progress_lines) as steps,
+    ):
         extra = {"training_progress": steps} if decoder else {}
         result = fit(manifest, cache, options, name, progress=progress, **extra)
     target = _changed_bundle(args, source)
@@ -359,7 +363,7 @@ def _evaluate(args) -> None:
 
     bundle = load_bundle(find_bundle(args.bundle))
     manifest = load_manifest(args.manifest)
-    with cli.ProgressBar("features", "volume") as progress:
+    with ProgressBar("features", "volume", lines=args.progress_lines) as progress:
         rows = evaluate_bundle(
             bundle, manifest, args.cache, args.device, args.all_subjects, tuple(args.head), progress=progress
         )
@@ -443,7 +447,7 @@ def _calibrate(args) -> None:
     source = _checked_bundle(args)
     manifest = load_manifest(args.manifest)
     cache = FeatureCache(load_bundle(source), args.cache, device=args.device, masked=False)  # whole scans
-    with cli.ProgressBar("features", "volume") as progress:
+    with ProgressBar("features", "volume", lines=args.progress_lines) as progress:
         options = CalibrationOptions(k=args.k, margin=args.margin, outliers=args.outliers)
         typicality, info = calibrate_typicality(manifest, cache, options, progress=progress)
     target = _changed_bundle(args, source)

@@ -6,8 +6,8 @@ tokens together) for cls/reg/surv, one per image for sequence type. The split is
 fraction of the training subjects (stratified, seeded). Each head is fitted full-batch with AdamW
 for a fixed number of epochs at a few weight decays, and the one with the best validation loss is
 kept (heads are small and data often tiny: strong decoupled weight decay is the regulariser).
-Baselines on the pooled embedding (logistic regression / ridge, kNN) and a mean or majority
-predictor are measured on the same split (`evaluation`).
+`fit_and_evaluate` measures each fitted head and the baselines (`baselines`) on the same test subjects
+(`metrics`).
 
 Losses: cross-entropy (cls, seq), mean squared error on standardised targets (reg), negative Cox
 partial log-likelihood with Breslow handling of ties (surv).
@@ -15,17 +15,21 @@ partial log-likelihood with Breslow handling of ties (surv).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, VolumeHead, decode_outputs, masked_mean
+from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, HeadTraining, VolumeHead, decode_outputs, masked_mean
 from BrainDINOLib.manifest import DEFAULT_SPLIT, Manifest
 
+from .baselines import baseline_predictions
 from .features import FeatureCache
+from .metrics import cox_loss, metrics
 
 
 @dataclass(frozen=True)
@@ -190,16 +194,6 @@ def label_subset(train: Samples, fraction: float, seed: int, classification: boo
     return train.subset(np.sort(np.concatenate(keep)))
 
 
-def cox_loss(risk: torch.Tensor, times: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
-    """Negative Cox partial log-likelihood (Breslow for tied times), averaged over events."""
-    order = torch.argsort(times, descending=True, stable=True)
-    risk, events, times = risk[order], events[order], times[order]
-    _, counts = torch.unique_consecutive(times, return_counts=True)
-    last_tied = torch.repeat_interleave(torch.cumsum(counts, 0) - 1, counts)  # the risk set includes every tie
-    log_risk_set = torch.logcumsumexp(risk, dim=0)[last_tied]  # over everyone still at risk (time >= own time)
-    return -((risk - log_risk_set) * events).sum() / events.sum().clamp_min(1)
-
-
 def head_loss(task: str, outputs: torch.Tensor, samples: Samples, mean: float, std: float) -> torch.Tensor:
     if task in ("cls", "seq"):
         return F.cross_entropy(outputs, samples.targets)
@@ -241,3 +235,64 @@ def predict(spec: HeadSpec, head: VolumeHead, samples: Samples) -> np.ndarray:
     """Class probabilities (N, K), values in units (N,), or risk scores (N,)."""
     with torch.no_grad():
         return decode_outputs(spec, head(samples.tokens, samples.mask))
+
+
+def fit_and_evaluate(
+    manifest: Manifest, cache: FeatureCache, options: FitOptions, name: str, progress=None
+) -> FitResult:
+    """Fit a head for every label fraction and seed, measure it and the baselines on the test split
+    (one row per fraction, seed and model). ``progress(done, total)`` follows the feature extraction."""
+    stratify = options.column if options.task == "cls" else None
+    if stratify:  # subjects without the label take no part (and cannot be stratified)
+        manifest = dataclasses.replace(manifest, entries=tuple(e for e in manifest.entries if stratify in e.labels))
+    split = manifest.split(options.split, stratify=stratify, seed=options.split_seed)
+    splits, classes = collect(split, options, cache, progress)
+    spec = HeadSpec(
+        name=name,
+        kind=options.task,
+        target=options.column,
+        modalities=() if options.task == "seq" else options.modalities,
+        classes=classes,
+        units={"reg": manifest.units.get(options.column, ""), "surv": "relative risk (log hazard)"}.get(
+            options.task, ""
+        ),
+        aggregation=options.aggregation,
+        width=splits["train"].tokens.shape[-1],
+        encoder_sha256=cache.bundle.card.files[ENCODER_FILE],
+    )
+    rows, kept = [], None
+    for fraction in sorted(options.label_fractions, reverse=True):
+        for seed in options.seeds:
+            train = label_subset(splits["train"], fraction, seed, options.task in ("cls", "seq"))
+            run = spec
+            if options.task == "reg":  # targets standardised with the labels this run may see
+                targets = train.targets.float()
+                std = float(targets.std()) if len(targets) > 1 else 1.0
+                run = dataclasses.replace(spec, target_mean=float(targets.mean()), target_std=max(std, 1e-6))
+            head, weight_decay = fit_volume_head(run, {**splits, "train": train}, options, seed)
+            predictions = {"head": predict(run, head, splits["test"])}
+            predictions.update(baseline_predictions(options.task, train, splits["test"], len(classes), seed))
+            for model, values in predictions.items():
+                row = {"label_fraction": fraction, "seed": seed, "model": model, "train_samples": len(train)}
+                row["weight_decay"] = weight_decay if model == "head" else ""
+                rows.append({**row, **metrics(options.task, values, splits["test"])})
+            if kept is None:
+                kept = (head, predictions["head"], run)
+    first = [r for r in rows if r["model"] == "head"][0]
+    spec = dataclasses.replace(
+        kept[2],
+        metrics={k: v for k, v in first.items() if k not in ("label_fraction", "seed", "model", "weight_decay")},
+        training=HeadTraining(
+            data=manifest.source,
+            split=options.split,
+            split_seed=options.split_seed,
+            stratify=stratify,
+            event=options.event if options.task == "surv" else None,
+            label_fraction=first["label_fraction"],
+            seed=first["seed"],
+            epochs=options.epochs,
+            weight_decay=first["weight_decay"],
+            test_subjects=len(set(splits["test"].subjects)),
+        ),
+    )
+    return FitResult(spec, kept[0], rows, splits["test"], kept[1])

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from BrainDINOLib.bundle import CATALOG_DIR, catalog, create_random_bundle, find_bundle, load_bundle, verify_bundle
-from BrainDINOLib.cli import Progress, ProgressBar, download_progress_lines, main
+from BrainDINOLib.cli import main
 from BrainDINOLib.download import download, download_entry
 from BrainDINOLib.encoder import ENCODERS
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.progress import Progress, download_progress_lines
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ENTRY = {
@@ -203,11 +204,7 @@ def test_download_verifies_imports_and_then_works_offline(hub, weights, tmp_path
         download(ENTRY, models, endpoint=hub.endpoint)
     assert len(hub.requests) == served  # refused before asking the hub
 
-    ProgressBar.lines = True
-    try:
-        again = download(ENTRY, models, force=True, endpoint=hub.endpoint, tqdm_class=download_progress_lines("tiny"))
-    finally:
-        ProgressBar.lines = False
+    again = download(ENTRY, models, force=True, endpoint=hub.endpoint, tqdm_class=download_progress_lines("tiny"))
     reports = [Progress.parse(line) for line in capsys.readouterr().err.splitlines() if line.startswith("[progress]")]
     megabytes = round(len(weights[1]) / 1e6)
     assert reports and reports[-1] == Progress("downloading tiny (MB)", megabytes, megabytes)

@@ -18,10 +18,10 @@ import slicer
 import vtk
 
 from BrainDINOLib import mrml
-from BrainDINOLib.cli import Progress
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.featuremaps import query_patch
 from BrainDINOLib.infer import InferenceOptions, run_inference
+from BrainDINOLib.progress import Progress
 from BrainDINOLib.sample_data import demo_phantom
 from BrainDINOLib.segments import BRATS_CLASSES, SEGMENT_TERMINOLOGY
 from BrainDINOLib.session import (

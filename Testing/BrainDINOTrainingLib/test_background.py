@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from BrainDINOLib.background import BackgroundJob, JobEnded, LogLine
-from BrainDINOLib.cli import Progress
+from BrainDINOLib.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB_DIRS = (ROOT / "BrainDINO", ROOT / "BrainDINOTraining")  # as Slicer's qt-scripted-modules folder holds them

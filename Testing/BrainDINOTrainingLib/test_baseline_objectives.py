@@ -144,17 +144,27 @@ def test_y_aware_loss_prefers_embeddings_that_follow_the_descriptors():
     assert torch.allclose(y_aware_infonce(aligned, equal, 0.1, 1.0), expected)
 
 
-def test_encoding_a_permuted_patch_subset_keeps_each_patch_at_its_position():
-    """RoPE positions follow the kept patches: keeping all, shuffled, gives the full forward shuffled."""
+def test_the_written_out_forward_agrees_with_timms_forward_features():
+    """The forward that edits patch tokens (timm's private ``_pos_embed``, hence the pinned timm) gives timm's own
+    ``forward_features`` when nothing is masked, and RoPE positions follow the kept patches: keeping all,
+    shuffled, gives the full forward shuffled."""
     torch.manual_seed(0)
     model = build_vit(encoder_config("vit-tiny16-dinov3"), 64).eval()
     images = torch.randn(2, 3, 64, 64)
     order = torch.stack([torch.randperm(16), torch.randperm(16)])
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     with torch.no_grad():
+        tokens = model.forward_features(images)
         cls, patches = encode_tokens(model, images)
+        unmasked_cls, unmasked = encode_tokens(model, images, torch.randn(96), masks)
         kept_cls, kept = encode_tokens(model, images, keep=order)
+        masks[:, 1, 2] = True
+        masked = encode_tokens(model, images, torch.randn(96), masks)[1]
+    assert torch.equal(cls, tokens[:, 0]) and torch.equal(patches, tokens[:, model.num_prefix_tokens :])
+    assert torch.allclose(unmasked, patches, atol=1e-5) and torch.allclose(unmasked_cls, cls, atol=1e-5)
     assert torch.allclose(kept, patches.gather(1, order[..., None].expand(-1, -1, 96)), atol=1e-5)
     assert torch.allclose(kept_cls, cls, atol=1e-5)
+    assert not torch.allclose(masked[:, 6], patches[:, 6], atol=1e-3)  # row 1, column 2: the mask token's patch
 
 
 def test_mae_patches_and_spectrum():

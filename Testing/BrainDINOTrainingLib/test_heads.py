@@ -20,11 +20,12 @@ from BrainDINOLib.heads import predict_volume
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
+from BrainDINOTrainingLib.baselines import baseline_predictions
 from BrainDINOTrainingLib.cli import main
-from BrainDINOTrainingLib.evaluation import baseline_predictions, c_index, fit_and_evaluate, kaplan_meier, metrics
 from BrainDINOTrainingLib.features import FeatureCache
-from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, cox_loss, predict
+from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, fit_and_evaluate, predict
 from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers
+from BrainDINOTrainingLib.metrics import c_index, cox_loss, kaplan_meier, metrics
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 from testdata import file_hashes
 

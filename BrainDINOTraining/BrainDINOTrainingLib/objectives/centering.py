@@ -1,7 +1,8 @@
-"""Teacher-output centering: EMA centering (DINO [0]) and Sinkhorn-Knopp (SwAV [1], DINOv2 [2]).
+"""Teacher-output centering: EMA centering (DINO [0]), Sinkhorn-Knopp (SwAV [1], DINOv2 [2]), or none.
 
-Both turn teacher logits into target probabilities. State changes only through explicit
-`EMACenter.update` calls, and every cross-rank reduction is guarded so one CPU process works.
+Each is a module with ``probabilities(logits, temperature)``, turning teacher logits into target
+probabilities, and ``update(logits)``, called after the optimizer step; only `EMACenter` has state, and
+it changes only there. Every cross-rank reduction is guarded so one CPU process works.
 
 [0] Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
 [1] Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020.
@@ -53,6 +54,31 @@ class EMACenter(nn.Module):
         count = all_reduce_sum(torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device))
         if count.item() > 0:
             self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+
+
+class SinkhornKnopp(nn.Module):
+    """Equipartitioned targets (`sinkhorn_knopp`): stateless, so `update` does nothing."""
+
+    def probabilities(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return sinkhorn_knopp(teacher_logits, temperature)
+
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Nothing to update."""
+
+
+class NoCentering(nn.Module):
+    """The sharpened softmax alone: DINO collapses without centering (kept to demonstrate it)."""
+
+    def probabilities(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(teacher_logits.float() / temperature, dim=-1)
+
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Nothing to update."""
+
+
+def make_centering(kind: str, prototypes: int, momentum: float) -> nn.Module:
+    """The centering module ``kind`` names: ``ema``, ``sinkhorn`` or ``none``."""
+    return {"ema": lambda: EMACenter(prototypes, momentum), "sinkhorn": SinkhornKnopp, "none": NoCentering}[kind]()
 
 
 @torch.no_grad()

@@ -63,6 +63,10 @@ def encode_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a timm DINOv3-family ViT (``Eva``) with masked patches replaced, or with only some kept.
 
+    Without either, this is timm's ``forward_features``. With them, it is that forward written out, since timm
+    has no public way to edit patch tokens before the blocks; it uses timm's ``_pos_embed``, so timm is pinned to
+    a minor version and a test checks this forward against ``forward_features``.
+
     Args:
         images: (B, C, H, W).
         mask_token, masks: (D,) embedding put in place of the patches where masks (B, h, w) is True
@@ -72,6 +76,9 @@ def encode_tokens(
     Returns:
         (cls, patches): (B, D) and (B, h*w or n, D), final-normed.
     """
+    if mask_token is None and keep is None:
+        x = model.forward_features(images)
+        return x[:, 0], x[:, model.num_prefix_tokens :]
     x = model.patch_embed(images)  # (B, h, w, D) for dynamic-size models
     if mask_token is not None and masks.any():  # index_put is ~3x cheaper than torch.where here (fwd + bwd)
         x = x.clone()

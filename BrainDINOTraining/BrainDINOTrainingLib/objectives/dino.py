@@ -23,7 +23,7 @@ from BrainDINOLib.encoder import EncoderConfig, build_vit
 from BrainDINOLib.errors import BrainDINOError
 
 from ..augment import MultiCropConfig, multi_crop
-from .centering import EMACenter, sinkhorn_knopp
+from .centering import make_centering
 from .common import Objective, StepOutput, ema_update, embedding_std, encode_tokens
 from .dino_loss import DINOLoss
 from .gram import GramConfig, gram_loss, resize_patches
@@ -116,8 +116,8 @@ class DINOObjective(Objective):
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.gram_teacher = copy.deepcopy(self.student["backbone"]).requires_grad_(False) if gram.weight > 0 else None
-        self.cls_center = EMACenter(config.prototypes, config.center_momentum)
-        self.patch_center = EMACenter(config.prototypes, config.center_momentum)
+        self.cls_center = make_centering(config.centering, config.prototypes, config.center_momentum)
+        self.patch_center = make_centering(config.centering, config.prototypes, config.center_momentum)
         self.dino_loss = DINOLoss(config.student_temperature)
         self.ibot_loss = IBOTPatchLoss(config.student_temperature)
         self.koleo_loss = KoLeoLoss()
@@ -129,13 +129,6 @@ class DINOObjective(Objective):
         masks = batch_masks(2 * images.shape[0], self.grid, generator, probability, self.config.mask_ratio)
         inputs = {"global_crops": global_crops, "local_crops": local_crops, "masks": masks.to(images.device)}
         return inputs | ({"gram_crops": gram_crops} if gram_crops else {})
-
-    def _targets(self, logits: torch.Tensor, center: EMACenter, temperature: float) -> torch.Tensor:
-        if self.config.centering == "sinkhorn":
-            return sinkhorn_knopp(logits, temperature)
-        if self.config.centering == "none":
-            return torch.softmax(logits.float() / temperature, dim=-1)
-        return center.probabilities(logits, temperature)
 
     def forward(self, inputs: dict, teacher_temperature: float) -> StepOutput:
         """
@@ -157,7 +150,7 @@ class DINOObjective(Objective):
             teacher_tokens = torch.cat([teacher_cls, teacher_patches[flat_masks]]) if use_patches else teacher_cls
             teacher_logits = self.teacher["head"](teacher_tokens)
             teacher_cls_logits, teacher_patch_logits = teacher_logits[: 2 * batch], teacher_logits[2 * batch :]
-            teacher_probs = self._targets(teacher_cls_logits, self.cls_center, teacher_temperature)
+            teacher_probs = self.cls_center.probabilities(teacher_cls_logits, teacher_temperature)
 
         student_cls, student_patches = encode_tokens(self.student["backbone"], globals_, self.mask_token, masks)
         local_cls = encode_tokens(self.student["backbone"], torch.cat(local_crops))[0] if local_crops else None
@@ -171,7 +164,7 @@ class DINOObjective(Objective):
         if config.dino_weight > 0:
             losses["dino"] = self.dino_loss(cls_logits, list(teacher_probs.chunk(2)))
         if use_patches:
-            patch_targets = self._targets(teacher_patch_logits, self.patch_center, teacher_temperature)
+            patch_targets = self.patch_center.probabilities(teacher_patch_logits, teacher_temperature)
             patch_logits = student_logits[views * batch :]
             losses["ibot"] = self.ibot_loss(patch_logits, patch_targets, masks)
         if config.koleo_weight > 0:
@@ -199,12 +192,11 @@ class DINOObjective(Objective):
 
     @torch.no_grad()
     def after_step(self, output: StepOutput, momentum: float) -> None:
-        """Teacher EMA, then EMA centering (no-op with Sinkhorn-Knopp or no centering)."""
+        """Teacher EMA, then the centers (a no-op but for EMA centering)."""
         ema_update(self.teacher, self.student, momentum)
-        if self.config.centering == "ema":
-            self.cls_center.update(output.state["teacher_cls_logits"])
-            if "teacher_patch_logits" in output.state:  # on every rank, even one without masked patches
-                self.patch_center.update(output.state["teacher_patch_logits"])
+        self.cls_center.update(output.state["teacher_cls_logits"])
+        if "teacher_patch_logits" in output.state:  # on every rank, even one without masked patches
+            self.patch_center.update(output.state["teacher_patch_logits"])
 
     @torch.no_grad()
     def refresh_gram_teacher(self) -> None:
