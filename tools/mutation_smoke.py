@@ -144,8 +144,8 @@ MUTANTS = (
     Mutant(
         "heads: regression head ignores its input",
         f"{LIB}/heads.py",
-        "        return self.mlp(pooled)",
-        "        return self.mlp(pooled * 0)",
+        "        return self.mlp(self.pool(tokens, mask))",
+        "        return self.mlp(self.pool(tokens, mask) * 0)",
         (f"{TRAIN_TESTS}/test_heads.py::test_regression_head_beats_the_mean_predictor_in_ml",),
     ),
     Mutant(
@@ -161,6 +161,14 @@ MUTANTS = (
         "    return np.swapaxes(plane[::-1, ::-1], 0, 1)",
         "    return np.swapaxes(plane[:, ::-1], 0, 1)",
         (f"{TESTS}/test_infer.py::test_report_shows_the_scan_in_radiological_view",),
+    ),
+    Mutant(
+        "bundles: head weights written before the card that lists them",
+        f"{LIB}/bundle.py",
+        "    with atomic_write(bundle.path / relative, bundle.path / CARD_FILE) as (weights, card_file):\n",
+        "    save_file(tensors, bundle.path / relative)\n"
+        "    with atomic_write(bundle.path / relative, bundle.path / CARD_FILE) as (weights, card_file):\n",
+        (f"{TESTS}/test_importers.py::test_a_head_whose_card_cannot_be_written_leaves_the_bundle_as_it_was",),
     ),
     Mutant(
         "bundles: a changed file passes verification",

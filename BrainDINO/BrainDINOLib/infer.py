@@ -307,7 +307,7 @@ def analyse(
             *warnings,
             *outcome.warnings,
             *_model_and_slice_warnings(bundle.card, volume, prepared),
-        ],  # fmt: skip
+        ],
         timings=timings,
         brain=brain,
         brain_head=brain_spec.name if brain is not None else None,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from BrainDINOLib.bundle import load_bundle, verify_bundle
+from BrainDINOLib.bundle import ENCODER_FILE, add_head, create_random_bundle, load_bundle, verify_bundle
 from BrainDINOLib.cli import main
 from BrainDINOLib.errors import BrainDINOError
+from BrainDINOLib.heads import HeadSpec, build_head
 from BrainDINOLib.importers import import_checkpoint
+from testdata import file_hashes
 
 X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
@@ -235,3 +239,18 @@ def test_force_replaces_only_bundles(tmp_path, capsys):
     assert (keep / "notes.txt").read_text() == "precious"
     assert main(["models", "import", str(tmp_path / "tiny.v2.pth"), "--name", ".", "--models-dir", str(keep)]) == 2
     assert "not a usable bundle name" in capsys.readouterr().err
+
+
+def test_a_head_whose_card_cannot_be_written_leaves_the_bundle_as_it_was(tmp_path):
+    """Head weights and the card that lists their hash are written as a pair: when the card fails (metrics a JSON
+    encoder refuses), the earlier head's weights and card stay, the bundle still verifies, no temporary is left."""
+    bundle = create_random_bundle(tmp_path / "bundle", "vit-tiny16-dinov3")
+    spec = HeadSpec("age", "reg", "age", encoder_sha256=bundle.card.files[ENCODER_FILE])
+    torch.manual_seed(0)
+    add_head(bundle.path, spec, build_head(spec, bundle.card.encoder.embed_dim, 16))
+    before = file_hashes(bundle.path)
+    broken = dataclasses.replace(spec, metrics={"mae": np.float32(3.5)})
+    with pytest.raises(TypeError, match="float32"):
+        add_head(bundle.path, broken, build_head(spec, bundle.card.encoder.embed_dim, 16))
+    assert file_hashes(bundle.path) == before and not verify_bundle(bundle.path)
+    assert load_bundle(bundle.path).card.heads == (spec,)

@@ -225,7 +225,7 @@ def test_fit_head_brain_and_calibrate_commands(tmp_path, held_out):
     command += [str(tmp_path / "b"), "--steps", "20", "--slices-per-scan", "4", "--cache", str(tmp_path / "cache")]
     assert main([*command, "--device", "cpu", "--report", str(tmp_path / "report")]) == 0
     spec = brain_head(load_bundle(tmp_path / "b").card.heads)
-    assert spec.name == "brain" and spec.training["steps"] == 20
+    assert spec.name == "brain" and spec.training.steps == 20 and spec.training.command.startswith("braindino fit-head")
     # The held-out metrics of the one class (20 steps learn next to nothing: the shipped head's masks are tested
     # in test_brain_masks_of_held_out_whole_heads_in_every_contrast).
     assert spec.metrics.keys() == {"train_samples", "dice_whole_tumor", "dice_label_1", "hd95_whole_tumor_mm"}

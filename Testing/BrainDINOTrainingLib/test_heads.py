@@ -93,7 +93,7 @@ def test_label_fractions_and_seeds_give_one_row_per_model(cohort40, cache):
     sizes = {r["label_fraction"]: r["train_samples"] for r in result.rows}
     assert sizes[1.0] == 24 and 6 <= sizes[0.25] <= 8  # stratified: a quarter of each class, rounded
     assert {"head", "linear", "knn", "majority"} == {r["model"] for r in result.rows}
-    assert result.spec.training["label_fraction"] == 1.0 and set(result.spec.metrics) >= {"auc", "accuracy"}
+    assert result.spec.training.label_fraction == 1.0 and set(result.spec.metrics) >= {"auc", "accuracy"}
 
 
 def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_path, cohort40, bundle64, cache, capsys):
@@ -107,7 +107,7 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     bundle = load_bundle(out)
     (spec,) = bundle.card.heads
     assert spec.kind == "surv" and spec.target == "survival_days" and spec.modalities == ("t1ce",)
-    assert "braindino fit-head --task surv" in spec.training["command"]
+    assert "braindino fit-head --task surv" in spec.training.command
     again = fit_and_evaluate(load_manifest(cohort40), cache, FitOptions(task="surv", modalities=("t1ce",)), "x")
     assert np.allclose(predict(spec, bundle.load_head(spec), again.test), again.test_predictions, atol=1e-5)
     assert spec.metrics["c_index"] == pytest.approx(_primary(again.rows, "head", "c_index")[0])  # what was measured
