@@ -12,6 +12,7 @@ the first size).
     python benchmarks/inference.py                       # tiny and vit-s16 on the default shape
     python benchmarks/inference.py --config vit-b16 --shape 512,512,400   # memory on a large scan
     python benchmarks/inference.py --image-size 224 --image-size 448      # the cost of finer maps
+    python benchmarks/inference.py --device cuda --batch-size 128          # GPU throughput and peak GPU memory
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def make_scan(path: Path, shape: tuple[int, int, int]) -> Path:
     return path
 
 
-def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_size: int | None) -> dict:
+def run_one(
+    config: str, shape: tuple[int, int, int], batch_size: int, image_size: int | None, device: str, precision: str
+) -> dict:
     import torch
 
     from BrainDINOLib.bundle import create_random_bundle, find_bundle, load_bundle
+    from BrainDINOLib.engine import autocast_dtype, precision_name, resolve_device, to_device
     from BrainDINOLib.infer import InferenceOptions, analysis_spec, run_inference
     from BrainDINOLib.preprocess import prepare
     from BrainDINOLib.volume import load_volume
@@ -74,28 +78,35 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_siz
         else:
             bundle_path = create_random_bundle(tmp / config, CONFIGS[config]).path
         bundle = load_bundle(bundle_path)
-        encoder = bundle.load_encoder()
+        target = resolve_device(device)
+        encoder = bundle.load_encoder().to(target)
+        dtype = autocast_dtype(target, precision)
         prepared = prepare(load_volume(scan), analysis_spec(bundle.card, image_size))
         batches = [
             prepared.model_input(prepared.slices[i : i + batch_size])
             for i in range(0, len(prepared.slices), batch_size)
         ]
 
-        def encoder_alone(batches: list[torch.Tensor]) -> tuple[float, float]:
-            start, cpu = time.perf_counter(), time.process_time()
-            with torch.inference_mode():
-                for batch in batches:
-                    encoder(batch)
-            return time.perf_counter() - start, time.process_time() - cpu
+        def encode(batch: torch.Tensor) -> None:
+            with torch.inference_mode(), torch.autocast(target.type, dtype=dtype, enabled=dtype is not None):
+                encoder(to_device(batch, target))
 
-        options = InferenceOptions(bundle=str(bundle_path), device="cpu", batch_size=batch_size, image_size=image_size)
-        with torch.inference_mode():
-            encoder(batches[0])  # warm-up
-        encoder_s, encoder_cpu_s = encoder_alone(batches)
+        def finished() -> float:
+            if target.type == "cuda":
+                torch.cuda.synchronize()  # GPU work is queued: count it when done
+            return time.perf_counter()
+
+        options = InferenceOptions(bundle=str(bundle_path), device=device, batch_size=batch_size,
+                                   image_size=image_size, precision=precision)  # fmt: skip
+        encode(batches[0])  # warm-up
+        start, cpu = finished(), time.process_time()
+        for batch in batches:
+            encode(batch)
+        encoder_s, encoder_cpu_s = finished() - start, time.process_time() - cpu
         del batches
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = finished(), time.process_time()
         result = run_inference(scan, tmp / "out", options)
-        pipeline_s, pipeline_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+        pipeline_s, pipeline_cpu_s = finished() - start, time.process_time() - cpu
     slices = result["slices"]["analysed"]
     return {
         "config": config,
@@ -113,7 +124,13 @@ def run_one(config: str, shape: tuple[int, int, int], batch_size: int, image_siz
         "encoder_slices_per_s": round(slices / encoder_s, 2),
         "pipeline_stages_s": result["timings_s"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "device": "cpu",
+        "device": str(target),
+        "precision": precision_name(dtype),
+        **(
+            {"gpu": torch.cuda.get_device_name(target), "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)}
+            if target.type == "cuda"
+            else {}
+        ),
         "threads": torch.get_num_threads(),
         "load_average": round(os.getloadavg()[0], 2),  # other processes on the machine slow the wall times
         "torch": torch.__version__,
@@ -126,6 +143,8 @@ def main() -> None:
     parser.add_argument("--config", choices=CONFIGS, action="append", help="default: tiny and vit-s16")
     parser.add_argument("--shape", default="240,240,155", help="X,Y,Z of the synthetic scan (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default %(default)s)")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (default %(default)s)")
     parser.add_argument(
         "--image-size", type=int, action="append", help="canvas side for the maps and heads (default: the bundle's)"
     )
@@ -135,13 +154,16 @@ def main() -> None:
     configs = args.config or ["tiny", "vit-s16"]
     sizes = args.image_size or [None]
     if args.in_process:
-        print(json.dumps(run_one(configs[0], shape, args.batch_size, sizes[0])), flush=True)
+        print(
+            json.dumps(run_one(configs[0], shape, args.batch_size, sizes[0], args.device, args.precision)), flush=True
+        )
         return
     for config in configs:
         runs = []
         for size in sizes:
             command = [sys.executable, __file__, "--in-process", "--config", config, "--shape", args.shape,
-                       "--batch-size", str(args.batch_size)]  # fmt: skip
+                       "--batch-size", str(args.batch_size), "--device", args.device,
+                       "--precision", args.precision]  # fmt: skip
             if size:
                 command += ["--image-size", str(size)]
             output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -16,6 +16,7 @@ updates.
 and AnatCL, 1 for MAE and JEPA); ``ratio`` = ours / peer (DINO only). One JSON object per line.
 
     python benchmarks/pretrain.py [--config tiny-cpu --config vit-s16] [--objective mae] [--steps 3]
+    python benchmarks/pretrain.py --device cuda --precision bf16   # GPU throughput (per GPU), peak GPU memory
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _slices(batch: int) -> torch.Tensor:
     return prepared.model_input(chosen)
 
 
+def _synchronize() -> None:
+    """Wait for the GPU: its work is queued, and a step's time is when it is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time(*steps, rounds: int) -> list[float]:
     """Seconds per call of each step, timed interleaved (a, b, a, b, ...) so drift hits all alike."""
     for step in steps:
@@ -53,10 +60,20 @@ def _time(*steps, rounds: int) -> list[float]:
     totals = [0.0] * len(steps)
     for _ in range(rounds):
         for i, step in enumerate(steps):
+            _synchronize()
             start = time.perf_counter()
             step()
+            _synchronize()
             totals[i] += time.perf_counter() - start
     return [t / rounds for t in totals]
+
+
+def _autocast(device: torch.device):
+    """The autocast of ``--precision`` on the benchmark's device (the trainer's choice for ``auto``)."""
+    from BrainDINOLib.engine import autocast_dtype
+
+    dtype = autocast_dtype(device, ARGS.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def ours(config_name: str, objective_name: str, slices: torch.Tensor):
@@ -72,14 +89,16 @@ def ours(config_name: str, objective_name: str, slices: torch.Tensor):
     if objective_name == "dino":
         assignments += ["dino.ibot_weight=0", "dino.koleo_weight=0"]
     config = load_config(config_name, {"encoder": encoder, "objective": name}, assignments)
+    device = torch.device(ARGS.device)
     torch.manual_seed(0)
-    objective = CLASSES[name](encoder_config(encoder), getattr(config, name), config.crops)
+    objective = CLASSES[name](encoder_config(encoder), getattr(config, name), config.crops).to(device)
     optimizer = build_optimizer(objective, config)  # the trainer's: parameter groups, fused AdamW
-    descriptors = torch.randn(len(slices), 3, generator=torch.Generator().manual_seed(2))
-    inputs = objective.make_inputs(slices, torch.Generator().manual_seed(1), descriptors)
+    descriptors = torch.randn(len(slices), 3, generator=torch.Generator().manual_seed(2)).to(device)
+    inputs = objective.make_inputs(slices.to(device), torch.Generator().manual_seed(1), descriptors)
 
     def step():
-        output = objective(inputs, 0.04)
+        with _autocast(device):
+            output = objective(inputs, 0.04)
         optimizer.zero_grad(set_to_none=True)
         output.losses["loss"].backward()
         optimizer.step()
@@ -129,9 +148,9 @@ def peer(encoder: str, prototypes: int, global_crops: list, local_crops: list):
 def run_one(config: str, objective: str) -> dict:
     encoder, batch, local_crops, prototypes = CONFIGS[config]
     slices = _slices(batch)
-    row = {"objective": objective, "config": config, "encoder": encoder, "batch": batch}
+    row = {"objective": objective, "config": config, "encoder": encoder, "batch": batch, "device": ARGS.device}
     step, inputs = ours(config, objective, slices)
-    if objective == "dino":
+    if objective == "dino" and ARGS.device == "cpu":  # the peer runs as lightly's examples do: on the CPU here
         peer_step = peer(encoder, prototypes, inputs["global_crops"], inputs["local_crops"])
         seconds, peer_seconds = _time(step, peer_step, rounds=ARGS.steps)
         row.update(
@@ -147,8 +166,11 @@ def run_one(config: str, objective: str) -> dict:
     row.update(
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         threads=torch.get_num_threads(),
+        precision=ARGS.precision,
         torch=torch.__version__,
     )
+    if ARGS.device.startswith("cuda"):
+        row.update(gpu=torch.cuda.get_device_name(), peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
     return row
 
 
@@ -157,6 +179,8 @@ def main() -> None:
     parser.add_argument("--config", choices=CONFIGS, action="append")
     parser.add_argument("--objective", choices=OBJECTIVES, action="append")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 (default %(default)s)")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     global ARGS
     ARGS = parser.parse_args()
@@ -178,12 +202,16 @@ def main() -> None:
                     objective,
                     "--steps",
                     str(ARGS.steps),
+                    "--device",
+                    ARGS.device,
+                    "--precision",
+                    ARGS.precision,
                 ],
                 check=True,
             )
 
 
-ARGS = argparse.Namespace(steps=3)
+ARGS = argparse.Namespace(steps=3, device="cpu", precision="auto")
 
 if __name__ == "__main__":
     main()

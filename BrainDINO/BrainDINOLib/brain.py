@@ -49,6 +49,7 @@ def prepare_scan(
     final: PreprocessSpec | None = None,
     device=None,
     batch_size: int | None = None,
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> tuple[PreparedVolume, np.ndarray | None, list[str], EncodedVolume | None]:
@@ -81,8 +82,9 @@ def prepare_scan(
     if head_spec is None:
         return unmasked(), None, [], None
     encoded = encode_volume(
-        whole, encoder, device=device, batch_size=batch_size, layers=head_spec.layers, progress=progress, cancel=cancel
-    )
+        whole, encoder, device=device, batch_size=batch_size, layers=head_spec.layers, precision=precision,
+        progress=progress, cancel=cancel,
+    )  # fmt: skip
     features = segmentation_input([encoded.layers], head_spec.layers)
     labels = segment_slices(head_spec, bundle.load_head(head_spec), features, whole.plane)
     found = np.zeros(volume.data.shape, bool)

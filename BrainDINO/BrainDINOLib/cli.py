@@ -59,6 +59,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default 32 on CPU, 128 on GPU)")
+    parser.add_argument(
+        "--precision", default="auto",
+        help="auto (bf16 on GPUs that have it natively, fp16 on older GPUs and MPS, fp32 on CPU), fp32, bf16 or fp16",
+    )  # fmt: skip
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -206,6 +210,7 @@ def _run_options(args, **choices):
         models_dir=_models_dir(args),
         device=args.device,
         batch_size=args.batch_size,
+        precision=args.precision,
         query=args.query,
         report=not args.no_report,
         volume_index=getattr(args, "volume", None),

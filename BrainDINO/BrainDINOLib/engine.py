@@ -77,13 +77,46 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Reduced precision for GPUs (bf16 where supported, else fp16); None (fp32) on CPU."""
+#: Numeric precisions of a run: ``auto`` chooses per device (`autocast_dtype`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32).
+
+    ``auto`` is bf16 on GPUs that compute it natively (compute capability 8.0, Ampere, and later: older ones
+    only emulate it, slowly), fp16 on older GPUs and on Apple MPS, and fp32 on the CPU (bf16 autocast is
+    slower than fp32 on most CPUs).
+
+    Raises:
+        BrainDINOError: an unknown precision, or bf16 on a GPU that only emulates it.
+    """
+    if precision not in PRECISIONS:
+        raise BrainDINOError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if precision == "bf16" and device.type == "cuda" and not native_bf16:
+        name = torch.cuda.get_device_name(device)
+        raise BrainDINOError(f"{name} has no native bf16 (it needs compute capability 8.0); use fp16 or fp32")
+    if precision != "auto":
+        return _DTYPES[precision]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return None
+        return torch.bfloat16 if native_bf16 else torch.float16
+    return torch.float16 if device.type == "mps" else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what a run used, as records name it."""
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. The copy is asynchronous only from pinned host memory to a CUDA GPU (``tensor`` is
+    pinned here for CUDA): the one case where that is both safe and useful. MPS may read the source after Python
+    has freed it (pytorch/pytorch#189690), and from pageable memory CUDA copies synchronously anyway."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -97,6 +130,7 @@ def encode_volume(
     device: torch.device | str = "auto",
     batch_size: int | None = None,
     layers: Sequence[int] = (),
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EncodedVolume:
@@ -108,6 +142,7 @@ def encode_volume(
         device: torch device or ``auto``.
         batch_size: slices per forward pass (default 32 on CPU, 128 on GPU).
         layers: intermediate blocks to keep.
+        precision: see `autocast_dtype`.
         progress: see `ProgressCallback`.
         cancel: polled before each batch; returning True stops within one batch.
 
@@ -119,7 +154,7 @@ def encode_volume(
     if batch_size < 1:
         raise BrainDINOError(f"batch size must be at least 1, got {batch_size}")
     encoder = encoder.eval().to(device)
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     slices = prepared.slices
     total = len(slices)
     grid = encoder.config.patch_grid(prepared.spec.image_size)
@@ -139,16 +174,17 @@ def encode_volume(
         if progress is not None:
             progress(stop, total)
 
-    pending = None
+    def batch(start: int) -> torch.Tensor:
+        return to_device(prepared.model_input(slices[start : start + batch_size]), device)
+
+    starts = range(0, total, batch_size)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, total, batch_size):
+        ready = batch(0) if total else None
+        for start in starts:
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {start} of {total} slices")
-            batch = prepared.model_input(slices[start : start + batch_size]).to(device, non_blocking=True)
-            output = encoder(batch, layers)
-            if pending is not None:  # copy the previous batch while this one runs on the GPU
-                store(*pending)
-            pending = (start, output)
-        if pending is not None:
-            store(*pending)
+            output = encoder(ready, layers)  # queued on the GPU; the host goes on at once
+            if start + batch_size < total:  # the next batch is prepared on the host while this one computes
+                ready = batch(start + batch_size)
+            store(start, output)  # waits for this batch's results
     return EncodedVolume(slices=slices.copy(), cls=cls, patch_tokens=tokens, attention=attention, layers=kept)

@@ -28,8 +28,9 @@ TRAINING_HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.", "projector.", "pr
 _WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.")
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Tensors of a ``.safetensors`` file, or a ``.pth/.pt/.ckpt`` read without unpickling objects."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Tensors of a ``.safetensors`` file, or a ``.pth/.pt/.ckpt`` read without unpickling objects (``mmap``: its
+    tensors mapped from the file, for files ``torch.save`` wrote in its zip format)."""
     path = Path(path)
     if not path.is_file():
         raise BrainDINOError(f"{path}: no such file")
@@ -37,7 +38,7 @@ def read_checkpoint(path: str | Path) -> dict:
         with LibraryOutput():  # torch warns, with its own source paths, about odd objects in a damaged file
             if path.suffix == ".safetensors":
                 return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise BrainDINOError(
             f"{path}: holds Python objects besides tensors; refusing to unpickle it "

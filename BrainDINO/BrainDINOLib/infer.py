@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .brain import brain_head, prepare_scan
 from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bundle
-from .engine import EncodedVolume, ProgressCallback, encode_volume, resolve_device
+from .engine import EncodedVolume, ProgressCallback, autocast_dtype, encode_volume, precision_name, resolve_device
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
 from .heads import HeadSpec, predict_volume, segment_slices, segmentation_input, segmentation_summary
@@ -53,6 +53,7 @@ class InferenceOptions:
         models_dir: where user bundles live.
         device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
         batch_size: slices per forward pass (None: device default).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (`engine.autocast_dtype`).
         query: file voxel (i, j, k) whose patch is compared with every patch (similarity map).
         volume_index: volume of a 4D scan.
         dicom_series: series UID when a DICOM folder holds several.
@@ -72,6 +73,7 @@ class InferenceOptions:
     models_dir: Path = DEFAULT_MODELS_DIR
     device: str = "auto"
     batch_size: int | None = None
+    precision: str = "auto"
     query: tuple[int, int, int] | None = None
     volume_index: int | None = None
     dicom_series: str | None = None
@@ -215,7 +217,8 @@ def analyse(
     others = others or {}
     final = analysis_spec(bundle.card, options.image_size)  # pass 2: the maps and heads
     encoder = bundle.load_encoder()
-    encode = partial(encode_volume, encoder=encoder, device=device, batch_size=options.batch_size, cancel=cancel)
+    encode = partial(encode_volume, encoder=encoder, device=device, batch_size=options.batch_size,
+                     precision=options.precision, cancel=cancel)  # fmt: skip
     typicality = bundle.load_typicality()
     brain_spec = brain_head(bundle.card.heads)
     lap("load_model")
@@ -239,7 +242,7 @@ def analyse(
         finding = part(len(first.slices)) if passes == 2 else None
         return prepare_scan(
             scan, bundle, encoder, whole=first, final=final, device=device, batch_size=options.batch_size,
-            progress=finding, cancel=cancel,
+            precision=options.precision, progress=finding, cancel=cancel,
         )  # fmt: skip
 
     prepared, brain, warnings, first_pass = prepared_for_heads(volume, whole)
@@ -393,13 +396,14 @@ def run_inference(
 
 def check_options(bundle: Bundle, options: InferenceOptions) -> None:
     """Refuse, before a scan is read, options the bundle cannot serve: an unknown or repeated sequence, a canvas
-    size its encoder cannot take, another scan that is not there.
+    size its encoder cannot take, a precision the device lacks, another scan that is not there.
 
     Raises:
         BrainDINOError: naming the option and the problem.
     """
     check_sequences(bundle.card.heads, options.sequence, options.other_scans)
     analysis_spec(bundle.card, options.image_size)
+    autocast_dtype(resolve_device(options.device), options.precision)
     for name, path in options.other_scans.items():
         if not Path(path).exists():
             raise BrainDINOError(f"{path}: no such file (given as the subject's {name} scan)")
@@ -477,6 +481,7 @@ def _result_record(scan, options: InferenceOptions, bundle: Bundle, analysis: An
             "axis": "canonical RAS z (axial)",
         },
         "device": str(analysis.device),
+        "precision": precision_name(autocast_dtype(analysis.device, options.precision)),
         "query_voxel": list(options.query) if options.query else None,
         **(analysis.ood or dict.fromkeys(("out_of_distribution", "ood_score", "ood_threshold", "ood_channels"))),
         "brain_mask": None

@@ -152,6 +152,11 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
         help="override a config field, e.g. --set epochs=4 --set dino.prototypes=512",
     )
     pretrain.add_argument("--device", help="auto, cpu, cuda, mps (default: the config's)")
+    pretrain.add_argument(
+        "--precision",
+        help="auto (bf16 on GPUs that have it natively, fp16 with loss scaling on older GPUs and MPS, fp32 on CPU), "
+        "fp32, bf16 or fp16 (default: the config's); a resume may change it, and --device",
+    )
     pretrain.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its checkpoint")
     pretrain.set_defaults(func=_pretrain)
 
@@ -159,8 +164,8 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> None:
 def _pretrain(args) -> None:
     from .trainer import Trainer, load_config
 
-    overrides = {"data": args.data, "out_dir": args.out_dir, "device": args.device, "objective": args.objective,
-                 "init": args.init}  # fmt: skip
+    overrides = {"data": args.data, "out_dir": args.out_dir, "device": args.device, "precision": args.precision,
+                 "objective": args.objective, "init": args.init}  # fmt: skip
     config = load_config(args.config, overrides, args.set)
     if not config.data:
         raise BrainDINOError("no data: pass --data INDEX (a folder made by 'braindino index')")
@@ -178,6 +183,8 @@ def _pretrain(args) -> None:
             )
             print(f"braindino: stopped at step {trainer.step}; {hint}", file=sys.stderr)
         raise
+    finally:
+        trainer.close()
     if trainer.rank == 0:
         bundle = trainer.export(Path(config.out_dir) / "bundle", command=args.command_line)
         print(f"trained {trainer.step} steps; checkpoint and log in {config.out_dir}; encoder exported to {bundle}")

@@ -30,6 +30,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from BrainDINOLib.bundle import ModelCard, save_bundle
 from BrainDINOLib.encoder import BrainEncoder, encoder_config
-from BrainDINOLib.engine import autocast_dtype, resolve_device
+from BrainDINOLib.engine import PRECISIONS, autocast_dtype, precision_name, resolve_device, to_device
 from BrainDINOLib.errors import BrainDINOError, from_fields, read_text
 from BrainDINOLib.files import atomic_write
 from BrainDINOLib.importers import read_checkpoint
@@ -65,6 +66,11 @@ from .objectives.moco import MoCoConfig, MoCoObjective
 from .slice_index import SliceDataset
 
 CHECKPOINT = "checkpoint.pt"
+#: Settings a resumed run may change: where and how precisely it computes, and how it reads its data.
+RESUMABLE_CHANGES = ("device", "precision", "workers")
+#: How long ranks wait in a collective: rank 0's kNN probe and checkpoint write of a large run can outlast
+#: NCCL's 10-minute default while the other ranks wait at the barrier.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 OBJECTIVES = {
     "dino": DINOObjective,
     "moco": MoCoObjective,
@@ -106,6 +112,7 @@ class TrainConfig:
     probe_label: str = ""
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (with a gradient scaler); auto: `engine.autocast_dtype`
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
@@ -123,6 +130,8 @@ class TrainConfig:
             raise BrainDINOError("Gram anchoring needs a Gram teacher: start from weights (--init) or set gram.teacher")
         if self.parallel not in ("ddp", "fsdp"):
             raise BrainDINOError(f"parallel must be 'ddp' or 'fsdp', got '{self.parallel}'")
+        if self.precision not in PRECISIONS:
+            raise BrainDINOError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,9 +190,10 @@ def load_config(name: str, overrides: dict | None = None, assignments: list[str]
     return TrainConfig.from_dict(values)
 
 
-def _run_checkpoint(path: Path) -> dict:
-    """A training run's checkpoint (read without unpickling objects), or one line saying it is not one."""
-    state = read_checkpoint(path)
+def _run_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A training run's checkpoint (read without unpickling objects; ``mmap``: tensors mapped from the file, read
+    as they are used), or one line saying it is not one."""
+    state = read_checkpoint(path, mmap=mmap)
     needed = {"objective", "optimizer", "step", "config", "generators", "torch_rng"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise BrainDINOError(f"{path}: not the checkpoint of a BrainDINO training run")
@@ -297,11 +307,16 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
-    if world > 1 and not is_distributed():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
+    if world > 1 and not is_distributed():
+        # A backend for the training device's type only: a collective handed a tensor on another device fails at
+        # once, on every device (NCCL takes only CUDA tensors; a gloo group for all devices would hide it on CPU).
+        backend = f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}"
+        bound = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **bound)
     return (dist.get_rank() if is_distributed() else 0), world, device
 
 
@@ -319,6 +334,12 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.rank, self.world, self.device = init_distributed(config.device)
+        self.autocast = autocast_dtype(self.device, config.precision)
+        if self.autocast == torch.float16 and self.world > 1 and config.parallel == "fsdp":
+            raise BrainDINOError("fp16 with FSDP would let each rank skip overflowing steps on its own shard: use "
+                                 "--set precision=bf16 (or fp32), or parallel=ddp")  # fmt: skip
+        # fp16's narrow range underflows small gradients: scale the loss, and skip steps that overflow
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         if config.batch_size % self.world:
             raise BrainDINOError(f"batch_size {config.batch_size} is not divisible by {self.world} processes")
         self.local_batch = config.batch_size // self.world
@@ -426,6 +447,11 @@ class Trainer:
         fully_shard(self.objective, mesh=mesh)  # the rest (embeddings, heads, norms) as one unit
         return self.objective
 
+    def close(self) -> None:
+        """Leave the process group (after the last collective; rank 0 then exports alone)."""
+        if is_distributed():
+            dist.destroy_process_group()
+
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self) -> dict | None:
         """Everything a resume needs, gathered by every process; the dict on rank 0, None elsewhere.
@@ -447,6 +473,7 @@ class Trainer:
             "generators": generators,
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.config.to_dict()),
+            "precision": precision_name(self.autocast),  # what ``auto`` chose on this run's device
         }
 
     def save_checkpoint(self, state: dict | None) -> Path:
@@ -465,14 +492,19 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             raise BrainDINOError(f"{path}: no checkpoint to resume from")
-        state = _run_checkpoint(path)  # on the CPU: FSDP then keeps only its shard on the GPU
+        state = _run_checkpoint(path, mmap=True)  # mapped, not read: every rank shares the page cache
         if len(state["generators"]) != self.world:
             raise BrainDINOError(f"{path}: written by {len(state['generators'])} processes; resume with as many")
-        if json.loads(state["config"]) != json.loads(json.dumps(self.config.to_dict())):
+        written, now = json.loads(state["config"]), json.loads(json.dumps(self.config.to_dict()))
+        changed = [key for key in RESUMABLE_CHANGES if written.get(key) != now[key]]
+        if {k: v for k, v in written.items() if k not in changed} != {k: v for k, v in now.items() if k not in changed}:
             raise BrainDINOError(
                 f"{path}: written with other settings (or by another BrainDINO version); resume with the "
-                "same config and --set values, or start a new run in another folder"
+                "same config and --set values (only " + ", ".join(RESUMABLE_CHANGES) + " may change), or start "
+                "a new run in another folder"
             )
+        for key in changed:
+            logger.warning("resuming with %s %s (the checkpoint was written with %s)", key, now[key], written.get(key))
         set_model_state_dict(self.objective, state["objective"], options=StateDictOptions(full_state_dict=True))
         # Parameters that never had a gradient yet (DINO's prototypes, frozen early) have no saved state:
         # load without them, then drop the zero state the loader made up, so their first step stays a first step.
@@ -513,34 +545,35 @@ class Trainer:
             group["lr"] = float(self.schedules.lr[step]) * group["lr_scale"]  # plain floats: checkpoints stay loadable
             group["weight_decay"] = float(self.schedules.weight_decay[step]) if group["apply_wd"] else 0.0
         descriptors = None if self.descriptors is None else self.descriptors[self.step_indices(step)]
-        inputs = self.objective.make_inputs(images.to(self.device, non_blocking=True), self.generator, descriptors)
-        dtype = autocast_dtype(self.device)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        inputs = self.objective.make_inputs(to_device(images, self.device), self.generator, descriptors)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             output = self.model(inputs, float(self.schedules.teacher_temperature[step]))
         loss = output.losses["loss"]
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if is_distributed():  # every rank stops together, or the others would wait for it forever
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            raise BrainDINOError(
-                f"step {step}: the loss is not finite ({loss.item()} in this process); stopped. The last good "
-                f"checkpoint {self.out_dir / CHECKPOINT} is intact: lower the learning rate or use fp32, then resume"
-            )
+        if not self._everywhere(torch.isfinite(loss.detach())):
+            self._stop(step, f"the loss is not finite ({loss.item()} in this process)")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         self.objective.after_backward(step / self.steps_per_epoch)
-        if config.clip_grad > 0:
-            trained = [p for p in self.objective.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(trained, config.clip_grad)
-        self.optimizer.step()
-        self.objective.after_step(output, float(self.schedules.momentum[step]))
+        self.scaler.unscale_(self.optimizer)
+        trained = [p for p in self.objective.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(trained, config.clip_grad if config.clip_grad > 0 else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
+        overflowed = not self._everywhere(torch.isfinite(norm))
+        if overflowed and not self.scaler.is_enabled():
+            self._stop(step, "a gradient is not finite")
+        self.scaler.step(self.optimizer)  # with fp16, skipped when a gradient overflowed
+        self.scaler.update()
+        if overflowed:
+            logger.info("step %d: fp16 gradients overflowed; the step is skipped and the loss scale lowered", step)
+        else:
+            self.objective.after_step(output, float(self.schedules.momentum[step]))
         self.step += 1
         if config.gram.weight > 0 and config.gram.refresh and self.step % config.gram.refresh == 0:
             self.objective.refresh_gram_teacher()
         names = list(output.losses) + list(output.metrics)
         values = torch.tensor(
-            [float(v.detach()) for v in output.losses.values()] + list(output.metrics.values()), dtype=torch.float64
-        )
+            [float(v.detach()) for v in output.losses.values()] + list(output.metrics.values()), device=self.device
+        )  # float32 on the training device: what collectives there take (NCCL, MPS: no float64)
         if is_distributed():  # log the mean over ranks
             dist.all_reduce(values)
             values /= self.world
@@ -552,6 +585,18 @@ class Trainer:
             "momentum": float(self.schedules.momentum[step]),
             "teacher_temperature": float(self.schedules.teacher_temperature[step]),
         }
+
+    def _everywhere(self, flag: torch.Tensor) -> bool:
+        """Whether a (device) bool holds on every rank: they stop together, or the others would wait forever."""
+        flag = flag.float().reshape(1)
+        if is_distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _stop(self, step: int, problem: str) -> None:
+        advice = "lower the learning rate" + ("" if self.autocast is None else " or use --set precision=fp32")
+        raise BrainDINOError(f"step {step}: {problem}; stopped before the weights changed. The last good checkpoint "
+                             f"{self.out_dir / CHECKPOINT} is intact: {advice}, then resume")  # fmt: skip
 
     # -- the run -------------------------------------------------------------------------------
     def fit(self, resume: bool = False, max_steps: int | None = None, progress=None) -> list[dict]:
@@ -653,6 +698,7 @@ class Trainer:
                 "data": config.data,
                 "slices": len(self.dataset),
                 "steps": int(state["step"]),
+                "precision": state.get("precision"),  # of the last stretch of training (a resume may change it)
                 "command": command,
                 "config": config.to_dict(),
             },

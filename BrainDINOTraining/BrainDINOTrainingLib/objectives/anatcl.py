@@ -27,7 +27,7 @@ from BrainDINOLib.encoder import EncoderConfig, build_vit
 from BrainDINOLib.errors import BrainDINOError
 
 from ..augment import MultiCropConfig, global_views
-from .common import Objective, StepOutput, bn_mlp, embedding_std, encode_tokens
+from .common import Objective, StepOutput, bn_mlp, embedding_std, encode_tokens, in_fp32
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,13 @@ class AnatCLConfig:
             raise BrainDINOError("anatcl.descriptors is empty: name at least one numeric manifest column (e.g. age)")
 
 
+@in_fp32  # bf16 logits blur which pairs are close
 def y_aware_infonce(embeddings: torch.Tensor, descriptors: torch.Tensor, temperature: float, sigma: float):
     """y-aware InfoNCE [1] of (N, d) L2-normalised embeddings with (N, k) standardised descriptors."""
-    logits = embeddings.float() @ embeddings.float().t() / temperature
+    logits = embeddings @ embeddings.t() / temperature
     self_pairs = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
     log_probs = logits.masked_fill(self_pairs, -float("inf")).log_softmax(dim=1).masked_fill(self_pairs, 0.0)
-    weights = torch.exp(-torch.cdist(descriptors.float(), descriptors.float()).pow(2) / (2 * sigma**2))
+    weights = torch.exp(-torch.cdist(descriptors, descriptors).pow(2) / (2 * sigma**2))
     weights = weights.masked_fill(self_pairs, 0.0)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return -(weights * log_probs).sum(dim=1).mean()

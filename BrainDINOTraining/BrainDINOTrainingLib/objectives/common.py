@@ -4,6 +4,7 @@ and the embedding-spread collapse monitor."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,6 +97,26 @@ def encode_tokens(
         x = block(x, rope=rope)
     x = model.norm(x)
     return x[:, 0], x[:, model.num_prefix_tokens :]
+
+
+def in_fp32(function):
+    """Run ``function`` with autocast off and its floating tensor arguments in float32.
+
+    For the reductions whose meaning low precision changes: nearest neighbours and positives picked from bf16
+    similarities are often the wrong ones, and covariances lose their small entries (DINOv2/v3 turn autocast off
+    around KoLeo for this reason). Autocast's own lists keep only matmuls in bf16, and those are what matter here.
+    """
+
+    def fp32(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return function(*map(fp32, args), **{name: fp32(value) for name, value in kwargs.items()})
+
+    return wrapper
 
 
 @torch.no_grad()

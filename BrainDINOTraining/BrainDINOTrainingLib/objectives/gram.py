@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .common import in_fp32
+
 
 @dataclass(frozen=True)
 class GramConfig:
@@ -35,13 +37,11 @@ class GramConfig:
     teacher_size: int = 0
 
 
+@in_fp32  # coarse similarities would be the target otherwise
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE between the per-image Gram matrices of L2-normalised patch features, both (B, N, D); in fp32 even
-    under autocast (coarse similarities would be the target otherwise)."""
-    with torch.autocast(student.device.type, enabled=False):
-        student = F.normalize(student.float(), dim=-1)
-        teacher = F.normalize(teacher.float(), dim=-1)
-        return F.mse_loss(student @ student.transpose(-1, -2), teacher @ teacher.transpose(-1, -2))
+    """MSE between the per-image Gram matrices of L2-normalised patch features, both (B, N, D)."""
+    student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return F.mse_loss(student @ student.transpose(-1, -2), teacher @ teacher.transpose(-1, -2))
 
 
 def resize_patches(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

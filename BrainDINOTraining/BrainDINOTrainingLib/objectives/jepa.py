@@ -34,7 +34,7 @@ from BrainDINOLib.encoder import EncoderConfig, build_vit
 from BrainDINOLib.errors import BrainDINOError
 
 from ..augment import MultiCropConfig, augmented_crop
-from .common import Objective, StepOutput, TokenTransformer, ema_update, embedding_std, encode_tokens
+from .common import Objective, StepOutput, TokenTransformer, ema_update, embedding_std, encode_tokens, in_fp32
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,10 @@ class JEPAConfig:
     covariance_weight: float = 0.04
 
 
+@in_fp32  # bf16 drops the small covariances the penalty is about
 def variance_covariance(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VICReg's variance hinge and covariance penalty of (N, D) embeddings [1]."""
-    x = tokens.float() - tokens.float().mean(dim=0)
+    x = tokens - tokens.mean(dim=0)
     std = torch.sqrt(x.var(dim=0) + 1e-4)
     covariance = (x.t() @ x) / (len(x) - 1)
     off_diagonal = covariance - torch.diag(torch.diagonal(covariance))

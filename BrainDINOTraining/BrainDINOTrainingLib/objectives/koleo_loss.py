@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import in_fp32
+
 
 class KoLeoLoss(nn.Module):
     """-mean log(distance to the nearest other sample) of L2-normalised embeddings.
@@ -21,14 +23,14 @@ class KoLeoLoss(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @in_fp32  # bf16 similarities pick wrong neighbours
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings -> scalar."""
         if embeddings.shape[0] < 2:
             raise ValueError("KoLeo needs at least 2 samples per batch")
-        with torch.autocast(embeddings.device.type, enabled=False):  # bf16 similarities pick wrong neighbours
-            x = F.normalize(embeddings.float(), p=2, dim=-1, eps=self.eps)
-            similarity = x @ x.t()
-            similarity.fill_diagonal_(-2)
-            neighbour = similarity.argmax(dim=1)
-            distance = F.pairwise_distance(x, x[neighbour], eps=self.eps)
-            return -torch.log(distance + self.eps).mean()
+        x = F.normalize(embeddings, p=2, dim=-1, eps=self.eps)
+        similarity = x @ x.t()
+        similarity.fill_diagonal_(-2)
+        neighbour = similarity.argmax(dim=1)
+        distance = F.pairwise_distance(x, x[neighbour], eps=self.eps)
+        return -torch.log(distance + self.eps).mean()

@@ -26,7 +26,7 @@ from BrainDINOLib.encoder import EncoderConfig, build_vit
 
 from ..augment import MultiCropConfig, global_views
 from .centering import is_distributed
-from .common import Objective, StepOutput, bn_mlp, ema_update, embedding_std, encode_tokens
+from .common import Objective, StepOutput, bn_mlp, ema_update, embedding_std, encode_tokens, in_fp32
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,10 @@ class MoCoObjective(Objective):
     def make_inputs(self, images, generator, descriptors=None) -> dict:
         return {"views": global_views(images, self.crops, generator)}
 
+    @in_fp32  # bf16 logits blur which key is the positive
     def _contrast(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """InfoNCE of (B, d) queries against all ranks' keys; the positive of query i is this rank's key i."""
-        queries, keys = F.normalize(queries.float(), dim=1), F.normalize(gather_keys(keys.float()), dim=1)
+        queries, keys = F.normalize(queries, dim=1), F.normalize(gather_keys(keys), dim=1)
         rank = dist.get_rank() if is_distributed() else 0
         labels = torch.arange(len(queries), device=queries.device) + rank * len(queries)
         logits = queries @ keys.t() / self.config.temperature
