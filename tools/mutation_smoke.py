@@ -171,6 +171,20 @@ MUTANTS = (
         (f"{TESTS}/test_importers.py::test_a_head_whose_card_cannot_be_written_leaves_the_bundle_as_it_was",),
     ),
     Mutant(
+        "precision: MoCo's logits in bf16 under autocast",
+        f"{TRAIN}/objectives/moco.py",
+        "    @in_fp32  # bf16 logits blur which key is the positive\n",
+        "",
+        (f"{TRAIN_TESTS}/test_precision.py::test_precision_sensitive_reductions_ignore_autocast",),
+    ),
+    Mutant(
+        "precision: a NaN gradient reaches the weights",
+        f"{TRAIN}/trainer.py",
+        '            self._stop(step, "a gradient is not finite")',
+        "            pass",
+        (f"{TRAIN_TESTS}/test_precision.py::test_a_non_finite_gradient_stops_the_step_before_the_weights_change",),
+    ),
+    Mutant(
         "bundles: a changed file passes verification",
         f"{LIB}/bundle.py",
         "        elif sha256(path) != expected:",

@@ -7,6 +7,7 @@ normalised volume, and tokens are kept on the CPU in float16 (ViT-B, 400 slices 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,7 +179,8 @@ def encode_volume(
         return to_device(prepared.model_input(slices[start : start + batch_size]), device)
 
     starts = range(0, total, batch_size)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()  # no context on GPU 0
+    with current, torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         ready = batch(0) if total else None
         for start in starts:
             if cancel is not None and cancel():

@@ -312,8 +312,8 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
     if world > 1 and not is_distributed():
-        # A backend for the training device's type only: a collective handed a tensor on another device fails at
-        # once, on every device (NCCL takes only CUDA tensors; a gloo group for all devices would hide it on CPU).
+        # A backend for the training device's type only, on CPUs as NCCL is on GPUs: a collective handed a tensor
+        # on another device fails at once instead of working on one kind of machine and not the other.
         backend = f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}"
         bound = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **bound)
