@@ -32,6 +32,7 @@ from BrainDINOTrainingLib.forms import (
     DEVICES,
     MODEL_SIZES,
     OBJECTIVES,
+    PRECISIONS,
     TASKS,
     FitHeadForm,
     PretrainForm,
@@ -110,6 +111,7 @@ class BrainDINOTrainingParameterNode:
     epochs: Annotated[int, WithinRange(0, 100000)] = 0
     stepsPerEpoch: Annotated[int, WithinRange(0, 10000000)] = 0
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     headManifest: str = ""
     headTask: Annotated[str, Choice(list(TASKS))] = "seg"
     headTarget: str = ""
@@ -281,6 +283,7 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
                 epochs=parameters.epochs,
                 steps_per_epoch=parameters.stepsPerEpoch,
                 device=parameters.device,
+                precision=parameters.precision,
             )
             self.outcome = f"The encoder bundle is {form.run_dir / 'bundle'}; use it in the BrainDINO module."
             return form.commands(resume=what == "resume")

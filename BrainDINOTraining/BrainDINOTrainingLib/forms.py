@@ -16,6 +16,7 @@ OBJECTIVES = ("dino", "moco", "mae", "jepa", "anatcl")
 MODEL_SIZES = ("tiny-cpu", "vit-s16", "vit-b16-braindino")
 TASKS = ("seg", "brain", "cls", "reg", "surv", "seq")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # `BrainDINOLib.engine.PRECISIONS`, without importing torch (tested)
 
 
 def _given(path: str | Path | None) -> bool:
@@ -55,6 +56,7 @@ class PretrainForm:
     epochs: int = 0
     steps_per_epoch: int = 0
     device: str = "auto"
+    precision: str = "auto"
 
     @property
     def run_dir(self) -> Path:
@@ -76,13 +78,14 @@ class PretrainForm:
         _check_choice(self.objective, OBJECTIVES, "pretraining objective")
         _check_choice(self.model_size, MODEL_SIZES, "model size")
         _check_choice(self.device, DEVICES, "device")
+        _check_choice(self.precision, PRECISIONS, "precision")
         if resume and not (self.run_dir / "checkpoint.pt").is_file():
             raise BrainDINOError(f"{self.run_dir}: no checkpoint to resume from; start the run instead")
         is_index = (data / "index.json").is_file()
         index = data if is_index else out_dir / "index"
         commands = [] if is_index else [["index", str(data), "-o", str(index)]]
         pretrain = ["pretrain", "--config", self.model_size, "--objective", self.objective, "--data", str(index)]
-        pretrain += ["-o", str(self.run_dir), "--device", self.device]
+        pretrain += ["-o", str(self.run_dir), "--device", self.device, "--precision", self.precision]
         for key, value in (("epochs", self.epochs), ("steps_per_epoch", self.steps_per_epoch)):
             if value:
                 pretrain += ["--set", f"{key}={value}"]

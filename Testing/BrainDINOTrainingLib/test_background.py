@@ -107,10 +107,11 @@ def test_cancel_ends_the_process_tree_and_resume_continues(tmp_path, index64):
 
 
 def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
+    from BrainDINOLib import engine
     from BrainDINOLib.cli import build_parser
     from BrainDINOLib.errors import BrainDINOError
     from BrainDINOTrainingLib.cli import TRAINING_COMMANDS
-    from BrainDINOTrainingLib.forms import FitHeadForm, PretrainForm, parse_fractions
+    from BrainDINOTrainingLib.forms import PRECISIONS, FitHeadForm, PretrainForm, parse_fractions
 
     parser = build_parser(TRAINING_COMMANDS)
     form = PretrainForm(small_data, tmp_path / "out", objective="mae", epochs=3)
@@ -126,10 +127,13 @@ def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
     assert form.commands(resume=True)[-1][-1] == "--resume"
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "index.json").write_text("{}")
-    assert [c[0] for c in PretrainForm(tmp_path / "idx", tmp_path / "o2").commands()] == ["pretrain"]
+    (pretrain,) = PretrainForm(tmp_path / "idx", tmp_path / "o2", precision="bf16").commands()
+    assert pretrain[0] == "pretrain" and pretrain[pretrain.index("--precision") + 1] == "bf16"
+    assert PRECISIONS == engine.PRECISIONS  # the form lists what the engine takes, without importing torch
     for bad, problem in [
         (PretrainForm(tmp_path / "missing", tmp_path / "o"), "no such data folder"),
         (PretrainForm(small_data, tmp_path / "o", objective="simclr"), "'simclr' is not a pretraining objective"),
+        (PretrainForm(small_data, tmp_path / "o", precision="half"), "'half' is not a precision"),
     ]:
         with pytest.raises(BrainDINOError, match=problem):
             bad.commands()
