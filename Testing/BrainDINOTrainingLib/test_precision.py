@@ -79,7 +79,7 @@ def test_copies_to_a_device_are_asynchronous_only_from_pinned_memory_to_cuda():
         f"{path.relative_to(ROOT)}:{number}"
         for folder in ("BrainDINO", "BrainDINOTraining", "benchmarks", "tools")
         for path in sorted((ROOT / folder).rglob("*.py"))
-        for number, line in enumerate(path.read_text().splitlines(), 1)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if re.search(r"non_blocking\s*=\s*True", line)
     ]
     assert written == [f"BrainDINO/BrainDINOLib/engine.py:{_line_of('engine.py', 'non_blocking=True')}"]
@@ -88,7 +88,7 @@ def test_copies_to_a_device_are_asynchronous_only_from_pinned_memory_to_cuda():
 
 
 def _line_of(name: str, text: str) -> int:
-    lines = (ROOT / "BrainDINO" / "BrainDINOLib" / name).read_text().splitlines()
+    lines = (ROOT / "BrainDINO" / "BrainDINOLib" / name).read_text(encoding="utf-8").splitlines()
     return next(number for number, line in enumerate(lines, 1) if text in line)
 
 
