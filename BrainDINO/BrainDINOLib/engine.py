@@ -178,11 +178,10 @@ def encode_volume(
     def batch(start: int) -> torch.Tensor:
         return to_device(prepared.model_input(slices[start : start + batch_size]), device)
 
-    starts = range(0, total, batch_size)
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()  # no context on GPU 0
     with current, torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         ready = batch(0) if total else None
-        for start in starts:
+        for start in range(0, total, batch_size):
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {start} of {total} slices")
             output = encoder(ready, layers)  # queued on the GPU; the host goes on at once

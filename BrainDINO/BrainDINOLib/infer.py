@@ -432,8 +432,8 @@ def _write_maps(
         outputs["similarity"], arrays["similarity"] = f"{stem}_similarity.nii.gz", similarity
     if analysis.brain is not None:
         outputs["brain_mask"], arrays["brain_mask"] = f"{stem}_brainmask.nii.gz", analysis.brain.astype(np.uint8)
+    single = len(analysis.segmentations) == 1
     for name, labels in analysis.segmentations.items():
-        single = len(analysis.segmentations) == 1
         outputs[f"segmentation:{name}"] = f"{stem}_seg.nii.gz" if single else f"{stem}_seg_{name}.nii.gz"
         arrays[f"segmentation:{name}"] = labels
     with ThreadPoolExecutor(max_workers=3) as pool:  # gzip and file writes release the GIL
