@@ -6,7 +6,8 @@
 For each scan (image files; folders are searched recursively for image files): the sequence head's
 answer and its probability, the out-of-distribution score, threshold and flag, and, where a
 reference is given, the Dice of the bundle's brain mask and of its lesion segmentation (any label)
-against it, and the share of the attention mass inside the reference brain mask. ``--references``
+against it, the share of the attention mass inside the reference brain mask, and the share of the
+reference lesion inside the brain mask the bundle found (the rest is neither analysed nor segmented). ``--references``
 is a CSV with a ``scan`` column (path as given or file name) and optional ``sequence`` (the truth),
 ``brain_mask`` and ``lesion_mask`` columns (paths relative to the CSV). With ``--mni`` the template's
 own non-zero voxels are its brain mask. A scan that cannot be read or analysed gives a JSON object
@@ -91,11 +92,13 @@ def measure(scan: Path, bundle, reference: dict, device: str) -> dict:
     if brain_truth is not None:
         mass = float(analysis.attention.sum())
         result["attention_in_brain"] = round(float(analysis.attention[brain_truth].sum()) / max(mass, 1e-12), 4)
-    if "lesion_mask" in reference and analysis.segmentations:
+    if "lesion_mask" in reference:
         lesion = load_labels(reference["lesion_mask"], volume) > 0
-        found = next(iter(analysis.segmentations.values())) > 0
-        result["lesion_dice"] = dice(found, lesion)
         result["lesion_truth_ml"] = round(float(lesion.sum()) * float(np.prod(volume.spacing)) / 1000, 2)
+        if analysis.brain is not None and lesion.any():  # what the brain mask leaves out is never analysed
+            result["lesion_in_brain_mask"] = round(float((lesion & analysis.brain).sum()) / float(lesion.sum()), 4)
+        if analysis.segmentations:
+            result["lesion_dice"] = dice(next(iter(analysis.segmentations.values())) > 0, lesion)
     result["warnings"] = analysis.warnings
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result

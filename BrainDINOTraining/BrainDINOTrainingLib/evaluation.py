@@ -41,7 +41,8 @@ def evaluate_bundle(
         split = manifest.split(fractions, stratify=stratify, seed=spec.training.split_seed)
         head = bundle.load_head(spec)
         if spec.kind == "seg":
-            options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)
+            options = SegOptions(modalities=spec.modalities, target=spec.target, layers=spec.layers,
+                                 label_values=spec.label_values, classes=spec.classes)  # fmt: skip
             cache = FeatureCache(bundle, cache_folder, spec.layers, device)
             volumes = collect_segmentation(split, options, cache, progress, splits=("test",))["test"]
             values, count = segmentation_metrics(spec, head, volumes), len(volumes)

@@ -280,6 +280,12 @@ def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geome
     (spec,) = load_bundle(out).card.heads
     assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)
     assert spec.metrics["dice_whole_tumor"] > 0.15  # predicting nothing scores 0 on every tumour subject
+    report = tmp_path / "evaluation"
+    evaluate = ["evaluate", "--bundle", str(out), "--manifest", str(cohort40), "--cache", str(cache.folder)]
+    assert main(evaluate + ["--report", str(report)]) == 0  # the same test subjects, the same voxel metrics
+    with open(report / "metrics.csv") as handle:
+        scores = {row["metric"]: float(row["value"]) for row in csv.DictReader(handle)}
+    assert scores == pytest.approx({k: v for k, v in spec.metrics.items() if k != "train_samples"}, nan_ok=True)
     manifest = load_manifest(cohort40).split(SegOptions().split, seed=SegOptions().split_seed)
     held_out = next(  # a test subject with a tumour, stored in a non-RAS orientation
         e
