@@ -205,6 +205,16 @@ MUTANTS = (
         "",
         ("Testing/test_bad_inputs.py::test_damaged_scans_load_or_fail_with_one_clean_line",),
     ),
+    Mutant(
+        "evaluation: a segmentation head's options given by position",
+        f"{TRAIN}/evaluation.py",
+        "            options = SegOptions(modalities=spec.modalities, target=spec.target, layers=spec.layers,\n"
+        "                                 label_values=spec.label_values, classes=spec.classes)  # fmt: skip\n",
+        "            options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)\n",
+        (
+            f"{TRAIN_TESTS}/test_heads.py::test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry",
+        ),
+    ),
 )
 
 
