@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from BrainDINOLib.bundle import find_bundle, load_bundle
+from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_segmentation import SegOptions, collect_segmentation, default_layers
@@ -54,12 +55,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="cohort folder or CSV with a 'seg' lesion-mask column")
     parser.add_argument("--sequences", nargs="+", default=["t1", "t1ce", "t2", "flair"])
-    parser.add_argument("--labels", nargs="+", type=int, default=[1, 2, 3], help="mask values that count as lesion")
+    parser.add_argument("--labels", nargs="+", type=int, default=[1, 2, 3], choices=SegOptions.label_values,
+                        help="mask values that count as lesion (BraTS: 1 core, 2 oedema, 3 enhancing)")  # fmt: skip
     parser.add_argument("--bundle", help="bundle name or folder (default: the shipped default)")
     parser.add_argument("--cache", help="feature cache folder (default ~/.braindino/cache/features)")
     parser.add_argument("--fit-share", type=float, default=0.7, help="share of subjects the probe is fitted on")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    try:
+        probe(args)
+    except BrainDINOError as error:
+        parser.error(str(error))
+
+
+def probe(args: argparse.Namespace) -> None:
     bundle = load_bundle(find_bundle(args.bundle))
     encoder = bundle.card.encoder
     layers = default_layers(encoder.depth)
@@ -67,13 +76,16 @@ def main() -> None:
     manifest = load_manifest(args.manifest)
     subjects = sorted({e.subject_id for e in manifest.entries if "seg" in e.images})
     fitted = round(args.fit_share * len(subjects))
+    if not 0 < fitted < len(subjects):
+        raise BrainDINOError(f"{manifest.source}: {len(subjects)} subjects with a 'seg' mask cannot be split "
+                             f"{args.fit_share:g} to fit and the rest to test")  # fmt: skip
+    classes = [SegOptions.label_values.index(v) + 1 for v in args.labels]  # the canvas targets' class indices
+    width = encoder.embed_dim
     splits = {s: "train" if i < fitted else "test" for i, s in enumerate(subjects)}
     manifest = dataclasses.replace(manifest, splits=splits)
     for sequence in args.sequences:
         volumes = collect_segmentation(manifest, SegOptions(modalities=(sequence,)), cache, splits=("train", "test"))
-        classes = [SegOptions.label_values.index(v) + 1 for v in args.labels]  # the canvas targets' class indices
         fit, test = (patch_rows(volumes[name], encoder.patch_size, classes) for name in ("train", "test"))
-        width = encoder.embed_dim
         row = {
             "bundle": bundle.card.name,
             "sequence": sequence,
