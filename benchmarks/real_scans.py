@@ -7,8 +7,8 @@ For each scan (image files; folders are searched recursively for image files): t
 answer and its probability, the out-of-distribution score, threshold and flag, and, where a
 reference is given, the Dice of the bundle's brain mask and of its lesion segmentation (any label)
 against it, the share of the attention mass inside the reference brain mask, and the share of the
-reference lesion inside the brain mask the bundle found (the rest is neither analysed nor segmented). ``--references``
-is a CSV with a ``scan`` column (path as given or file name) and optional ``sequence`` (the truth),
+reference lesion inside the brain mask the bundle found (the rest is neither analysed nor segmented).
+``--references`` is a CSV with a ``scan`` column (path as given or file name) and optional ``sequence`` (the truth),
 ``brain_mask`` and ``lesion_mask`` columns (paths relative to the CSV). With ``--mni`` the template's
 own non-zero voxels are its brain mask. A scan that cannot be read or analysed gives a JSON object
 with its error, and the others go on.
