@@ -209,10 +209,20 @@ MUTANTS = (
         "evaluation: a segmentation head's options given by position",
         f"{TRAIN}/evaluation.py",
         "            options = SegOptions(modalities=spec.modalities, target=spec.target, layers=spec.layers,\n"
-        "                                 label_values=spec.label_values, classes=spec.classes)  # fmt: skip\n",
-        "            options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes)\n",
+        "                                 label_values=spec.label_values, classes=spec.classes,\n",
+        "            options = SegOptions(spec.modalities, spec.layers, spec.label_values, spec.classes,\n",
         (
             f"{TRAIN_TESTS}/test_heads.py::test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry",
+        ),
+    ),
+    Mutant(
+        "infer: a decoder that reads pixels is applied without them",
+        f"{LIB}/infer.py",
+        "    images = scan.prepared.canvases() if spec.image_channels else None\n",
+        "    images = None\n",
+        (
+            f"{TRAIN_TESTS}/test_heads.py::test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry"
+            "[tokens-and-pixels]",
         ),
     ),
 )

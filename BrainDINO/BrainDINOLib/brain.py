@@ -86,7 +86,8 @@ def prepare_scan(
         progress=progress, cancel=cancel,
     )  # fmt: skip
     features = segmentation_input([encoded.layers], head_spec.layers)
-    labels = segment_slices(head_spec, bundle.load_head(head_spec), features, whole.plane)
+    images = whole.canvases() if head_spec.image_channels else None
+    labels = segment_slices(head_spec, bundle.load_head(head_spec), features, whole.plane, images)
     found = np.zeros(volume.data.shape, bool)
     found[:, :, whole.slices] = labels.transpose(1, 2, 0) > 0
     brain = largest_component(found)

@@ -682,7 +682,9 @@ def _segment(spec: HeadSpec, decoder, scan: HeadInputs) -> np.ndarray:
     """The (X, Y, Z) label volume of a segmentation head on the scan, 0 outside the brain mask if there is one."""
     labels = np.zeros(scan.volume.data.shape, dtype=np.int16)
     features = segmentation_input([scan.encoded.layers], spec.layers)
-    labels[:, :, scan.prepared.slices] = segment_slices(spec, decoder, features, scan.prepared.plane).transpose(1, 2, 0)
+    images = scan.prepared.canvases() if spec.image_channels else None
+    found = segment_slices(spec, decoder, features, scan.prepared.plane, images)
+    labels[:, :, scan.prepared.slices] = found.transpose(1, 2, 0)
     if scan.brain is not None:
         labels[~scan.brain] = 0
     return labels

@@ -127,6 +127,11 @@ class PreparedVolume:
         canvas = to_canvas(self.plane, slices)[:, None]
         return canvas.expand(-1, self.spec.in_chans, -1, -1)
 
+    def canvases(self) -> torch.Tensor:
+        """(S, 1, canvas, canvas) float32: every analysed slice as the encoder sees it, one channel."""
+        chunks = [self.slices[start : start + _CHUNK] for start in range(0, len(self.slices), _CHUNK)]
+        return torch.cat([self.model_input(chosen)[:, :1] for chosen in chunks])
+
     @property
     def layout(self) -> SliceLayout:
         return SliceLayout(self.image.shape, self.slices, self.plane)

@@ -36,16 +36,11 @@ DESCRIPTIONS = ("embedding", "patch_mean", "thumbnail")
 NEIGHBOUR_CHANNELS = ("embedding", "thumbnail")
 CHANNELS = (*NEIGHBOUR_CHANNELS, "outlier")
 THUMBNAIL = 16
-_CHUNK = 64
 
 
 def slice_thumbnails(prepared: PreparedVolume) -> np.ndarray:
     """(S, 256) float32: each analysed slice's canvas averaged down to 16 x 16 (the `thumbnail` description)."""
-    parts = []
-    for start in range(0, len(prepared.slices), _CHUNK):
-        canvas = prepared.model_input(prepared.slices[start : start + _CHUNK])[:, :1]
-        parts.append(F.adaptive_avg_pool2d(canvas, THUMBNAIL).flatten(1))
-    return torch.cat(parts).numpy()
+    return F.adaptive_avg_pool2d(prepared.canvases(), THUMBNAIL).flatten(1).numpy()
 
 
 def scan_descriptions(whole: PreparedVolume, encoded: EncodedVolume, pooling: str) -> dict[str, np.ndarray]:

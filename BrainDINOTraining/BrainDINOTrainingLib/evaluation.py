@@ -42,7 +42,8 @@ def evaluate_bundle(
         head = bundle.load_head(spec)
         if spec.kind == "seg":
             options = SegOptions(modalities=spec.modalities, target=spec.target, layers=spec.layers,
-                                 label_values=spec.label_values, classes=spec.classes)  # fmt: skip
+                                 label_values=spec.label_values, classes=spec.classes,
+                                 image_channels=spec.image_channels)  # fmt: skip
             cache = FeatureCache(bundle, cache_folder, spec.layers, device)
             volumes = collect_segmentation(split, options, cache, progress, splits=("test",))["test"]
             values, count = segmentation_metrics(spec, head, volumes), len(volumes)

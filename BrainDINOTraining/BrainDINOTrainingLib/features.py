@@ -16,8 +16,9 @@ Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
 their mean (the volume embedding), ``patch_means`` (S, D) the slices' mean patch tokens and ``thumbnails``
 (S, 256) their 16 x 16 canvases (with the embeddings, what the out-of-distribution check describes a slice
-by), ``slices`` (S,) canonical slice indices, and
-``layer_<i>`` (S, h, w, D) float16 patch tokens of each kept block.
+by), ``slices`` (S,) canonical slice indices, and, for segmentation heads, ``layer_<i>`` (S, h, w, D) float16
+patch tokens of each kept block and ``canvas`` (S, canvas, canvas) float16, the pixels the encoder read (for
+decoders that read them too).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class VolumeFeatures:
     thumbnails: np.ndarray
     slices: np.ndarray
     layers: dict[int, np.ndarray]
+    canvas: np.ndarray | None  # with patch tokens only
 
     def descriptions(self) -> dict[str, np.ndarray]:
         """The slices as the out-of-distribution check describes them (`BrainDINOLib.typicality`)."""
@@ -89,7 +91,7 @@ class FeatureCache:
         path = Path(scan).resolve()
         status = path.stat()
         identity = {
-            "format": 6,
+            "format": 7,
             "encoder_sha256": self.bundle.card.files[ENCODER_FILE],
             "brain_head_sha256": self.brain_head,
             "pooling": self.bundle.card.pooling,
@@ -105,6 +107,7 @@ class FeatureCache:
         """The scan's features, from the cache or computed now (and stored)."""
         path = self.folder / f"{self.key(scan)}.safetensors"
         wanted = ["embeddings", "pooled", "patch_means", "thumbnails", "slices", *(f"layer_{i}" for i in self.layers)]
+        wanted += ["canvas"] if self.layers else []
         stored = []
         if path.is_file():
             with safe_open(path, "numpy") as handle:
@@ -146,6 +149,8 @@ class FeatureCache:
             "slices": encoded.slices.astype(np.int32),
         }
         arrays.update({f"layer_{i}": np.ascontiguousarray(encoded.layers[i]) for i in layers})
+        if layers:
+            arrays["canvas"] = prepared.canvases()[:, 0].numpy().astype(np.float16)
         return arrays
 
 
@@ -157,4 +162,5 @@ def _volume_features(arrays: dict[str, np.ndarray], layers: Sequence[int]) -> Vo
         thumbnails=arrays["thumbnails"],
         slices=arrays["slices"],
         layers={i: arrays[f"layer_{i}"] for i in layers},
+        canvas=arrays["canvas"] if layers else None,
     )

@@ -55,6 +55,7 @@ class SegOptions:
         target: the manifest column of the masks (``seg``: tumour labels; ``brain_mask``: a brain-mask head).
         slices_per_scan: training slices kept per scan, evenly spaced (0: all); bounds memory when every
             scan of many subjects is a sample.
+        image_channels: the decoder also reads the canvas pixels (`SegmentationDecoder`); 0: tokens alone.
     """
 
     modalities: tuple[str, ...] = ("flair",)
@@ -64,6 +65,7 @@ class SegOptions:
     label_values: tuple[int, ...] = (1, 2, 3)
     classes: tuple[str, ...] = BRATS_CLASSES
     width: int = 128
+    image_channels: int = 0
     steps: int = 1000  # optimizer steps, the same at every label fraction: fractions compare like for like
     batch_size: int = 16
     lr: float = 1e-3
@@ -80,6 +82,7 @@ class SegVolume:
 
     subject: str
     features: torch.Tensor  # (S, C, h, w) float16
+    images: torch.Tensor | None  # (S, sequences, canvas, canvas) float16, for decoders that read pixels
     targets: torch.Tensor  # (S, canvas, canvas) uint8 class indices
     labels: np.ndarray  # (X, Y, Z) label values, canonical
     slices: np.ndarray
@@ -147,9 +150,13 @@ def _seg_volume(entry, modalities: tuple[str, ...], options: SegOptions, cache: 
     spacing, size = reference.spacing, cache.bundle.card.preprocessing.image_size
     plane = PlaneGeometry.fit(reference.data.shape[:2], (spacing[0], spacing[1]), size)  # as prepare() places it
     classes = torch.from_numpy(lookup[labels[:, :, slices]]).permute(2, 0, 1)
+    images = None
+    if options.image_channels:
+        images = torch.from_numpy(np.stack([f.canvas[r] for f, r in zip(features, rows, strict=True)], axis=1))
     return SegVolume(
         entry.subject_id,
         segmentation_input(layers, cache.layers).to(torch.float16),
+        images,
         labels_to_canvas(plane, classes).to(torch.uint8),
         labels,
         slices,
@@ -163,7 +170,8 @@ def _thin(volume: SegVolume, count: int) -> SegVolume:
     if not count or len(volume.slices) <= count:
         return volume
     keep = np.unique(np.linspace(0, len(volume.slices) - 1, count).round().astype(int))
-    return dataclasses.replace(volume, features=volume.features[keep], targets=volume.targets[keep],
+    images = None if volume.images is None else volume.images[keep]
+    return dataclasses.replace(volume, features=volume.features[keep], images=images, targets=volume.targets[keep],
                                slices=volume.slices[keep])  # fmt: skip
 
 
@@ -187,6 +195,7 @@ def fit_decoder(
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)  # Dice over the batch: most slices hold no tumour
     features = torch.cat([v.features for v in train])
+    images = torch.cat([v.images for v in train]) if spec.image_channels else None
     targets = torch.cat([v.targets for v in train])
     generator = torch.Generator().manual_seed(seed)
     decoder.train()
@@ -196,7 +205,8 @@ def fit_decoder(
             order = torch.cat([order, torch.randperm(len(features), generator=generator)])
         batch, order = order[: options.batch_size], order[options.batch_size :]
         inputs, wanted = features[batch].to(device).float(), targets[batch][:, None].to(device).long()
-        loss = loss_fn(decoder(inputs), wanted)
+        pixels = images[batch].to(device).float() if images is not None else None
+        loss = loss_fn(decoder(inputs, pixels), wanted)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -214,7 +224,8 @@ def segmentation_metrics(spec: HeadSpec, decoder: SegmentationDecoder, volumes: 
     hd95 = []
     for volume in volumes:
         predicted = np.zeros_like(volume.labels)
-        predicted[:, :, volume.slices] = segment_slices(spec, decoder, volume.features, volume.plane).transpose(1, 2, 0)
+        found = segment_slices(spec, decoder, volume.features, volume.plane, volume.images)
+        predicted[:, :, volume.slices] = found.transpose(1, 2, 0)
         if spec.target == BRAIN_TARGET:  # as prepare_scan keeps it
             predicted = largest_component(predicted > 0).astype(predicted.dtype)
         pairs = {"whole_tumor": (predicted > 0, volume.labels > 0)}
@@ -261,6 +272,7 @@ def fit_and_evaluate_segmentation(
         label_values=options.label_values,
         layers=tuple(sorted(layers)),
         width=options.width,
+        image_channels=options.image_channels,
         encoder_sha256=card.files[ENCODER_FILE],
     )
     rows, kept = [], None

@@ -212,9 +212,9 @@ def test_procedural_outliers_are_reproducible_and_of_every_kind():
 
 
 def test_fit_head_brain_and_calibrate_commands(tmp_path, held_out):
-    """``fit-head --task brain`` stores a brain head with its metrics; ``calibrate`` stores a reference whose
-    thresholds lie above its held-out scores, and ``infer``'s verdict is the reference's verdict on the whole
-    scan's features (the scan as pass 1 prepares it, not cut to the brain)."""
+    """``fit-head --task brain`` stores a brain head (one that reads pixels too) with its metrics; ``calibrate``
+    stores a reference whose thresholds lie above its held-out scores, and ``infer``'s verdict is the reference's
+    verdict on the whole scan's features (the scan as pass 1 prepares it, not cut to the brain)."""
     folder, rows = held_out
     manifest = folder / "t1-flair.csv"  # two scans a subject: the commands' work, not the bundle's, is tested
     with open(manifest, "w", newline="") as handle:
@@ -223,9 +223,11 @@ def test_fit_head_brain_and_calibrate_commands(tmp_path, held_out):
         writer.writerows(rows)
     command = ["fit-head", "--task", "brain", "--manifest", str(manifest), "--bundle", str(SHIPPED), "-o"]
     command += [str(tmp_path / "b"), "--steps", "20", "--slices-per-scan", "4", "--cache", str(tmp_path / "cache")]
+    command += ["--image-channels", "4"]  # calibrate then prepares scans through a brain head that reads pixels
     assert main([*command, "--device", "cpu", "--report", str(tmp_path / "report")]) == 0
     spec = brain_head(load_bundle(tmp_path / "b").card.heads)
     assert spec.name == "brain" and spec.training.steps == 20 and spec.training.command.startswith("braindino fit-head")
+    assert spec.image_channels == 4
     # The held-out metrics of the one class (20 steps learn next to nothing: the shipped head's masks are tested
     # in test_brain_masks_of_held_out_whole_heads_in_every_contrast).
     assert spec.metrics.keys() == {"train_samples", "dice_whole_tumor", "dice_label_1", "hd95_whole_tumor_mm"}

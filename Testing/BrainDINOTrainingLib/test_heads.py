@@ -270,15 +270,20 @@ def test_survival_statistics_by_hand():
     assert torch.allclose(cox_loss(risk, torch.from_numpy(times), torch.from_numpy(events).float()), expected)
 
 
+@pytest.mark.parametrize("image_channels", [0, 8], ids=["tokens", "tokens-and-pixels"])
 def test_segmentation_head_finds_the_tumor_and_infer_writes_it_in_the_scan_geometry(
-    tmp_path, cohort40, bundle64, cache
+    tmp_path, cohort40, bundle64, cache, image_channels
 ):
+    """Fitted, evaluated and applied by infer, with a decoder that reads the patch tokens alone or the canvas
+    pixels too (each command must hand it the pixels)."""
     out = tmp_path / "seg-bundle"
     args = ["fit-head", "--task", "seg", "--sequence", "flair", "--manifest", str(cohort40), "--bundle"]
     args += [str(bundle64), "-o", str(out), "--steps", "250", "--report", str(tmp_path / "report")]
-    assert main(args + ["--cache", str(cache.folder)]) == 0  # the FLAIR features with their blocks, encoded once
+    args += ["--image-channels", str(image_channels), "--cache", str(cache.folder)]
+    assert main(args) == 0  # the FLAIR features with their blocks, encoded once
     (spec,) = load_bundle(out).card.heads
     assert spec.kind == "seg" and spec.layers == (1, 2, 3, 5) and spec.label_values == (1, 2, 3)
+    assert spec.image_channels == image_channels
     assert spec.metrics["dice_whole_tumor"] > 0.15  # predicting nothing scores 0 on every tumour subject
     report = tmp_path / "evaluation"
     evaluate = ["evaluate", "--bundle", str(out), "--manifest", str(cohort40), "--cache", str(cache.folder)]
