@@ -101,7 +101,10 @@ class BrainDINOTrainingParameterNode:
 
     dataPath .. headOutput: paths as typed ("" when not chosen).
     epochs, stepsPerEpoch, headIterations: 0 keeps the default.
+    headSequences: space-separated sequences the head reads ("" for the default; "any" for a tumour head that
+    reads any contrast).
     headLabelFractions: space-separated shares of the training subjects, e.g. "0.01 0.1 1".
+    headImageChannels: 0 for a decoder on patch tokens alone.
     """
 
     dataPath: str = ""
@@ -119,6 +122,8 @@ class BrainDINOTrainingParameterNode:
     headOutput: str = ""
     headLabelFractions: str = "1"
     headIterations: Annotated[int, WithinRange(0, 10000000)] = 0
+    headSequences: str = ""
+    headImageChannels: Annotated[int, WithinRange(0, 256)] = 0
 
 
 class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -293,8 +298,10 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
             parameters.headOutput,
             target=parameters.headTarget,
             bundle=parameters.headBundle,
+            sequences=parameters.headSequences,
             label_fractions=parse_fractions(parameters.headLabelFractions),
             iterations=parameters.headIterations,
+            image_channels=parameters.headImageChannels,
             device=parameters.device,
         )
         self.outcome = f"The bundle with the new head is {form.out_bundle}; its metrics are beside it."

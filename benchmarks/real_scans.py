@@ -5,9 +5,10 @@
 
 For each scan (image files; folders are searched recursively for image files): the sequence head's
 answer and its probability, the out-of-distribution score, threshold and flag, and, where a
-reference is given, the Dice of the bundle's brain mask and of its lesion segmentation (any label)
-against it, the share of the attention mass inside the reference brain mask, and the share of the
-reference lesion inside the brain mask the bundle found (the rest is neither analysed nor segmented).
+reference is given, the Dice of the bundle's brain mask and of its lesion segmentation (any label; and
+of the tumour core, every BraTS label but oedema (2), which is what a post-contrast T1 shows) against it,
+the share of the attention mass inside the reference brain mask, and the share of the reference lesion
+inside the brain mask the bundle found (the rest is neither analysed nor segmented).
 ``--references`` is a CSV with a ``scan`` column (path as given or file name) and optional ``sequence`` (the truth),
 ``brain_mask`` and ``lesion_mask`` columns (paths relative to the CSV). With ``--mni`` the template's
 own non-zero voxels are its brain mask. A scan that cannot be read or analysed gives a JSON object
@@ -30,6 +31,8 @@ from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.infer import InferenceOptions, analyse
 from BrainDINOLib.sample_data import mni_path
 from BrainDINOLib.volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, load_labels, load_volume
+
+BRATS_OEDEMA = 2  # the oedema label in every BraTS edition (the core's labels differ: 1 and 3 or 4)
 
 
 def scans_of(paths: list[Path]) -> list[Path]:
@@ -93,12 +96,17 @@ def measure(scan: Path, bundle, reference: dict, device: str) -> dict:
         mass = float(analysis.attention.sum())
         result["attention_in_brain"] = round(float(analysis.attention[brain_truth].sum()) / max(mass, 1e-12), 4)
     if "lesion_mask" in reference:
-        lesion = load_labels(reference["lesion_mask"], volume) > 0
+        labels = load_labels(reference["lesion_mask"], volume)
+        lesion = labels > 0
         result["lesion_truth_ml"] = round(float(lesion.sum()) * float(np.prod(volume.spacing)) / 1000, 2)
         if analysis.brain is not None and lesion.any():  # what the brain mask leaves out is never analysed
             result["lesion_in_brain_mask"] = round(float((lesion & analysis.brain).sum()) / float(lesion.sum()), 4)
         if analysis.segmentations:
-            result["lesion_dice"] = dice(next(iter(analysis.segmentations.values())) > 0, lesion)
+            found = next(iter(analysis.segmentations.values()))
+            result["lesion_dice"] = dice(found > 0, lesion)
+            core = lesion & (labels != BRATS_OEDEMA)
+            if core.any():
+                result["lesion_core_dice"] = dice((found > 0) & (found != BRATS_OEDEMA), core)
     result["warnings"] = analysis.warnings
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result

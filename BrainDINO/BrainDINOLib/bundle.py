@@ -281,7 +281,9 @@ def add_head(directory: str | Path, spec: HeadSpec, module: torch.nn.Module) -> 
         raise BrainDINOError(f"head name '{spec.name}' must be letters, digits, '_', '-' or '.'")
     (bundle.path / HEADS_DIR).mkdir(exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    heads = (*(s for s in bundle.card.heads if s.name != spec.name), spec)
+    names = [s.name for s in bundle.card.heads]
+    heads = tuple(spec if s.name == spec.name else s for s in bundle.card.heads)  # a refitted head keeps its place
+    heads += () if spec.name in names else (spec,)
     return _store(bundle, f"{HEADS_DIR}/{spec.name}.safetensors", weights, heads=heads)
 
 

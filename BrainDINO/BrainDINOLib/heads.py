@@ -182,9 +182,11 @@ class SegmentationDecoder(nn.Module):
     a 1x1 convolution to 4x the channels and a pixel shuffle: the same map as a stride-2 2x2
     transposed convolution, but a plain matrix product (its backward pass is ~1.5x faster on CPU).
 
-    With ``image_channels``, two 3x3 convolutions read the canvas itself (one channel per sequence) and a
-    third mixes them with the upsampled tokens before the logits: a 16-pixel token grid cannot place a
-    boundary or a thin enhancing rim, the pixels can. It costs ~5x the CPU time of a training step.
+    With ``image_channels``, a small convolutional pyramid also reads the canvas itself (one channel per
+    sequence): two 3x3 convolutions at full resolution, then one stride-2 convolution per halving, down to the
+    token grid's double. After each x2 step a 3x3 convolution mixes the upsampled tokens with the pyramid level
+    of the same resolution (U-Net-style skips, as UNETR gives a ViT). A 16-pixel token grid cannot place a
+    boundary or a thin enhancing rim; full-resolution pixels can, and the coarser levels see a rim's context.
     """
 
     def __init__(
@@ -202,25 +204,38 @@ class SegmentationDecoder(nn.Module):
             blocks += [nn.Conv2d(channels, 4 * out, 1), nn.PixelShuffle(2), nn.GroupNorm(1, out), nn.GELU()]
             channels = out
         self.up = nn.Sequential(*blocks)
+        self.stages = stages
         self.image = self.mix = None
         if image_channels:
-            self.image = nn.Sequential(*_conv3x3(sequences, image_channels), *_conv3x3(image_channels, image_channels))
-            self.mix = nn.Sequential(*_conv3x3(channels + image_channels, channels))
+            widths = [image_channels * 2 ** min(level, 2) for level in range(stages)]  # full resolution first
+            levels = [nn.Sequential(*_conv3x3(sequences, widths[0]), *_conv3x3(widths[0], widths[0]))]
+            levels += [nn.Sequential(*_conv3x3(widths[k - 1], widths[k], stride=2)) for k in range(1, stages)]
+            self.image = nn.ModuleList(levels)
+            decoded = [max(width // 2 ** (i + 1), 16) for i in range(stages)]  # the channels after each x2 step
+            mixes = [_conv3x3(c + widths[stages - 1 - i], c) for i, c in enumerate(decoded)]
+            self.mix = nn.ModuleList(nn.Sequential(*mix) for mix in mixes)
         self.classify = nn.Conv2d(channels, classes, kernel_size=1)
 
     def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_channels, h, w) tokens and, for a decoder that reads pixels, the (B, sequences, h * patch,
         w * patch) canvas -> (B, classes, h * patch, w * patch)."""
-        decoded = self.up(self.fuse(features))
-        if self.image is not None:
-            if image is None:
-                raise BrainDINOError("this segmentation head reads the canvas pixels too; none were given")
-            decoded = self.mix(torch.cat([decoded, self.image(image)], dim=1))
+        decoded = self.fuse(features)
+        if self.image is None:
+            return self.classify(self.up(decoded))
+        if image is None:
+            raise BrainDINOError("this segmentation head reads the canvas pixels too; none were given")
+        pyramid = []
+        for level in self.image:
+            image = level(image)
+            pyramid.append(image)
+        for stage, mix in enumerate(self.mix):
+            decoded = self.up[4 * stage : 4 * stage + 4](decoded)
+            decoded = mix(torch.cat([decoded, pyramid[self.stages - 1 - stage]], dim=1))
         return self.classify(decoded)
 
 
-def _conv3x3(inputs: int, outputs: int) -> list[nn.Module]:
-    return [nn.Conv2d(inputs, outputs, 3, padding=1), nn.GroupNorm(1, outputs), nn.GELU()]
+def _conv3x3(inputs: int, outputs: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1), nn.GroupNorm(1, outputs), nn.GELU()]
 
 
 def build_head(spec: HeadSpec, embed_dim: int, patch_size: int) -> nn.Module:

@@ -277,8 +277,9 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--image-channels",
         type=int,
-        help="seg, brain: the decoder also reads the canvas pixels through 3x3 convolutions of this width (e.g. "
-        "16): sharper boundaries, thin rims; ~5x the CPU time a step (default 0: patch tokens alone)",
+        help="seg, brain: the decoder also reads the canvas pixels through a convolutional pyramid this wide at "
+        "full resolution (e.g. 16): sharper boundaries, thin enhancing rims; several times the CPU time a step "
+        "(default 0: patch tokens alone)",
     )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")

@@ -97,8 +97,10 @@ class FitHeadForm:
     """Fitting one head on a manifest with a bundle's frozen encoder; the head goes into a copy of the
     bundle at ``out_bundle`` and the metrics table into ``out_bundle``'s sibling ``<name>-report``.
 
-    ``target`` names the label column (cls, reg, surv); ``iterations`` of 0 keep the default
-    (volume heads: epochs; seg: decoder steps).
+    ``target`` names the label column (cls, reg, surv); ``sequences`` the sequences read, space-separated
+    ("any" for a segmentation head that reads any contrast; empty: the command's default); ``iterations`` of 0
+    keep the default (volume heads: epochs; seg: decoder steps); ``image_channels`` > 0 makes a segmentation or
+    brain decoder read the pixels too.
     """
 
     manifest: str | Path | None
@@ -107,7 +109,9 @@ class FitHeadForm:
     target: str = ""
     bundle: str = ""
     label_fractions: tuple[float, ...] = (1.0,)
+    sequences: str = ""
     iterations: int = 0
+    image_channels: int = 0
     device: str = "auto"
 
     def commands(self) -> list[list[str]]:
@@ -127,13 +131,18 @@ class FitHeadForm:
         _check_choice(self.device, DEVICES, "device")
         if self.task == "cls" and not self.target:
             raise BrainDINOError("a classification head needs a target: the manifest column holding its labels")
+        decoder = self.task in ("seg", "brain")
+        if self.image_channels and not decoder:
+            raise BrainDINOError("pixel channels are for segmentation and brain heads; set them to 0 for this task")
         if not all(0 < f <= 1 for f in self.label_fractions):
             raise BrainDINOError("label fractions lie in (0, 1], e.g. 0.01 0.1 1")
         command = ["fit-head", "--task", self.task, "--manifest", str(manifest), "-o", str(out_bundle)]
         command += ["--target", self.target] if self.target else []
         command += ["--bundle", self.bundle] if self.bundle else []
+        command += ["--sequence", *self.sequences.replace(",", " ").split()] if self.sequences.strip() else []
         command += ["--label-fraction", *(f"{f:g}" for f in self.label_fractions)]
         if self.iterations:
-            command += ["--steps" if self.task in ("seg", "brain") else "--epochs", str(self.iterations)]
+            command += ["--steps" if decoder else "--epochs", str(self.iterations)]
+        command += ["--image-channels", str(self.image_channels)] if self.image_channels else []
         report = out_bundle.parent / f"{out_bundle.name}-report"
         return [command + ["--report", str(report), "--device", self.device]]

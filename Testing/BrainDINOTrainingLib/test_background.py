@@ -145,6 +145,12 @@ def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
     args = parser.parse_args(command)
     assert (args.task, args.steps, args.epochs, args.label_fraction) == ("seg", 50, None, [0.1, 1.0])
     assert args.report == tmp_path / "new-bundle-report" and args.out_bundle == tmp_path / "new-bundle"
+    assert (args.sequence, args.image_channels) == (None, None)  # the command's defaults
+    pixels = FitHeadForm(small_data, "seg", tmp_path / "b", sequences="t1, t1ce", image_channels=16).commands()[0]
+    args = parser.parse_args(pixels)
+    assert (args.sequence, args.image_channels, args.steps) == (["t1", "t1ce"], 16, None)
+    with pytest.raises(BrainDINOError, match="pixel channels are for segmentation and brain heads"):
+        FitHeadForm(small_data, "seq", tmp_path / "b", image_channels=16).commands()
     assert (
         parser.parse_args(
             FitHeadForm(small_data, "reg", tmp_path / "b", target="age", iterations=9).commands()[0]

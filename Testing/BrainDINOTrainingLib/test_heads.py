@@ -326,3 +326,28 @@ def test_evaluate_reproduces_the_fitted_metrics_and_scores_other_data(tmp_path, 
     assert main(evaluate + ["--report", str(tmp_path / "all"), "--all-subjects"]) == 0
     assert "| diagnosis | cls | 40 |" in (tmp_path / "all" / "metrics.md").read_text()
     assert main(evaluate + ["--head", "nope"]) == 2
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_a_decoder_that_reads_pixels_sees_one_pixel_and_the_tokens_alone_do_not(patch_size):
+    """A one-pixel change of the canvas moves the logits at and around that pixel (far more than elsewhere, which
+    only the normalisations' image-wide statistics reach); a tokens-only decoder cannot see it."""
+    from BrainDINOLib.heads import SegmentationDecoder
+
+    torch.manual_seed(0)
+    grid = 4
+    tokens, canvas = torch.randn(1, 12, grid, grid), torch.rand(1, 2, grid * patch_size, grid * patch_size)
+    changed = canvas.clone()
+    changed[0, 1, 13, 21] += 1.0
+    for image_channels in (0, 4):
+        decoder = SegmentationDecoder(12, 3, patch_size, 32, image_channels, sequences=2).eval()
+        with torch.no_grad():
+            before, after = (decoder(tokens, image if image_channels else None) for image in (canvas, changed))
+        assert before.shape == (1, 3, grid * patch_size, grid * patch_size)
+        moved = (after - before).abs().amax(dim=1)[0]
+        if image_channels:
+            assert moved[13, 21] > 20 * moved[0, 0] and moved[13, 21 + patch_size // 2] > 20 * moved[0, 0]
+        else:
+            assert not moved.any()
+    with pytest.raises(BrainDINOError, match="reads the canvas pixels too"):
+        decoder(tokens)
