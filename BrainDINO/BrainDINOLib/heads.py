@@ -229,7 +229,7 @@ class SegmentationDecoder(nn.Module):
             image = level(image)
             pyramid.append(image)
         for stage, mix in enumerate(self.mix):
-            decoded = self.up[4 * stage : 4 * stage + 4](decoded)
+            decoded = self.up[4 * stage : 4 * stage + 4](decoded)  # one x2 step: conv, shuffle, norm, GELU
             decoded = mix(torch.cat([decoded, pyramid[self.stages - 1 - stage]], dim=1))
         return self.classify(decoded)
 
