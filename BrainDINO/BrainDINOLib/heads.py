@@ -204,7 +204,6 @@ class SegmentationDecoder(nn.Module):
             blocks += [nn.Conv2d(channels, 4 * out, 1), nn.PixelShuffle(2), nn.GroupNorm(1, out), nn.GELU()]
             channels = out
         self.up = nn.Sequential(*blocks)
-        self.stages = stages
         self.image = self.mix = None
         if image_channels:
             widths = [image_channels * 2 ** min(level, 2) for level in range(stages)]  # full resolution first
@@ -230,7 +229,7 @@ class SegmentationDecoder(nn.Module):
             pyramid.append(image)
         for stage, mix in enumerate(self.mix):
             decoded = self.up[4 * stage : 4 * stage + 4](decoded)  # one x2 step: conv, shuffle, norm, GELU
-            decoded = mix(torch.cat([decoded, pyramid[self.stages - 1 - stage]], dim=1))
+            decoded = mix(torch.cat([decoded, pyramid[-1 - stage]], dim=1))
         return self.classify(decoded)
 
 
