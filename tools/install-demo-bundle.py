@@ -72,9 +72,12 @@ def install_bundle(source: Path, work: Path) -> Path:
     catalog_path = CATALOG_DIR / "catalog.json"
     catalog = json.loads(catalog_path.read_text())
     catalog["default"] = NAME
-    catalog["models"] = [m for m in catalog["models"] if m["name"] != NAME] + [
-        {"name": NAME, "path": NAME, "description": card.description}
-    ]
+    entry = {"name": NAME, "path": NAME, "description": card.description}
+    names = [m["name"] for m in catalog["models"]]
+    if NAME in names:  # a reinstalled bundle keeps its place in the catalogue
+        catalog["models"][names.index(NAME)] = entry
+    else:
+        catalog["models"].append(entry)
     catalog_path.write_text(json.dumps(catalog, indent=2) + "\n")
     print(f"installed {target} ({size / 2**20:.1f} MB) as the default bundle")
     return target

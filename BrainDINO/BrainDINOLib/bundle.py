@@ -157,14 +157,14 @@ class Bundle:
         if OOD_FILE not in self.card.files:  # only hashed files are read
             raise BrainDINOError(f"{self.path}: {OOD_FILE} is not listed in {CARD_FILE}")
         stored = {name: tensor.float().numpy() for name, tensor in load_file(self.path / OOD_FILE).items()}
-        if "outlier_weights" not in stored:
-            raise BrainDINOError(f"{self.path}: its out-of-distribution reference predates the outlier classifier; "
-                                 "run braindino calibrate on it again")  # fmt: skip
+        if "outlier_weights_0" not in stored:
+            raise BrainDINOError(f"{self.path}: its out-of-distribution reference predates the current outlier "
+                                 "classifier; run braindino calibrate on it again")  # fmt: skip
+        layers = sum(name.startswith("outlier_weights_") for name in stored)
         return Typicality(
             references={c: stored[c] for c in NEIGHBOUR_CHANNELS},
             k=int(self.card.ood["k"]),
-            outlier_weights=stored["outlier_weights"],
-            outlier_bias=float(stored["outlier_bias"][0]),
+            outlier_layers=tuple((stored[f"outlier_weights_{i}"], stored[f"outlier_bias_{i}"]) for i in range(layers)),
             thresholds=dict(self.card.ood["thresholds"]),
         )
 
@@ -291,8 +291,9 @@ def set_typicality(directory: str | Path, typicality: Typicality, info: dict) ->
     """Store an out-of-distribution reference (float16) and its settings (``info`` joins them in the card)."""
     bundle = load_bundle(directory)
     tensors = {c: torch.from_numpy(r).half() for c, r in typicality.references.items()}
-    tensors["outlier_weights"] = torch.from_numpy(typicality.outlier_weights)
-    tensors["outlier_bias"] = torch.tensor([typicality.outlier_bias], dtype=torch.float32)
+    for i, (weights, bias) in enumerate(typicality.outlier_layers):
+        tensors[f"outlier_weights_{i}"] = torch.from_numpy(weights)
+        tensors[f"outlier_bias_{i}"] = torch.from_numpy(bias)
     ood = {**info, "k": typicality.k, "thresholds": typicality.thresholds}
     return _store(bundle, OOD_FILE, tensors, ood=ood)
 

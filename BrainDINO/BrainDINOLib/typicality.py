@@ -9,7 +9,7 @@ for small encoders that map anything onto what they know). Three channels read t
 
 - ``embedding`` and ``thumbnail``: a slice's atypicality is the mean cosine distance of that description
   to its ``k`` nearest reference slices of the training scans;
-- ``outlier``: a logistic classifier on all three descriptions (L2-normalised, concatenated) gives the
+- ``outlier``: a small perceptron on all three descriptions (L2-normalised, concatenated) gives the
   probability that the slice is not head MRI. It was fitted against procedural non-MRI images (outlier
   exposure: `BrainDINOTrainingLib.outliers`), never against photographs, maps or scans of other organs.
 
@@ -21,6 +21,7 @@ the largest ratio of channel score to threshold, and it is out of distribution a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,14 +69,14 @@ class Typicality:
     Attributes:
         references: neighbour channel -> (N, D) float32 L2-normalised descriptions of training slices.
         k: neighbours averaged per slice.
-        outlier_weights, outlier_bias: (F,) and scalar of the logistic classifier on `outlier_features`.
+        outlier_layers: (weights (D_in, D_out), bias (D_out,)) of each layer of the classifier on
+            `outlier_features`, a ReLU between layers; the last layer gives one logit.
         thresholds: channel -> the score above which a scan is atypical in that channel.
     """
 
     references: dict[str, np.ndarray]
     k: int
-    outlier_weights: np.ndarray
-    outlier_bias: float
+    outlier_layers: tuple[tuple[np.ndarray, np.ndarray], ...]
     thresholds: dict[str, float]
 
     def __post_init__(self):
@@ -91,20 +92,23 @@ class Typicality:
         cls,
         descriptions: dict[str, np.ndarray],
         k: int,
-        outlier: tuple[np.ndarray, float],
+        outlier_layers: Sequence[tuple[np.ndarray, np.ndarray]],
         thresholds: dict[str, float] | None = None,
     ) -> Typicality:
-        """A reference from (N, D) slice descriptions (normalised here) and a fitted classifier (weights, bias)."""
+        """A reference from (N, D) slice descriptions (normalised here) and a fitted classifier's layers."""
         references = {c: _normalised(descriptions[c]).numpy() for c in NEIGHBOUR_CHANNELS}
-        weights, bias = outlier
-        return cls(references, k, np.asarray(weights, np.float32), float(bias),
-                   thresholds or dict.fromkeys(CHANNELS, float("inf")))  # fmt: skip
+        layers = tuple((np.asarray(w, np.float32), np.asarray(b, np.float32).reshape(-1)) for w, b in outlier_layers)
+        return cls(references, k, layers, thresholds or dict.fromkeys(CHANNELS, float("inf")))
 
     def slice_scores(self, channel: str, descriptions: dict[str, np.ndarray]) -> np.ndarray:
         """(S,) each slice's atypicality in a channel: the mean cosine distance to its ``k`` nearest reference
         slices, or (``outlier``) the classifier's probability that it is not head MRI."""
         if channel == "outlier":
-            logits = outlier_features(descriptions) @ self.outlier_weights + self.outlier_bias
+            values = outlier_features(descriptions)
+            for weights, bias in self.outlier_layers[:-1]:
+                values = np.maximum(values @ weights + bias, 0)
+            weights, bias = self.outlier_layers[-1]
+            logits = (values @ weights + bias).reshape(-1)
             return 1 / (1 + np.exp(-logits.astype(np.float64)))
         similarity = _normalised(descriptions[channel]) @ torch.from_numpy(self.references[channel]).T
         return (1 - similarity.topk(self.k, dim=1).values.mean(dim=1)).numpy()

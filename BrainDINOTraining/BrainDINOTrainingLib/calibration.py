@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.manifest import Manifest
@@ -37,7 +37,8 @@ class CalibrationOptions:
     held_out: share of subjects scored against the others to set the thresholds.
     margin: a channel's threshold = margin x its largest held-out score.
     outliers: procedural non-MRI volumes (16 slices each) the classifier learns to reject.
-    regularisation: inverse L2 strength (C) of the logistic classifier.
+    hidden: units of the classifier's one hidden layer.
+    regularisation: L2 penalty (alpha) of the classifier's weights.
     seed: subject split and procedural volumes.
     """
 
@@ -45,8 +46,9 @@ class CalibrationOptions:
     reference_size: int = 4096
     held_out: float = 0.25
     margin: float = 1.5
-    outliers: int = 120
-    regularisation: float = 1.0
+    outliers: int = 240
+    hidden: int = 64
+    regularisation: float = 1e-3
     seed: int = 0
 
 
@@ -65,10 +67,11 @@ def _fit_typicality(positives, negatives, options: CalibrationOptions, threshold
     """Neighbour references from the positive slices and the classifier of positives against negatives."""
     features = np.concatenate([outlier_features(positives), outlier_features(negatives)])
     is_outlier = np.r_[np.zeros(len(positives["embedding"])), np.ones(len(negatives["embedding"]))]
-    classifier = LogisticRegression(C=options.regularisation, class_weight="balanced", max_iter=5000)
-    classifier.fit(features, is_outlier)
-    outlier = (classifier.coef_[0], float(classifier.intercept_[0]))
-    return Typicality.from_slices(positives, options.k, outlier, thresholds)
+    share = np.bincount(is_outlier.astype(int)) / len(is_outlier)  # both classes weigh the same
+    classifier = MLPClassifier((options.hidden,), alpha=options.regularisation, max_iter=500, random_state=options.seed)
+    classifier.fit(features, is_outlier, sample_weight=0.5 / share[is_outlier.astype(int)])
+    layers = list(zip(classifier.coefs_, classifier.intercepts_, strict=True))
+    return Typicality.from_slices(positives, options.k, layers, thresholds)
 
 
 def calibrate_typicality(
@@ -128,8 +131,8 @@ def calibrate_typicality(
         },
         "rule": (
             f"threshold = {options.margin:g} x the largest held-out score, per channel (outlier: at least "
-            f"{OUTLIER_FLOOR:g}); outlier classifier: logistic regression, C = {options.regularisation:g}, "
-            "against procedural non-MRI volumes"
+            f"{OUTLIER_FLOOR:g}); outlier classifier: perceptron, one hidden layer of {options.hidden} ReLU "
+            f"units, L2 {options.regularisation:g}, against procedural non-MRI volumes"
         ),
     }
     return typicality, info

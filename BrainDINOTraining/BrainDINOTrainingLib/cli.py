@@ -410,9 +410,10 @@ def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
         "calibrate",
         help="fit the out-of-distribution warning on training data (reference slices, outlier classifier)",
         description="Encode every scan of DATA whole, as the first pass of 'braindino infer' sees it; keep their "
-        "slice embeddings and 16 x 16 slice thumbnails as the bundle's reference (ood.safetensors); fit a classifier "
-        "of those slices against procedural images that are not head MRI (dead leaves, 1/f fields, gratings, text-like "
-        "pages, textured objects: no photograph or map is used); set a threshold per channel from held-out subjects "
+        "slice embeddings and 16 x 16 slice thumbnails as the bundle's reference (ood.safetensors); fit a small "
+        "perceptron (one hidden layer) to tell those slices from procedural images that are not head MRI (dead leaves, "
+        "1/f fields, eroded terrain relief, gratings, text-like pages, textured objects: no photograph or real map is "
+        "used); set a threshold per channel from held-out subjects "
         "(MARGIN x the largest held-out score; the classifier's at least 0.5). 'braindino infer' then scores every "
         "scan and flags it as out of distribution when a channel exceeds its threshold. Run it after the last head is "
         "added (a new brain-mask head makes the reference stale).",
@@ -423,7 +424,7 @@ def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--k", type=int, default=10, help="nearest reference slices per slice (default %(default)s)")
     calibrate.add_argument("--margin", type=float, default=1.5, help="threshold factor (default %(default)s)")
     calibrate.add_argument(
-        "--outliers", type=int, default=120, help="procedural non-MRI volumes for the classifier (default %(default)s)"
+        "--outliers", type=int, default=240, help="procedural non-MRI volumes for the classifier (default %(default)s)"
     )
     calibrate.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     calibrate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

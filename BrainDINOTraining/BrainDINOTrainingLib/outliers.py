@@ -4,13 +4,15 @@ A model that has seen only head MRI cannot tell by itself that a photograph is n
 "anything else" it learns the boundary (Hendrycks et al., "Deep Anomaly Detection with Outlier Exposure",
 ICLR 2019). The examples here are made from nothing, so no real photograph, map or scan is needed or seen:
 dead-leaves images (occluding shapes with a power-law size distribution, whose statistics resemble natural
-images'), 1/f^beta random fields (clouds, terrain, textures), gratings, text-like pages and a textured object
-on a flat background (a head is an object on a background too, so the classifier must look inside it). Each
-image is stacked into a volume with a small drift per slice, as a user might stack pictures into a NIfTI.
+images'), 1/f^beta random fields (clouds, textures), relief cut by its own drainage (terrain maps), gratings,
+text-like pages and a textured object on a flat background (a head is an object on a background too, so the
+classifier must look inside it). Each image is stacked into a volume with a small drift per slice, as a user
+might stack pictures into a NIfTI.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -50,6 +52,48 @@ def dead_leaves(rng: np.random.Generator, size: int, texture: float = 0.0) -> np
     return ndimage.gaussian_filter(image, rng.uniform(0, 1.5))
 
 
+NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+
+
+def drainage(height: np.ndarray) -> np.ndarray:
+    """How many cells drain through each cell (itself included). Water leaves by the map's edge: flooding inward
+    from the edge, lowest first (priority flood, which also fills pits), each cell drains to the cell the flood
+    reached it from."""
+    rows, cols = height.shape
+    reached = np.zeros(height.shape, bool)
+    reached[[0, -1]], reached[:, [0, -1]] = True, True
+    queue = [(height[r, c], r, c) for r, c in zip(*np.nonzero(reached), strict=True)]
+    heapq.heapify(queue)
+    order, receiver = [], {}
+    while queue:
+        level, row, col = heapq.heappop(queue)
+        order.append((row, col))
+        for dr, dc in NEIGHBOURS:
+            r, c = row + dr, col + dc
+            if 0 <= r < rows and 0 <= c < cols and not reached[r, c]:
+                reached[r, c] = True
+                receiver[r, c] = (row, col)
+                heapq.heappush(queue, (max(height[r, c], level), r, c))
+    flow = np.ones(height.shape)
+    for cell in reversed(order):  # upstream before downstream
+        if cell in receiver:
+            flow[receiver[cell]] += flow[cell]
+    return flow
+
+
+def eroded_relief(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A terrain map: smooth tilted relief cut by a branching valley network. Streams run where the drainage
+    of a roughened copy gathers enough cells; the land rises with the distance to the nearest stream."""
+    rows, cols = np.mgrid[:size, :size] / size
+    angle = rng.uniform(0, 2 * np.pi)
+    base = power_law_field(rng, size, rng.uniform(3, 4))
+    base = (base - base.min()) / np.ptp(base) + rng.uniform(0, 1) * (rows * np.cos(angle) + cols * np.sin(angle))
+    roughness = power_law_field(rng, size, 2.0)
+    streams = drainage(base + 0.15 * base.std() * roughness / roughness.std()) > rng.uniform(30, 300) * size / 128
+    relief = (ndimage.distance_transform_edt(~streams) / size) ** rng.uniform(0.5, 1)
+    return ndimage.gaussian_filter(base + rng.uniform(0.5, 2) * relief / relief.max(), rng.uniform(0.5, 1.5))
+
+
 def grating(rng: np.random.Generator, size: int) -> np.ndarray:
     """Stripes of random orientation and frequency, hard-edged or sinusoidal over a 1/f texture."""
     rows, cols = np.mgrid[:size, :size] / size
@@ -86,6 +130,7 @@ KINDS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "dead leaves": dead_leaves,
     "textured dead leaves": lambda rng, size: dead_leaves(rng, size, 0.3),
     "1/f field": lambda rng, size: power_law_field(rng, size, rng.uniform(1, 3.5)),
+    "eroded relief": eroded_relief,
     "grating": grating,
     "page": page,
     "textured object": textured_object,

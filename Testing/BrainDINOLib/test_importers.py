@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from BrainDINOLib.bundle import ENCODER_FILE, add_head, create_random_bundle, load_bundle, verify_bundle
 from BrainDINOLib.cli import main
@@ -224,6 +224,24 @@ def test_hand_edited_model_cards_are_one_line_errors(good_card, edit, problem):
     with pytest.raises(BrainDINOError, match=problem) as raised:
         load_bundle(bundle)
     assert str(raised.value).startswith(str(bundle / "model.json"))
+
+
+def test_a_reference_from_the_earlier_linear_classifier_asks_to_be_recalibrated(good_card):
+    """The bundle still loads (its encoder and heads are unchanged); only its out-of-distribution check asks for
+    ``braindino calibrate``."""
+    bundle, card = good_card
+    stored = load_file(bundle / "ood.safetensors")
+    linear = {name: tensor for name, tensor in stored.items() if not name.startswith("outlier_")}
+    linear["outlier_weights"], linear["outlier_bias"] = (
+        stored["outlier_weights_0"][:, 0].clone(),
+        stored["outlier_bias_0"][:1],
+    )
+    save_file(linear, bundle / "ood.safetensors")
+    card["files"]["ood.safetensors"] = file_hashes(bundle)["ood.safetensors"]
+    (bundle / "model.json").write_text(json.dumps(card))
+    loaded = load_bundle(bundle)
+    with pytest.raises(BrainDINOError, match="predates the current outlier classifier; run braindino calibrate"):
+        loaded.load_typicality()
 
 
 def test_force_replaces_only_bundles(tmp_path, capsys):
