@@ -225,6 +225,20 @@ MUTANTS = (
             "[tokens-and-pixels]",
         ),
     ),
+    Mutant(
+        "ood: the outlier classifier's hidden layer loses its ReLU",
+        f"{LIB}/typicality.py",
+        "                values = np.maximum(values @ weights + bias, 0)\n",
+        "                values = values @ weights + bias\n",
+        (f"{TRAIN_TESTS}/test_brain.py::test_out_of_distribution_flags_a_terrain_map",),
+    ),
+    Mutant(
+        "ood: drainage runs downstream first",
+        f"{TRAIN}/outliers.py",
+        "    for cell in reversed(order):  # upstream before downstream\n",
+        "    for cell in order:\n",
+        (f"{TRAIN_TESTS}/test_brain.py::test_drainage_gathers_a_valley_at_its_outlet",),
+    ),
 )
 
 
