@@ -230,7 +230,7 @@ MUTANTS = (
         f"{LIB}/typicality.py",
         "                values = np.maximum(values @ weights + bias, 0)\n",
         "                values = values @ weights + bias\n",
-        (f"{TRAIN_TESTS}/test_brain.py::test_out_of_distribution_flags_a_terrain_map",),
+        (f"{TRAIN_TESTS}/test_brain.py::test_the_outlier_channel_runs_the_perceptron_as_fitted",),
     ),
     Mutant(
         "ood: drainage runs downstream first",

@@ -199,6 +199,27 @@ def test_out_of_distribution_flags_a_terrain_map(non_head):
     assert result["out_of_distribution"] and result["ood_channels"]["outlier"]["score"] > 0.5
 
 
+def test_the_outlier_channel_runs_the_perceptron_as_fitted():
+    """The reference's numpy forward pass gives the probabilities of the scikit-learn perceptron it was made from
+    (fitted here on the MNI template's slices against a procedural volume's)."""
+    from sklearn.neural_network import MLPClassifier
+
+    from BrainDINOLib.typicality import Typicality, outlier_features
+    from BrainDINOLib.volume import load_volume
+    from BrainDINOTrainingLib.outliers import outlier_volume
+
+    cache = FeatureCache(load_bundle(SHIPPED), device="cpu", masked=False)
+    brain = cache.compute(load_volume(mni_path("t1"))).descriptions()
+    other = cache.compute(outlier_volume(0)).descriptions()
+    both = {d: np.concatenate([brain[d], other[d]]) for d in brain}
+    features = outlier_features(both)
+    classifier = MLPClassifier((8,), max_iter=300, random_state=0)
+    classifier.fit(features, np.r_[np.zeros(len(brain["embedding"])), np.ones(len(other["embedding"]))])
+    typicality = Typicality.from_slices(both, 5, list(zip(classifier.coefs_, classifier.intercepts_, strict=True)))
+    expected = classifier.predict_proba(features)[:, 1]
+    assert 0.01 < expected.std() and np.allclose(typicality.slice_scores("outlier", both), expected, atol=1e-5)
+
+
 def test_procedural_outliers_are_reproducible_and_of_every_kind():
     from BrainDINOTrainingLib.outliers import KINDS, SLICES, outlier_volumes
 
