@@ -288,7 +288,8 @@ def add_head(directory: str | Path, spec: HeadSpec, module: torch.nn.Module) -> 
 
 
 def set_typicality(directory: str | Path, typicality: Typicality, info: dict) -> Bundle:
-    """Store an out-of-distribution reference (float16) and its settings (``info`` joins them in the card)."""
+    """Store an out-of-distribution reference (its slices float16, the classifier float32) and its settings (``info``
+    joins them in the card)."""
     bundle = load_bundle(directory)
     tensors = {c: torch.from_numpy(r).half() for c, r in typicality.references.items()}
     for i, (weights, bias) in enumerate(typicality.outlier_layers):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -86,6 +87,12 @@ class Typicality:
             )
         if self.k < 1 or any(len(r) < self.k for r in self.references.values()):
             raise BrainDINOError(f"typicality reference too small for k={self.k}")
+        layers = self.outlier_layers
+        shaped = all(w.ndim == 2 and b.shape == w.shape[1:] for w, b in layers)
+        chained = all(w.shape[1] == after.shape[0] for (w, _), (after, _) in pairwise(layers))
+        if not (layers and shaped and chained and layers[-1][0].shape[-1] == 1):
+            shapes = [w.shape for w, _ in layers]
+            raise BrainDINOError(f"the outlier classifier's layers {shapes} do not chain to one logit; recalibrate")
 
     @classmethod
     def from_slices(
