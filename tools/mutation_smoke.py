@@ -239,6 +239,13 @@ MUTANTS = (
         "    for cell in order:\n",
         (f"{TRAIN_TESTS}/test_brain.py::test_drainage_gathers_a_valley_at_its_outlet",),
     ),
+    Mutant(
+        "seg: the lesion share is drawn from slices without a lesion",
+        f"{TRAIN}/fit_segmentation.py",
+        "pools, counts = [everything[lesion], everything[~lesion]]",
+        "pools, counts = [everything[~lesion], everything[lesion]]",
+        (f"{TRAIN_TESTS}/test_heads.py::test_lesion_share_fills_every_batch_and_draws_each_slice_in_turn",),
+    ),
 )
 
 

@@ -281,6 +281,12 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         "full resolution (e.g. 16): sharper boundaries, thin enhancing rims; several times the CPU time a step "
         "(default 0: patch tokens alone)",
     )
+    fit.add_argument(
+        "--lesion-share",
+        type=float,
+        help="seg: share of each batch of 16 slices drawn from slices that hold a lesion (default 0: as they come; "
+        "a lesion fills few slices)",
+    )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -305,6 +311,8 @@ def _fit_head(args) -> None:
         )
     if (args.image_channels or 0) < 0:
         raise BrainDINOError(f"--image-channels must be 0 or more, got {args.image_channels}")
+    if not 0 <= (args.lesion_share or 0) < 1 or (args.lesion_share and args.task != "seg"):
+        raise BrainDINOError(f"--lesion-share is a share below 1 of a seg head's batches, got {args.lesion_share}")
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if decoder:
         values = (1,) if args.task == "brain" else tuple(args.label_values)
@@ -320,6 +328,7 @@ def _fit_head(args) -> None:
             seeds=tuple(args.seeds),
             steps=args.steps or SegOptions.steps,
             image_channels=args.image_channels or 0,
+            lesion_share=args.lesion_share or 0.0,
         )  # fmt: skip
         name = args.name or ("brain" if args.task == "brain" else "tumor")
         layers = default_layers(bundle.card.encoder.depth)

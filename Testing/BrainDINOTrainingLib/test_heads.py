@@ -24,7 +24,7 @@ from BrainDINOTrainingLib.baselines import baseline_predictions
 from BrainDINOTrainingLib.cli import main
 from BrainDINOTrainingLib.features import FeatureCache
 from BrainDINOTrainingLib.fit_heads import FitOptions, Samples, fit_and_evaluate, predict
-from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers
+from BrainDINOTrainingLib.fit_segmentation import SegOptions, default_layers, training_batches
 from BrainDINOTrainingLib.metrics import c_index, cox_loss, kaplan_meier, metrics
 from BrainDINOTrainingLib.phantoms import CohortOptions, make_cohort
 from testdata import file_hashes
@@ -351,3 +351,28 @@ def test_a_decoder_that_reads_pixels_sees_one_pixel_and_the_tokens_alone_do_not(
             assert not moved.any()
     with pytest.raises(BrainDINOError, match="reads the canvas pixels too"):
         decoder(tokens)
+
+
+def test_lesion_share_fills_every_batch_and_draws_each_slice_in_turn(tmp_path, capsys):
+    """With a share, that share of every batch holds a label and each pool is drawn without repeats until it runs out;
+    without one, the batches are reshuffled passes over all slices, as before the option existed. A share of 1 or
+    one for a brain head is refused before anything is read."""
+    targets = torch.zeros(40, 8, 8, dtype=torch.uint8)
+    targets[[2, 3, 5, 7, 11, 19, 23, 31, 35, 39], 4, 4] = 3
+    lesion = targets.flatten(1).amax(dim=1) > 0
+    batches = training_batches(targets, SegOptions(lesion_share=0.75), torch.Generator().manual_seed(0))
+    drawn = torch.stack([next(batches) for _ in range(5)])
+    assert (lesion[drawn].sum(dim=1) == 12).all()
+    counts = torch.bincount(drawn.flatten(), minlength=40)
+    assert (counts[lesion] == 6).all()  # 60 draws from 10 slices: six full passes
+    assert counts[~lesion].sum() == 20 and counts[~lesion].max() == 1  # 20 draws from 30: no slice twice
+    plain = training_batches(targets, SegOptions(), torch.Generator().manual_seed(0))
+    expected = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(next(plain), expected[:16]) and torch.equal(next(plain), expected[16:32])
+    everywhere = torch.ones_like(targets)
+    with pytest.raises(BrainDINOError, match="both with and without a label"):
+        next(training_batches(everywhere, SegOptions(lesion_share=0.5), torch.Generator()))
+    fit = ["fit-head", "--manifest", str(tmp_path / "none"), "-o", str(tmp_path / "copy")]
+    for wrong in (["--task", "seg", "--lesion-share", "1"], ["--task", "brain", "--lesion-share", "0.5"]):
+        assert main([*fit, *wrong]) == 2
+        assert "--lesion-share is a share below 1 of a seg head's batches" in capsys.readouterr().err
