@@ -284,8 +284,8 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--lesion-share",
         type=float,
-        help="seg: share of each batch of 16 slices drawn from slices that hold a lesion (default 0: as they come; "
-        "a lesion fills few slices)",
+        help="seg: share of each batch of 16 slices drawn from slices that hold a lesion (default 0: drawn "
+        "uniformly from all slices, where a lesion fills few)",
     )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
@@ -311,8 +311,10 @@ def _fit_head(args) -> None:
         )
     if (args.image_channels or 0) < 0:
         raise BrainDINOError(f"--image-channels must be 0 or more, got {args.image_channels}")
-    if not 0 <= (args.lesion_share or 0) < 1 or (args.lesion_share and args.task != "seg"):
-        raise BrainDINOError(f"--lesion-share is a share below 1 of a seg head's batches, got {args.lesion_share}")
+    if not 0 <= (args.lesion_share or 0) < 1:
+        raise BrainDINOError(f"--lesion-share must be at least 0 and below 1, got {args.lesion_share}")
+    if args.lesion_share and args.task != "seg":
+        raise BrainDINOError("--lesion-share applies to --task seg only")
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if decoder:
         values = (1,) if args.task == "brain" else tuple(args.label_values)

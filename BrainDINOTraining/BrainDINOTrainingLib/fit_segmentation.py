@@ -222,16 +222,16 @@ def fit_decoder(
 
 def training_batches(targets: torch.Tensor, options: SegOptions, generator: torch.Generator):
     """Index batches of the training slices, each pool reshuffled whenever it runs out: one pool of every slice,
-    or with ``options.lesion_share`` that share of each batch from the slices that hold a label, the rest from
-    the others."""
+    or with ``options.lesion_share`` that share of each batch (at least one slice, and one short of all) from the
+    slices that hold a label, the rest from the others."""
     everything = torch.arange(len(targets))
     pools, counts = [everything], [options.batch_size]
     if options.lesion_share:
         lesion = targets.flatten(1).amax(dim=1) > 0
-        drawn = round(options.lesion_share * options.batch_size)
-        pools, counts = [everything[lesion], everything[~lesion]], [drawn, options.batch_size - drawn]
         if not lesion.any() or lesion.all():
             raise BrainDINOError("--lesion-share needs training slices both with and without a label")
+        lesion_count = min(max(round(options.lesion_share * options.batch_size), 1), options.batch_size - 1)
+        pools, counts = [everything[lesion], everything[~lesion]], [lesion_count, options.batch_size - lesion_count]
     orders = [torch.empty(0, dtype=torch.long) for _ in pools]
     while True:
         for k, (pool, count) in enumerate(zip(pools, counts, strict=True)):

@@ -366,6 +366,9 @@ def test_lesion_share_fills_every_batch_and_draws_each_slice_in_turn(tmp_path, c
     counts = torch.bincount(drawn.flatten(), minlength=40)
     assert (counts[lesion] == 6).all()  # 60 draws from 10 slices: six full passes
     assert counts[~lesion].sum() == 20 and counts[~lesion].max() == 1  # 20 draws from 30: no slice twice
+    for share, count in ((0.01, 1), (0.99, 15)):  # at least one slice of each kind
+        first = next(training_batches(targets, SegOptions(lesion_share=share), torch.Generator().manual_seed(0)))
+        assert lesion[first].sum() == count
     plain = training_batches(targets, SegOptions(), torch.Generator().manual_seed(0))
     expected = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(next(plain), expected[:16]) and torch.equal(next(plain), expected[16:32])
@@ -373,6 +376,8 @@ def test_lesion_share_fills_every_batch_and_draws_each_slice_in_turn(tmp_path, c
     with pytest.raises(BrainDINOError, match="both with and without a label"):
         next(training_batches(everywhere, SegOptions(lesion_share=0.5), torch.Generator()))
     fit = ["fit-head", "--manifest", str(tmp_path / "none"), "-o", str(tmp_path / "copy")]
-    for wrong in (["--task", "seg", "--lesion-share", "1"], ["--task", "brain", "--lesion-share", "0.5"]):
-        assert main([*fit, *wrong]) == 2
-        assert "--lesion-share is a share below 1 of a seg head's batches" in capsys.readouterr().err
+    wrong = {"must be at least 0 and below 1, got 1.0": ["--task", "seg", "--lesion-share", "1"],
+             "applies to --task seg only": ["--task", "brain", "--lesion-share", "0.5"]}  # fmt: skip
+    for message, options in wrong.items():
+        assert main([*fit, *options]) == 2
+        assert message in capsys.readouterr().err
