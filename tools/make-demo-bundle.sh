@@ -10,7 +10,7 @@
 #      prepared through it, as infer prepares them), then tumour segmentation on any contrast, sequence, diagnosis,
 #      marker, age, survival, and the out-of-distribution reference (braindino calibrate). Encoding the 400 scans
 #      twice, as infer does, takes about 3-12 s a scan on 2 CPU cores; the brain decoder's 3,000 steps about 0.5 s
-#      each there and the tumour decoder's 2,000 (it reads the pixels too) about 1.3 s, 10-30 ms on a GPU
+#      each there and the tumour decoder's 2,000 (it reads the pixels too) 1.5-2 s, 10-30 ms on a GPU
 #      (--device follows fit-head's default: a GPU when there is one);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
 #   6. MoCo v3 and MAE encoders with the same pretraining budget, for benchmarks/label_efficiency.py.
@@ -59,7 +59,7 @@ else
 fi
 # The tumour head first: its feature files (with patch tokens) then serve every volume head.
 # It also reads the pixels (--image-channels): on T1ce the tokens alone find next to nothing.
-fit tumor --task seg --modality any --steps 2000 --image-channels 16 --label-fraction 1 --seeds 0 --bundle "$bundle"
+fit tumor --task seg --modality any --steps 2000 --image-channels 16 --lesion-share 0.5 --label-fraction 1 --seeds 0 --bundle "$bundle"
 fit sequence --task seq --bundle "$bundle"
 fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
