@@ -105,6 +105,7 @@ class BrainDINOTrainingParameterNode:
     reads any contrast).
     headLabelFractions: space-separated shares of the training subjects, e.g. "0.01 0.1 1".
     headImageChannels: 0 for a decoder on patch tokens alone.
+    headThumbnails: a volume head also reads each slice's thumbnail.
     """
 
     dataPath: str = ""
@@ -124,6 +125,7 @@ class BrainDINOTrainingParameterNode:
     headIterations: Annotated[int, WithinRange(0, 10000000)] = 0
     headSequences: str = ""
     headImageChannels: Annotated[int, WithinRange(0, 256)] = 0
+    headThumbnails: bool = False
 
 
 class BrainDINOTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -302,6 +304,7 @@ class BrainDINOTrainingLogic(ScriptedLoadableModuleLogic):
             label_fractions=parse_fractions(parameters.headLabelFractions),
             iterations=parameters.headIterations,
             image_channels=parameters.headImageChannels,
+            thumbnails=parameters.headThumbnails,
             device=parameters.device,
         )
         self.outcome = f"The bundle with the new head is {form.out_bundle}; its metrics are beside it."

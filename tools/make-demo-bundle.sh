@@ -60,7 +60,7 @@ fi
 # The tumour head first: its feature files (with patch tokens) then serve every volume head.
 # It also reads the pixels (--image-channels): on T1ce the tokens alone find next to nothing.
 fit tumor --task seg --modality any --steps 2000 --image-channels 16 --lesion-share 0.5 --label-fraction 1 --seeds 0 --bundle "$bundle"
-fit sequence --task seq --bundle "$bundle"
+fit sequence --task seq --thumbnails --bundle "$bundle"
 fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"
 fit age --task reg --target age --modality t1 --bundle "$bundle"

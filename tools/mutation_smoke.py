@@ -246,6 +246,13 @@ MUTANTS = (
         "pools, counts = [everything[~lesion], everything[lesion]]",
         (f"{TRAIN_TESTS}/test_heads.py::test_lesion_share_fills_every_batch_and_draws_each_slice_in_turn",),
     ),
+    Mutant(
+        "volume heads: fitting drops the thumbnails the head is said to read",
+        f"{TRAIN}/fit_heads.py",
+        "features.thumbnails if options.thumbnails else None",
+        "None",
+        (f"{TRAIN_TESTS}/test_heads.py::test_a_sequence_head_with_thumbnails_reads_them_when_fitted_and_in_infer",),
+    ),
 )
 
 

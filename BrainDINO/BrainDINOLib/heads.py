@@ -73,9 +73,13 @@ class HeadSpec:
         target_mean, target_std: regression targets are fitted standardised; predictions undo it.
         aggregation: volume heads: ``mean`` or ``attention`` pooling over slices.
         layers: seg only: encoder blocks whose patch tokens are concatenated.
-        width: hidden width (volume heads: the encoder dim; seg: channels after fusion).
+        width: volume heads: the size of a slice's input (the encoder dim, + 256 with thumbnails); seg: channels after
+            fusion.
         image_channels: seg only: width of the convolutional branch that also reads the canvas pixels of the
             scans (0: the patch tokens alone).
+        thumbnails: volume heads only: each slice's embedding is followed by its 16 x 16 thumbnail, the canvas
+            averaged down (`volume_input`), so the head reads the slice's intensities as well as the encoder's
+            features.
         encoder_sha256: sha256 of the encoder weights the head was fitted on.
         metrics: held-out metrics measured when it was fitted.
         training: how it was fitted (`HeadTraining`).
@@ -94,6 +98,7 @@ class HeadSpec:
     layers: tuple[int, ...] = ()
     width: int = 0
     image_channels: int = 0
+    thumbnails: bool = False
     encoder_sha256: str = ""
     metrics: dict = field(default_factory=dict)
     training: HeadTraining = field(default_factory=HeadTraining)
@@ -107,6 +112,8 @@ class HeadSpec:
             raise BrainDINOError(f"head '{self.name}': a {self.kind} head needs class names")
         if self.kind == "seg" and (len(self.label_values) != len(self.classes) or not self.layers):
             raise BrainDINOError(f"head '{self.name}': a seg head needs one label value per class and its layers")
+        if self.kind == "seg" and self.thumbnails:
+            raise BrainDINOError(f"head '{self.name}': thumbnails are read by volume heads, not seg heads")
 
     @property
     def outputs(self) -> int:
@@ -244,7 +251,13 @@ def build_head(spec: HeadSpec, embed_dim: int, patch_size: int) -> nn.Module:
         channels = embed_dim * len(spec.layers) * sequences
         width = spec.width or 256
         return SegmentationDecoder(channels, spec.outputs, patch_size, width, spec.image_channels, sequences)
-    return VolumeHead(embed_dim, spec.outputs, spec.aggregation)
+    return VolumeHead(spec.width or embed_dim, spec.outputs, spec.aggregation)
+
+
+def volume_input(embeddings: np.ndarray, thumbnails: np.ndarray | None = None) -> np.ndarray:
+    """A volume head's (S, D) per-slice input: the slice embeddings, followed by the slices' (S, 256) thumbnails
+    (`typicality.slice_thumbnails` of the scan as the heads read it) for a head that reads them."""
+    return embeddings if thumbnails is None else np.concatenate([embeddings, thumbnails], axis=1, dtype=np.float32)
 
 
 def decode_outputs(spec: HeadSpec, outputs: torch.Tensor) -> np.ndarray:

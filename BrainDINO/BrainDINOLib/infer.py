@@ -30,11 +30,18 @@ from .bundle import DEFAULT_MODELS_DIR, Bundle, ModelCard, find_bundle, load_bun
 from .engine import EncodedVolume, ProgressCallback, autocast_dtype, encode_volume, precision_name, resolve_device
 from .errors import BrainDINOError, describe
 from .featuremaps import TOKENS_FILE, TokenMaps, query_patch
-from .heads import HeadSpec, predict_volume, segment_slices, segmentation_input, segmentation_summary
+from .heads import (
+    HeadSpec,
+    predict_volume,
+    segment_slices,
+    segmentation_input,
+    segmentation_summary,
+    volume_input,
+)
 from .predictions import ood_warning
 from .preprocess import PreparedVolume, PreprocessSpec, prepare
 from .report import write_report
-from .typicality import scan_descriptions
+from .typicality import scan_descriptions, slice_thumbnails
 from .volume import NIBABEL_SUFFIXES, SIMPLEITK_SUFFIXES, Volume, dicom_series_files, load_volume, save_like
 
 logger = logging.getLogger(__name__)
@@ -592,6 +599,17 @@ class HeadInputs:
 
 
 @dataclass(frozen=True)
+class SliceDescriptions:
+    """One scan's analysed slices as volume heads read them: (S, D) embeddings and (S, 256) thumbnails."""
+
+    embeddings: np.ndarray
+    thumbnails: np.ndarray
+
+    def input_of(self, spec: HeadSpec) -> np.ndarray:
+        return volume_input(self.embeddings, self.thumbnails if spec.thumbnails else None)
+
+
+@dataclass(frozen=True)
 class HeadOutcome:
     """The heads' predictions, the segmentation heads' label volumes, notes on how each head was fed, and the scan's
     sequence as they read it."""
@@ -616,16 +634,17 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
     """
     pooling, specs = bundle.card.pooling, bundle.card.heads
-    own = scan.encoded.slice_embeddings(pooling)
+    own = SliceDescriptions(scan.encoded.slice_embeddings(pooling), slice_thumbnails(scan.prepared))
     predictions, sequence, warnings = _sequence_predictions(bundle, own, sequence)
     if sequence in scan.others or sequence in scan.unused:
         raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
                              f"other scans: name the scan's sequence {_SEQUENCE_HINT}")  # fmt: skip
-    at_hand, embeddings = ({sequence: scan.volume.path}, {sequence: own}) if sequence else ({}, {})
+    at_hand, described = ({sequence: scan.volume.path}, {sequence: own}) if sequence else ({}, {})
     for name in scan.unused:
         warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
     for name, other in scan.others.items():
-        embeddings[name] = encode(other.prepared, progress=other.progress).slice_embeddings(pooling)
+        encoded = encode(other.prepared, progress=other.progress)
+        described[name] = SliceDescriptions(encoded.slice_embeddings(pooling), slice_thumbnails(other.prepared))
         at_hand[name] = other.path
     segmentations = {}
     brain_spec = brain_head(specs)
@@ -636,7 +655,7 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         if spec.kind == "seg" and not reads:  # contrast-agnostic: reads the scan, whatever its sequence
             sources = {sequence or "scan": scan.volume.path}
         elif sequence is None and len(reads) == 1 and not scan.others and not scan.unused:
-            sources, embeddings[reads[0]] = {reads[0]: scan.volume.path}, own
+            sources, described[reads[0]] = {reads[0]: scan.volume.path}, own
             warnings.append(
                 f"head '{spec.name}' read the scan as {reads[0]} (its sequence is unknown: name it {_SEQUENCE_HINT})"
             )
@@ -659,18 +678,21 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
             segmentations[spec.name] = _segment(spec, head, scan)
             predictions[spec.name] = segmentation_summary(spec, segmentations[spec.name], scan.volume.spacing)
         else:
-            predictions[spec.name] = predict_volume(spec, head, np.concatenate([embeddings[m] for m in reads]))
+            inputs = np.concatenate([described[m].input_of(spec) for m in reads])
+            predictions[spec.name] = predict_volume(spec, head, inputs)
         predictions[spec.name]["reads"] = sources
     return HeadOutcome(predictions, segmentations, warnings, sequence)
 
 
-def _sequence_predictions(bundle: Bundle, own: np.ndarray, sequence: str | None) -> tuple[dict, str | None, list[str]]:
-    """The sequence heads' predictions for slice embeddings ``own``, the scan's sequence (``sequence`` if given,
+def _sequence_predictions(
+    bundle: Bundle, own: SliceDescriptions, sequence: str | None
+) -> tuple[dict, str | None, list[str]]:
+    """The sequence heads' predictions for the scan's slices ``own``, the scan's sequence (``sequence`` if given,
     else the first sequence head's answer) and the note saying which head named it."""
     predictions, warnings = {}, []
     for spec in bundle.card.heads:
         if spec.kind == "seq":
-            predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), own)
+            predictions[spec.name] = predict_volume(spec, bundle.load_head(spec), own.input_of(spec))
             if sequence is None:
                 sequence = predictions[spec.name]["prediction"]
                 probability = predictions[spec.name]["probabilities"][sequence]

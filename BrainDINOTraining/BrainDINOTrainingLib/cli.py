@@ -287,6 +287,13 @@ def add_head_commands(subparsers: argparse._SubParsersAction) -> None:
         help="seg: share of each batch of 16 slices drawn from slices that hold a lesion (default 0: drawn "
         "uniformly from all slices, where a lesion fills few)",
     )
+    fit.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="volume heads: each slice's embedding is followed by its 16 x 16 thumbnail (the canvas averaged "
+        "down), so the head reads the slice's intensities too; the sequence head gains most (default: the "
+        "embeddings alone, which compares encoders)",
+    )
     fit.add_argument("--report", type=Path, help="report folder (default reports/NAME)")
     fit.add_argument("--cache", type=Path, help="feature cache folder (default ~/.braindino/cache/features)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -315,6 +322,9 @@ def _fit_head(args) -> None:
         raise BrainDINOError(f"--lesion-share must be at least 0 and below 1, got {args.lesion_share}")
     if args.lesion_share and args.task != "seg":
         raise BrainDINOError("--lesion-share applies to --task seg only")
+    if args.thumbnails and decoder:
+        raise BrainDINOError("--thumbnails applies to volume heads (cls, reg, surv, seq); decoders read the pixels "
+                             "with --image-channels")  # fmt: skip
     manifest, bundle = load_manifest(args.manifest), load_bundle(source)
     if decoder:
         values = (1,) if args.task == "brain" else tuple(args.label_values)
@@ -346,6 +356,7 @@ def _fit_head(args) -> None:
             label_fractions=tuple(args.label_fraction),
             seeds=tuple(args.seeds),
             epochs=args.epochs or FitOptions.epochs,
+            thumbnails=args.thumbnails,
         )
         name = args.name or options.target or ("sequence" if options.task == "seq" else options.column)
         cache = FeatureCache(bundle, args.cache, device=args.device)

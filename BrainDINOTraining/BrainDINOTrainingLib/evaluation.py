@@ -49,7 +49,8 @@ def evaluate_bundle(
             values, count = segmentation_metrics(spec, head, volumes), len(volumes)
         else:
             event = spec.training.event or "event"
-            options = FitOptions(spec.kind, spec.target, event, modalities=spec.modalities or ("t1",))
+            options = FitOptions(spec.kind, spec.target, event, modalities=spec.modalities or ("t1",),
+                                 thumbnails=spec.thumbnails)  # fmt: skip
             cache = FeatureCache(bundle, cache_folder, device=device)
             test = collect(split, options, cache, progress, classes=spec.classes, splits=("test",))[0]["test"]
             values, count = metrics(spec.kind, predict(spec, head, test), test), len(test)

@@ -1,7 +1,8 @@
 """Fit volume heads (classification, regression, survival, sequence type) on a frozen encoder.
 
 Samples come from a manifest: one per scan group of a subject (the chosen modalities' slice CLS
-tokens together) for cls/reg/surv, one per image for sequence type. The split is by subject
+tokens together, each followed by its thumbnail with ``thumbnails``) for cls/reg/surv, one per image for
+sequence type. The split is by subject
 (`Manifest.split`, stratified for classification); label scarcity is simulated by keeping a
 fraction of the training subjects (stratified, seeded). Each head is fitted full-batch with AdamW
 for a fixed number of epochs at a few weight decays, and the one with the best validation loss is
@@ -24,7 +25,15 @@ import torch.nn.functional as F
 
 from BrainDINOLib.bundle import ENCODER_FILE
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import VOLUME_KINDS, HeadSpec, HeadTraining, VolumeHead, decode_outputs, masked_mean
+from BrainDINOLib.heads import (
+    VOLUME_KINDS,
+    HeadSpec,
+    HeadTraining,
+    VolumeHead,
+    decode_outputs,
+    masked_mean,
+    volume_input,
+)
 from BrainDINOLib.manifest import DEFAULT_SPLIT, Manifest
 
 from .baselines import baseline_predictions
@@ -42,6 +51,7 @@ class FitOptions:
             ``survival_days``); seq predicts the modality and ignores it.
         event: surv: the event column (1 = event observed, 0 = censored).
         modalities: scans read per subject (cls, reg, surv); seq uses every image.
+        thumbnails: each slice's embedding is followed by its thumbnail (`HeadSpec.thumbnails`).
     """
 
     task: str
@@ -49,6 +59,7 @@ class FitOptions:
     event: str = "event"
     modalities: tuple[str, ...] = ("t1",)
     aggregation: str = "mean"
+    thumbnails: bool = False
     label_fractions: tuple[float, ...] = (1.0,)
     seeds: tuple[int, ...] = (0,)
     epochs: int = 300
@@ -131,7 +142,7 @@ def collect(
             continue
         if options.task == "seq":
             for modality, path in entry.sequences.items():
-                rows.append((split, entry.subject_id, cache.get(path).embeddings, modality, 1.0))
+                rows.append((split, entry.subject_id, _slice_inputs(cache, path, options), modality, 1.0))
             continue
         if options.column not in entry.labels or not all(m in entry.images for m in options.modalities):
             continue
@@ -140,7 +151,7 @@ def collect(
             if options.event not in entry.labels:
                 continue
             event = float(entry.labels[options.event])
-        tokens = np.concatenate([cache.get(entry.images[m]).embeddings for m in options.modalities])
+        tokens = np.concatenate([_slice_inputs(cache, entry.images[m], options) for m in options.modalities])
         rows.append((split, entry.subject_id, tokens, entry.labels[options.column], event))
     if progress:
         progress(len(manifest.entries), len(manifest.entries))
@@ -173,6 +184,11 @@ def collect(
         events = torch.tensor([r[4] for r in chosen])
         samples[split] = Samples(tokens, mask, targets, events, [r[1] for r in chosen])
     return samples, classes
+
+
+def _slice_inputs(cache: FeatureCache, scan, options: FitOptions) -> np.ndarray:
+    features = cache.get(scan)
+    return volume_input(features.embeddings, features.thumbnails if options.thumbnails else None)
 
 
 def class_name(value) -> str:
@@ -257,6 +273,7 @@ def fit_and_evaluate(
             options.task, ""
         ),
         aggregation=options.aggregation,
+        thumbnails=options.thumbnails,
         width=splits["train"].tokens.shape[-1],
         encoder_sha256=cache.bundle.card.files[ENCODER_FILE],
     )

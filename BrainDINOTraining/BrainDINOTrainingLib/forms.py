@@ -100,7 +100,7 @@ class FitHeadForm:
     ``target`` names the label column (cls, reg, surv); ``sequences`` the sequences read, space-separated
     ("any" for a segmentation head that reads any contrast; empty: the command's default); ``iterations`` of 0
     keep the default (volume heads: epochs; seg: decoder steps); ``image_channels`` > 0 makes a segmentation or
-    brain decoder read the pixels too.
+    brain decoder read the pixels too, ``thumbnails`` a volume head each slice's thumbnail.
     """
 
     manifest: str | Path | None
@@ -112,6 +112,7 @@ class FitHeadForm:
     sequences: str = ""
     iterations: int = 0
     image_channels: int = 0
+    thumbnails: bool = False
     device: str = "auto"
 
     def commands(self) -> list[list[str]]:
@@ -134,6 +135,8 @@ class FitHeadForm:
         decoder = self.task in ("seg", "brain")
         if self.image_channels and not decoder:
             raise BrainDINOError("pixel channels are for segmentation and brain heads; set them to 0 for this task")
+        if self.thumbnails and decoder:
+            raise BrainDINOError("thumbnails are for volume heads; segmentation and brain heads read pixel channels")
         if not all(0 < f <= 1 for f in self.label_fractions):
             raise BrainDINOError("label fractions lie in (0, 1], e.g. 0.01 0.1 1")
         command = ["fit-head", "--task", self.task, "--manifest", str(manifest), "-o", str(out_bundle)]
@@ -144,5 +147,6 @@ class FitHeadForm:
         if self.iterations:
             command += ["--steps" if decoder else "--epochs", str(self.iterations)]
         command += ["--image-channels", str(self.image_channels)] if self.image_channels else []
+        command += ["--thumbnails"] if self.thumbnails else []
         report = out_bundle.parent / f"{out_bundle.name}-report"
         return [command + ["--report", str(report), "--device", self.device]]

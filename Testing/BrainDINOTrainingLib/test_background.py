@@ -151,6 +151,10 @@ def test_forms_become_commands_the_cli_accepts(tmp_path, small_data):
     assert (args.sequence, args.image_channels, args.steps) == (["t1", "t1ce"], 16, None)
     with pytest.raises(BrainDINOError, match="pixel channels are for segmentation and brain heads"):
         FitHeadForm(small_data, "seq", tmp_path / "b", image_channels=16).commands()
+    assert parser.parse_args(FitHeadForm(small_data, "seq", tmp_path / "b", thumbnails=True).commands()[0]).thumbnails
+    assert not args.thumbnails
+    with pytest.raises(BrainDINOError, match="thumbnails are for volume heads"):
+        FitHeadForm(small_data, "seg", tmp_path / "b", thumbnails=True).commands()
     assert (
         parser.parse_args(
             FitHeadForm(small_data, "reg", tmp_path / "b", target="age", iterations=9).commands()[0]

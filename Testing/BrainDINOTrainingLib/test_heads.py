@@ -16,7 +16,7 @@ import torch
 from BrainDINOLib.bundle import add_head, create_random_bundle, find_bundle, load_bundle
 from BrainDINOLib.engine import encode_volume
 from BrainDINOLib.errors import BrainDINOError
-from BrainDINOLib.heads import predict_volume
+from BrainDINOLib.heads import predict_volume, volume_input
 from BrainDINOLib.manifest import load_manifest
 from BrainDINOLib.preprocess import PreprocessSpec, prepare
 from BrainDINOLib.volume import load_volume
@@ -122,6 +122,27 @@ def test_fit_head_command_stores_a_head_that_reloads_and_predicts_the_same(tmp_p
     assert prediction["kind"] == "surv" and prediction["reads"] == {"t1ce": str(scan)}
     fitted_on = predict_volume(spec, bundle.load_head(spec), cache.get(scan).embeddings)  # the features fitting saw
     assert prediction["value"] == pytest.approx(fitted_on["value"], abs=1e-3)
+
+
+def test_a_sequence_head_with_thumbnails_reads_them_when_fitted_and_in_infer(
+    tmp_path, cohort40, bundle64, cache, capsys
+):
+    out = tmp_path / "thumbnails"
+    args = ["fit-head", "--task", "seq", "--thumbnails", "--manifest", str(cohort40), "--bundle", str(bundle64)]
+    assert main(args + ["-o", str(out), "--report", str(tmp_path / "report"), "--cache", str(cache.folder)]) == 0
+    bundle = load_bundle(out)
+    (spec,) = bundle.card.heads
+    assert spec.thumbnails and spec.width == bundle.card.encoder.embed_dim + 16 * 16
+    scan = cohort40 / "phantom-0007" / "phantom-0007_t2.nii.gz"
+    assert main(["infer", str(scan), "-o", str(tmp_path / "out"), "--bundle", str(out), "-q"]) == 0
+    prediction = json.loads((tmp_path / "out" / "result.json").read_text())["predictions"]["sequence"]
+    features = cache.get(scan)  # what fitting read
+    fitted_on = predict_volume(spec, bundle.load_head(spec), volume_input(features.embeddings, features.thumbnails))
+    assert prediction["probabilities"] == pytest.approx(fitted_on["probabilities"], abs=1e-3)
+    capsys.readouterr()
+    seg = ["fit-head", "--task", "seg", "--thumbnails", "--manifest", str(cohort40), "-o", str(tmp_path / "x")]
+    assert main(seg) == 2
+    assert "--thumbnails applies to volume heads" in capsys.readouterr().err
 
 
 def test_a_head_refuses_another_encoder_and_the_shipped_bundle_stays_unchanged(
