@@ -269,8 +269,8 @@ def decode_outputs(spec: HeadSpec, outputs: torch.Tensor) -> np.ndarray:
 
 
 def predict_volume(spec: HeadSpec, head: VolumeHead, embeddings: np.ndarray) -> dict:
-    """The prediction of a volume head for (S, D) slice embeddings (`EncodedVolume.slice_embeddings`; several
-    sequences' slices concatenated), as ``result.json`` keeps it."""
+    """The prediction of a volume head for its (S, D) per-slice inputs (`volume_input`; several sequences' slices
+    concatenated), as ``result.json`` keeps it."""
     tokens = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))[None]
     with torch.no_grad():
         decoded = decode_outputs(spec, head(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)))[0]

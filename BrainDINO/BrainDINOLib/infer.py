@@ -600,10 +600,11 @@ class HeadInputs:
 
 @dataclass(frozen=True)
 class SliceDescriptions:
-    """One scan's analysed slices as volume heads read them: (S, D) embeddings and (S, 256) thumbnails."""
+    """One scan's analysed slices as volume heads read them: (S, D) embeddings and, where a head reads them,
+    (S, 256) thumbnails."""
 
     embeddings: np.ndarray
-    thumbnails: np.ndarray
+    thumbnails: np.ndarray | None
 
     def input_of(self, spec: HeadSpec) -> np.ndarray:
         return volume_input(self.embeddings, self.thumbnails if spec.thumbnails else None)
@@ -634,7 +635,13 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
     """
     pooling, specs = bundle.card.pooling, bundle.card.heads
-    own = SliceDescriptions(scan.encoded.slice_embeddings(pooling), slice_thumbnails(scan.prepared))
+    read_thumbnails = any(spec.thumbnails for spec in specs)
+
+    def described_as_read(encoded: EncodedVolume, prepared: PreparedVolume) -> SliceDescriptions:
+        thumbnails = slice_thumbnails(prepared) if read_thumbnails else None
+        return SliceDescriptions(encoded.slice_embeddings(pooling), thumbnails)
+
+    own = described_as_read(scan.encoded, scan.prepared)
     predictions, sequence, warnings = _sequence_predictions(bundle, own, sequence)
     if sequence in scan.others or sequence in scan.unused:
         raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
@@ -643,8 +650,7 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
     for name in scan.unused:
         warnings.append(f"the other {name} scan was not used: no volume head of this bundle reads {name} scans")
     for name, other in scan.others.items():
-        encoded = encode(other.prepared, progress=other.progress)
-        described[name] = SliceDescriptions(encoded.slice_embeddings(pooling), slice_thumbnails(other.prepared))
+        described[name] = described_as_read(encode(other.prepared, progress=other.progress), other.prepared)
         at_hand[name] = other.path
     segmentations = {}
     brain_spec = brain_head(specs)

@@ -16,9 +16,10 @@ Stored per volume: ``embeddings`` (S, D) float32 slice embeddings, pooled as the
 pretrained (CLS token, or mean patch token; exactly what ``infer`` gives a head), ``pooled`` (D,)
 their mean (the volume embedding), ``patch_means`` (S, D) the slices' mean patch tokens and ``thumbnails``
 (S, 256) their 16 x 16 canvases (with the embeddings, what the out-of-distribution check describes a slice
-by), ``slices`` (S,) canonical slice indices, and, for segmentation heads, ``layer_<i>`` (S, h, w, D) float16
-patch tokens of each kept block and ``canvas`` (S, canvas, canvas) float16, the pixels the encoder read (for
-decoders that read them too).
+by, and what a volume head with ``HeadSpec.thumbnails`` reads after each embedding), ``slices`` (S,)
+canonical slice indices, and, for segmentation heads, ``layer_<i>`` (S, h, w, D) float16 patch tokens of each
+kept block and ``canvas`` (S, canvas, canvas) float16, the pixels the encoder read (for decoders that read them
+too).
 """
 
 from __future__ import annotations
