@@ -4,9 +4,9 @@ Samples come from a manifest: one per scan group of a subject (the chosen modali
 tokens together) for cls/reg/surv, one per image for sequence type; with ``thumbnails`` each slice's
 token is followed by its thumbnail. The split is by subject (`Manifest.split`, stratified for
 classification); label scarcity is simulated by keeping a fraction of the training subjects (stratified,
-seeded). Each head is fitted full-batch with AdamW
-for a fixed number of epochs at a few weight decays, and the one with the best validation loss is
-kept (heads are small and data often tiny: strong decoupled weight decay is the regulariser).
+seeded). Each head is fitted full-batch with AdamW for a fixed number of epochs at a few weight decays, and
+the one with the best validation loss is kept (heads are small and data often tiny: strong decoupled weight
+decay is the regulariser).
 `fit_and_evaluate` measures each fitted head and the baselines (`baselines`) on the same test subjects
 (`metrics`).
 
