@@ -8,7 +8,10 @@ answer and its probability, the out-of-distribution score, threshold and flag, a
 reference is given, the Dice of the bundle's brain mask and of its lesion segmentation (any label; and
 of the tumour core, every BraTS label but oedema (2), which is what a post-contrast T1 shows) against it,
 the share of the attention mass inside the reference brain mask, and the share of the reference lesion
-inside the brain mask the bundle found (the rest is neither analysed nor segmented).
+inside the brain mask the bundle found (the rest is neither analysed nor segmented), and which head segmented
+the lesion. The sequence head names each scan's sequence, as when a user leaves it to the bundle; with
+``--name-sequences`` each scan is given its reference sequence instead, as a user who names it would (a
+segmentation head fitted on that sequence then segments it).
 ``--references`` is a CSV with a ``scan`` column (path as given or file name) and optional ``sequence`` (the truth),
 ``brain_mask`` and ``lesion_mask`` columns (paths relative to the CSV). With ``--mni`` the template's
 own non-zero voxels are its brain mask. A scan that cannot be read or analysed gives a JSON object
@@ -65,11 +68,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return round(2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0), 4)
 
 
-def measure(scan: Path, bundle, reference: dict, device: str) -> dict:
+def measure(scan: Path, bundle, reference: dict, device: str, name_sequence: bool = False) -> dict:
     """One scan's JSON object (canonical voxel order throughout)."""
     start = time.perf_counter()
     volume = load_volume(scan)
-    analysis = analyse(volume, bundle, InferenceOptions(device=device))
+    given = reference.get("sequence") if name_sequence else None
+    analysis = analyse(volume, bundle, InferenceOptions(sequence=given, device=device))
     result = {
         "scan": str(scan),
         "shape": list(volume.source_shape),
@@ -102,7 +106,7 @@ def measure(scan: Path, bundle, reference: dict, device: str) -> dict:
         if analysis.brain is not None and lesion.any():  # what the brain mask leaves out is never analysed
             result["lesion_in_brain_mask"] = round(float((lesion & analysis.brain).sum()) / float(lesion.sum()), 4)
         if analysis.segmentations:
-            found = next(iter(analysis.segmentations.values()))
+            result["lesion_head"], found = next(iter(analysis.segmentations.items()))
             result["lesion_dice"] = dice(found > 0, lesion)
             core = lesion & (labels != BRATS_OEDEMA)
             if core.any():
@@ -119,6 +123,12 @@ def main() -> None:
         "--mni", action="store_true", help="also run the MNI ICBM152 2009a T1 template (skull-stripped)"
     )
     parser.add_argument("--references", type=Path, help="CSV: scan, sequence, brain_mask, lesion_mask")
+    parser.add_argument(
+        "--name-sequences",
+        action="store_true",
+        help="give each scan its reference sequence, as a user who names it would (default: the sequence head "
+        "names it)",
+    )
     parser.add_argument("--bundle", help="bundle name or folder (default: the shipped default)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -132,7 +142,7 @@ def main() -> None:
     failed = 0
     for scan, reference in jobs:
         try:
-            row = {"bundle": bundle.card.name, **measure(scan, bundle, reference, args.device)}
+            row = {"bundle": bundle.card.name, **measure(scan, bundle, reference, args.device, args.name_sequences)}
         except (BrainDINOError, OSError) as error:
             row, failed = {"bundle": bundle.card.name, "scan": str(scan), "error": str(error)}, failed + 1
         print(json.dumps(row), flush=True)

@@ -7,9 +7,9 @@
 #   3. a separate labelled cohort for the heads (80 subjects, 1 mm, one randomised contrast each, a quarter
 #      skull-stripped);
 #   4. heads on the frozen encoder, on all 80 subjects: the brain mask first (every later head is fitted on scans
-#      prepared through it, as infer prepares them), then tumour segmentation on any contrast, sequence, diagnosis,
-#      marker, age, survival, and the out-of-distribution reference (braindino calibrate). Encoding the 400 scans
-#      twice, as infer does, takes about 3-12 s a scan on 2 CPU cores; the brain decoder's 3,000 steps about 0.5 s
+#      prepared through it, as infer prepares them), then tumour segmentation on any contrast and on T1, T1ce and
+#      T2 alone, sequence, diagnosis, marker, age, survival, and the out-of-distribution reference (braindino
+#      calibrate). Encoding the 400 scans twice, as infer does, takes about 3-12 s a scan on 2 CPU cores; the brain decoder's 3,000 steps about 0.5 s
 #      each there and the tumour decoder's 2,000 (it reads the pixels too) 1.5-2 s, 10-30 ms on a GPU
 #      (--device follows fit-head's default: a GPU when there is one);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
@@ -60,6 +60,12 @@ fi
 # The tumour head first: its feature files (with patch tokens) then serve every volume head.
 # It also reads the pixels (--image-channels): on T1ce the tokens alone find next to nothing.
 fit tumor --task seg --modality any --steps 2000 --image-channels 16 --lesion-share 0.5 --label-fraction 1 --seeds 0 --bundle "$bundle"
+# A head fitted on one sequence finds that sequence's lesion far better (T1ce: the enhancing ring); infer lets it
+# segment scans of its sequence instead of the any-contrast head.
+for sequence in t1 t1ce t2; do
+  fit "tumor_$sequence" --task seg --modality "$sequence" --steps 1000 --image-channels 16 --lesion-share 0.5 \
+    --label-fraction 1 --seeds 0 --bundle "$bundle"
+done
 fit sequence --task seq --thumbnails --bundle "$bundle"
 fit diagnosis --task cls --target diagnosis --modality t1 --bundle "$bundle"
 fit marker --task cls --target marker --modality t1ce --bundle "$bundle"

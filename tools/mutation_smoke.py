@@ -253,6 +253,13 @@ MUTANTS = (
         "None",
         (f"{TRAIN_TESTS}/test_heads.py::test_a_sequence_head_with_thumbnails_reads_them_when_fitted_and_in_infer",),
     ),
+    Mutant(
+        "infer: the any-contrast tumour head segments a scan whose sequence has a head of its own",
+        f"{LIB}/infer.py",
+        'if spec.kind == "seg" and not reads and spec.target in own_sequence:',
+        'if spec.kind == "seg" and not reads and spec.target in own_sequence and not own_sequence:',
+        (f"{TRAIN_TESTS}/test_brain.py::test_post_contrast_t1_alone_named_as_such_is_segmented_by_its_own_head",),
+    ),
 )
 
 

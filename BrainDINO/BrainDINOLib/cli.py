@@ -105,8 +105,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--sequence",
         type=str.lower,
         help="SCAN's MRI sequence as the bundle's heads name them (t1, t1ce, t2, flair); "
-        "default: what the bundle's sequence head says. For a manifest: the column to analyse (default: the "
-        "first of flair, t1ce, t2, t1 a row has; the row's other sequences feed the heads that read them)",
+        "default: what the bundle's sequence head says. A segmentation head fitted on that sequence segments the "
+        "scan instead of an any-contrast one. For a manifest: the column to analyse (default: the first of flair, "
+        "t1ce, t2, t1 a row has; the row's other sequences feed the heads that read them)",
     )
     infer.add_argument(
         "--also",

@@ -627,9 +627,12 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
 
     The scan's sequence is ``sequence``, else the sequence head's answer. A head runs when every sequence it reads is
     at hand (the scan or ``scan.others``); segmentation heads run on the scan alone, those that read no named sequence
-    on any scan. ``reads`` in each prediction names the volumes a head read (their ``path``: a file, or a Slicer
-    node's name). With the scan's sequence unknown, single-sequence heads read the scan as their own sequence, and a
-    warning says so. Segmentations are cut to the brain mask when there is one.
+    on any scan. Where a segmentation head was fitted on the scan's own sequence, it segments the scan instead of
+    the any-contrast head with the same target (one contrast is easier to learn than all at once: see heads.md),
+    and heads of other sequences stay silent when an any-contrast head stands in for them. ``reads`` in each
+    prediction names the volumes a head read (their ``path``: a file, or a Slicer node's name). With the scan's
+    sequence unknown, single-sequence heads read the scan as their own sequence, and a warning says so.
+    Segmentations are cut to the brain mask when there is one.
 
     Raises:
         BrainDINOError: the sequence head names the scan as a sequence the other scans also give.
@@ -654,10 +657,19 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         at_hand[name] = other.path
     segmentations = {}
     brain_spec = brain_head(specs)
+    own_sequence = {s.target: s for s in specs if s.kind == "seg" and sequence and s.modalities == (sequence,)}
+    any_contrast = {s.target for s in specs if s.kind == "seg" and not s.modalities and s != brain_spec}
     for spec in specs:
         if spec.kind == "seq" or spec == brain_spec:
             continue
         reads = spec.modalities
+        if spec.kind == "seg" and not reads and spec.target in own_sequence:
+            chosen = own_sequence[spec.target]
+            warnings.append(f"head '{chosen.name}', fitted on {sequence} scans, segmented the scan instead of "
+                            f"head '{spec.name}'")  # fmt: skip
+            continue
+        if spec.kind == "seg" and reads and reads != (sequence,) and spec.target in any_contrast:
+            continue  # another sequence's head: the any-contrast head segments this scan
         if spec.kind == "seg" and not reads:  # contrast-agnostic: reads the scan, whatever its sequence
             sources = {sequence or "scan": scan.volume.path}
         elif sequence is None and len(reads) == 1 and not scan.others and not scan.unused:

@@ -265,7 +265,7 @@ def test_demo_runs_every_head_on_the_held_out_phantom_next_to_the_template(tmp_p
     assert dice > 0.83  # measured 0.847 (deterministic) on a phantom the encoder and heads never saw
     assert phantom["out_of_distribution"] is False
     mni = json.loads((tmp_path / "demo" / "mni" / "result.json").read_text())
-    assert {"age", "diagnosis", "tumor"} <= set(mni["predictions"])  # read as T1; the tumour head reads any scan
+    assert {"age", "diagnosis", "tumor_t1"} <= set(mni["predictions"])  # named T1: the T1 tumour head segments it
     assert mni["out_of_distribution"] is False and 1900 < mni["brain_mask"]["volume_ml"] < 2150  # measured 2018.7
     assert (tmp_path / "demo" / "demo.png").is_file()
 

@@ -379,9 +379,10 @@ def test_a_brain_mask_becomes_a_brain_segment_of_the_run(slicer_app, mni_2mm, tm
     _run_here(node, tmp_path, ())
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     brain = np.asarray(nib.load(tmp_path / "out" / result["outputs"]["brain_mask"]).dataobj) > 0
-    for expected in ("tumor", "brain"):
+    tumour = next(key.split(":", 1)[1] for key in result["outputs"] if key.startswith("segmentation:"))
+    for expected in (tumour, "brain"):
         if expected == "brain":  # the same run without its tumour segmentation
-            del result["outputs"]["segmentation:tumor"]
+            del result["outputs"][f"segmentation:{tumour}"]
             (tmp_path / "out" / "result.json").write_text(json.dumps(result))
         run = add_run_nodes(node, volume, tmp_path / "out")
         assert list(run.segmentations) == [expected]
@@ -485,7 +486,7 @@ def test_a_folder_run_becomes_a_summary_table_and_loads_any_scan(slicer_app, tmp
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.input).transpose(2, 1, 0), np.asarray(lps.dataobj))
     for output in (run.attention, run.pca):
         np.testing.assert_allclose(mrml.ijk_to_ras(output), lps.affine, atol=1e-4)
-    assert "tumor" in run.segmentations and run.table is not None
+    assert "tumor_t1" in run.segmentations and run.table is not None  # named T1: the T1 tumour head segments it
     assert session.query((0.0, -18.0, 18.0)) is run.similarity
     session.load_cohort_scan(slicer_app.scene, out, "flair")
     assert (out / "mni_lps" / "embeddings.safetensors").is_file()  # a cohort's files are the user's: they stay

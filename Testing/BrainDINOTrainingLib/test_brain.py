@@ -111,12 +111,28 @@ def _tumour_dice(held_out, inferred, column) -> dict[str, float]:
 def test_tumour_head_segments_a_flair_scan_alone(held_out, inferred):
     scores = _tumour_dice(held_out, inferred, "flair")
     assert min(scores.values()) > 0.5, scores
+    for row in held_out[1][:SHOWN]:  # the heads fitted on other sequences stay silent
+        result, _ = inferred[row["subject_id"], "flair"]
+        assert [key for key in result["outputs"] if key.startswith("segmentation:")] == ["segmentation:tumor"]
+        assert not any("fitted on" in warning for warning in result["warnings"]), result["warnings"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped tumour head finds too little of a lesion on T1ce alone (README)")
-def test_post_contrast_t1_alone_gets_a_tumour_segmentation(held_out, inferred):
-    scores = _tumour_dice(held_out, inferred, "t1ce")
-    assert min(scores.values()) > 0.3, scores
+def test_post_contrast_t1_alone_named_as_such_is_segmented_by_its_own_head(tmp_path, held_out):
+    """A scan named T1ce is segmented by the head fitted on T1ce alone, instead of the any-contrast head: it finds
+    the enhancing lesion and most of the oedema around it."""
+    folder, rows = held_out
+    for row in rows[:SHOWN]:
+        out = tmp_path / row["subject_id"]
+        assert main(["infer", str(folder / row["t1ce"]), "-o", str(out), "--sequence", "t1ce", "--device", "cpu",
+                     "--no-report", "-q"]) == 0  # fmt: skip
+        result = json.loads((out / "result.json").read_text())
+        assert [key for key in result["outputs"] if key.startswith("segmentation:")] == ["segmentation:tumor_t1ce"]
+        assert "head 'tumor_t1ce', fitted on t1ce scans, segmented the scan instead of head 'tumor'" in result[
+            "warnings"]  # fmt: skip
+        found, truth = _written(result, out, "segmentation:tumor_t1ce"), nib.load(folder / row["seg"]).get_fdata()
+        core = (np.isin(found, (1, 3)), np.isin(truth, (1, 3)))
+        # measured: whole tumour 0.68 and 0.74, core 0.80 and 0.87
+        assert _dice(found > 0, truth > 0) > 0.5 and _dice(*core) > 0.6, row["subject_id"]
 
 
 def test_sequence_head_reads_the_thumbnails_it_was_fitted_on_and_names_realistic_contrasts(
