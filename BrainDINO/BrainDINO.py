@@ -833,7 +833,7 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
             for i in range(segments.GetNumberOfSegments())
         )
         self.assertGreater(voxels, 1000)
-        self.assertEqual(run.table.GetNumberOfRows(), 6)  # every head: FLAIR, T1 and T1ce are all at hand
+        self.assertEqual(run.table.GetNumberOfRows(), 6)  # every head that reads FLAIR, T1 or T1ce: all three at hand
 
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
         logic.session.observe(points)

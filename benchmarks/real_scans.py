@@ -72,7 +72,7 @@ def measure(scan: Path, bundle, reference: dict, device: str, name_sequence: boo
     """One scan's JSON object (canonical voxel order throughout)."""
     start = time.perf_counter()
     volume = load_volume(scan)
-    given = reference.get("sequence") if name_sequence else None
+    given = reference["sequence"].lower() if name_sequence and "sequence" in reference else None
     analysis = analyse(volume, bundle, InferenceOptions(sequence=given, device=device))
     result = {
         "scan": str(scan),

@@ -9,9 +9,9 @@
 #   4. heads on the frozen encoder, on all 80 subjects: the brain mask first (every later head is fitted on scans
 #      prepared through it, as infer prepares them), then tumour segmentation on any contrast and on T1, T1ce and
 #      T2 alone, sequence, diagnosis, marker, age, survival, and the out-of-distribution reference (braindino
-#      calibrate). Encoding the 400 scans twice, as infer does, takes about 3-12 s a scan on 2 CPU cores; the brain decoder's 3,000 steps about 0.5 s
-#      each there and the tumour decoder's 2,000 (it reads the pixels too) 1.5-2 s, 10-30 ms on a GPU
-#      (--device follows fit-head's default: a GPU when there is one);
+#      calibrate). Encoding the 400 scans twice, as infer does, takes about 3-12 s a scan on 2 CPU cores; the
+#      brain decoder's 3,000 steps about 0.5 s each there and the tumour decoders' 2,000 and 1,000 (they read
+#      the pixels too) 1.5-2 s, 10-30 ms on a GPU (--device follows fit-head's default: a GPU when there is one);
 #   5. the bundle installed as the shipped default, with a held-out demo phantom (tools/install-demo-bundle.py);
 #   6. MoCo v3 and MAE encoders with the same pretraining budget, for benchmarks/label_efficiency.py.
 # Re-run it after an interruption: finished steps are skipped, pretraining continues from its checkpoint.

@@ -645,6 +645,7 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         return SliceDescriptions(encoded.slice_embeddings(pooling), thumbnails)
 
     own = described_as_read(scan.encoded, scan.prepared)
+    named = sequence is not None
     predictions, sequence, warnings = _sequence_predictions(bundle, own, sequence)
     if sequence in scan.others or sequence in scan.unused:
         raise BrainDINOError(f"the scan looks like {sequence}, and another {sequence} scan is among the subject's "
@@ -665,8 +666,9 @@ def _apply_heads(bundle: Bundle, scan: HeadInputs, sequence: str | None, encode)
         reads = spec.modalities
         if spec.kind == "seg" and not reads and spec.target in own_sequence:
             chosen = own_sequence[spec.target]
+            hint = "" if named else f"; if the scan is not {sequence}, name its sequence {_SEQUENCE_HINT}"
             warnings.append(f"head '{chosen.name}', fitted on {sequence} scans, segmented the scan instead of "
-                            f"head '{spec.name}'")  # fmt: skip
+                            f"head '{spec.name}'{hint}")  # fmt: skip
             continue
         if spec.kind == "seg" and reads and reads != (sequence,) and spec.target in any_contrast:
             continue  # another sequence's head: the any-contrast head segments this scan

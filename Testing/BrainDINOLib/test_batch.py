@@ -74,6 +74,7 @@ def test_a_folder_of_mixed_formats_with_broken_files(mixed_folder, tmp_path, cap
     assert float(rows["phantom_t1"]["age [years]"]) > 0 and rows["phantom_t1"]["diagnosis"] in ("AD", "CN", "MCI")
     assert 0 < float(rows["phantom_t1"]["diagnosis [probability]"]) <= 1
     assert rows["phantom_t1"]["sequence"] == "t1" and rows["phantom_t1"]["tumor_t1 [mL]"] != ""  # its own head
+    assert rows["phantom_t1"]["tumor [mL]"] == "" and rows["dicom_flair_series"]["tumor [mL]"] != ""
     assert rows["dicom_flair_series"]["sequence"] in ("t1", "t1ce", "t2", "flair")
     document = json.loads((out / "summary.json").read_text())
     assert [row["scan"] for row in document["scans"]] == list(rows)

@@ -266,6 +266,7 @@ def test_demo_runs_every_head_on_the_held_out_phantom_next_to_the_template(tmp_p
     assert phantom["out_of_distribution"] is False
     mni = json.loads((tmp_path / "demo" / "mni" / "result.json").read_text())
     assert {"age", "diagnosis", "tumor_t1"} <= set(mni["predictions"])  # named T1: the T1 tumour head segments it
+    assert "tumor" not in mni["predictions"] and any("instead of head 'tumor'" in w for w in mni["warnings"])
     assert mni["out_of_distribution"] is False and 1900 < mni["brain_mask"]["volume_ml"] < 2150  # measured 2018.7
     assert (tmp_path / "demo" / "demo.png").is_file()
 

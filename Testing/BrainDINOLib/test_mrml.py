@@ -486,7 +486,8 @@ def test_a_folder_run_becomes_a_summary_table_and_loads_any_scan(slicer_app, tmp
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.input).transpose(2, 1, 0), np.asarray(lps.dataobj))
     for output in (run.attention, run.pca):
         np.testing.assert_allclose(mrml.ijk_to_ras(output), lps.affine, atol=1e-4)
-    assert "tumor_t1" in run.segmentations and run.table is not None  # named T1: the T1 tumour head segments it
+    # the sequence head calls this copy "t1": the T1 tumour head segments it, and the any-contrast head does not
+    assert list(run.segmentations) == ["tumor_t1"] and run.table is not None
     assert session.query((0.0, -18.0, 18.0)) is run.similarity
     session.load_cohort_scan(slicer_app.scene, out, "flair")
     assert (out / "mni_lps" / "embeddings.safetensors").is_file()  # a cohort's files are the user's: they stay
